@@ -1,0 +1,206 @@
+#!/usr/bin/env python3
+"""Generate the synthetic "phantom" imaging set of the CPU demo: learnable by a tiny model, verifiable by a program.
+
+Each image is an X-ray, CT or MRI-looking phantom with zero to three bright lesions, all on one side of the
+image. The truth (modality, lesion present, side, count) is known, so every answer can be checked.
+
+Writes to OUT/:
+  images/{train,test}/*.png
+  align.jsonl     LLaVA form, one caption per train image (alignment stage)
+  instruct.jsonl  LLaVA form, multi-turn conversations about train images (instruction stage)
+  rl.jsonl        closed questions with gold answers on train images (GRPO stage)
+  test.jsonl      closed questions with gold answers on held-out images (evaluation)
+  corpus.txt      every text, for training the tiny tokenizer
+  meta.json       counts and chance level
+
+Deterministic: the same --seed gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from medllava.data.vqa import LETTERS, format_question  # noqa: E402
+
+MODALITIES = {"xray": "X-ray", "ct": "CT", "mri": "MRI"}
+SIDES = ("left", "right")
+COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+CANVAS = 128
+
+PRESENCE_QUESTIONS = [
+    "Is there a lesion in this image?",
+    "Is any lesion visible?",
+    "Does this image show a lesion?",
+]
+MODALITY_QUESTIONS = ["What imaging modality is this?", "Which modality was used to acquire this image?"]
+SIDE_QUESTIONS = ["On which side of the image is the lesion?", "Which side of the image shows the lesion?"]
+COUNT_QUESTIONS = ["How many lesions are visible?", "How many lesions can be seen?"]
+DESCRIBE_QUESTIONS = ["Describe the findings.", "What does this image show?", "Describe the image."]
+
+
+def _ellipse(draw: ImageDraw.ImageDraw, cx: float, cy: float, rx: float, ry: float, fill: int) -> None:
+    draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=fill)
+
+
+def draw_phantom(rng: np.random.Generator, modality: str, side: str | None, count: int, size: int) -> Image.Image:
+    """Draw one phantom on a 128px canvas, blur, add noise, downsample to `size`."""
+    img = Image.new("L", (CANVAS, CANVAS), 0)
+    d = ImageDraw.Draw(img)
+    c = CANVAS / 2 + rng.uniform(-4, 4)
+    gain = rng.uniform(0.85, 1.15)
+    if modality == "xray":
+        d.rectangle([0, 0, CANVAS, CANVAS], fill=25)
+        _ellipse(d, c, c + 6, 54, 58, int(95 * gain))
+        _ellipse(d, c - 24, c, 20, 36, int(55 * gain))
+        _ellipse(d, c + 24, c, 20, 36, int(55 * gain))
+        for k in range(5):
+            y = c - 30 + k * 13
+            d.arc([c - 50, y - 8, c + 50, y + 14], 200, 340, fill=int(150 * gain), width=3)
+        d.rectangle([c - 4, 8, c + 4, CANVAS - 8], fill=int(210 * gain))
+    elif modality == "ct":
+        _ellipse(d, c, c, 54, 46, int(185 * gain))
+        _ellipse(d, c, c, 49, 41, int(110 * gain))
+        _ellipse(d, c, c + 30, 7, 7, int(235 * gain))
+    else:  # mri
+        d.rectangle([0, 0, CANVAS, CANVAS], fill=10)
+        _ellipse(d, c, c, 44, 56, int(205 * gain))
+        _ellipse(d, c, c, 39, 51, int(125 * gain))
+        _ellipse(d, c - 9, c - 4, 5, 14, int(45 * gain))
+        _ellipse(d, c + 9, c - 4, 5, 14, int(45 * gain))
+    if side is not None:
+        centres: list[tuple[float, float]] = []
+        while len(centres) < count:
+            x = rng.uniform(0.20, 0.40) if side == "left" else rng.uniform(0.60, 0.80)
+            y = rng.uniform(0.28, 0.72)
+            if all((x - a) ** 2 + (y - b) ** 2 > 0.16**2 for a, b in centres):
+                centres.append((x, y))
+        for x, y in centres:
+            r = rng.uniform(6.5, 8.5)
+            _ellipse(d, x * CANVAS, y * CANVAS, r, r, 255)
+    img = img.filter(ImageFilter.GaussianBlur(1.2))
+    arr = np.asarray(img, dtype=np.float32) + rng.normal(0, 6, (CANVAS, CANVAS))
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
+    return img.resize((size, size), Image.BILINEAR).convert("RGB")
+
+
+def describe(modality: str, side: str | None, count: int, rng: np.random.Generator) -> str:
+    name = MODALITIES[modality]
+    if side is None:
+        options = [f"{name} image with no lesion.", f"A normal {name} image, no lesion is seen."]
+    else:
+        noun = "lesion" if count == 1 else "lesions"
+        article = "An" if name in ("X-ray", "MRI") else "A"
+        options = [
+            f"{name} image with {COUNT_WORDS[count]} {noun} on the {side} side.",
+            f"{article} {name} image showing {COUNT_WORDS[count]} bright {noun} on the {side} side of the image.",
+        ]
+    return options[int(rng.integers(len(options)))]
+
+
+def closed_questions(modality: str, side: str | None, count: int, rng: np.random.Generator) -> list[dict]:
+    """All closed questions about one image, with gold answers (MC options shuffled)."""
+    pick = lambda xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
+    out = [{"question": pick(PRESENCE_QUESTIONS), "qtype": "yes_no", "answer": "yes" if side else "no", "topic": "presence"}]
+    mods = list(MODALITIES.values())
+    rng.shuffle(mods)
+    out.append({"question": pick(MODALITY_QUESTIONS), "qtype": "multiple_choice", "options": mods,
+                "answer": LETTERS[mods.index(MODALITIES[modality])], "topic": "modality"})
+    if side is not None:
+        sides = ["left", "right"]
+        out.append({"question": pick(SIDE_QUESTIONS), "qtype": "multiple_choice", "options": sides,
+                    "answer": LETTERS[sides.index(side)], "topic": "side"})
+        counts = ["1", "2", "3"]
+        out.append({"question": pick(COUNT_QUESTIONS), "qtype": "multiple_choice", "options": counts,
+                    "answer": LETTERS[counts.index(str(count))], "topic": "count"})
+    return out
+
+
+def answer_text(q: dict) -> str:
+    """How the assistant answers a closed question in the instruction data."""
+    if q["qtype"] == "yes_no":
+        return "Yes." if q["answer"] == "yes" else "No."
+    letter = q["answer"]
+    return f"{letter}. {q['options'][LETTERS.index(letter)]}"
+
+
+def sample_truth(rng: np.random.Generator) -> tuple[str, str | None, int]:
+    modality = list(MODALITIES)[int(rng.integers(3))]
+    if rng.random() < 0.5:
+        return modality, None, 0
+    return modality, SIDES[int(rng.integers(2))], int(rng.integers(1, 4))
+
+
+def generate(out: Path, *, seed: int, n_train: int, n_test: int, size: int) -> dict:
+    rng = np.random.default_rng(seed)
+    (out / "images" / "train").mkdir(parents=True, exist_ok=True)
+    (out / "images" / "test").mkdir(parents=True, exist_ok=True)
+    align, instruct, rl, test, corpus = [], [], [], [], []
+    for split, n in (("train", n_train), ("test", n_test)):
+        for i in range(n):
+            modality, side, count = sample_truth(rng)
+            rel = f"{split}/{split}_{i:05d}.png"
+            draw_phantom(rng, modality, side, count, size).save(out / "images" / rel)
+            truth = {"modality": MODALITIES[modality], "lesion": side is not None, "side": side, "count": count}
+            questions = closed_questions(modality, side, count, rng)
+            caption = describe(modality, side, count, rng)
+            if split == "test":
+                for k, q in enumerate(questions):
+                    test.append({"id": f"test_{i:05d}_{k}", "image": rel, **q, "modality": MODALITIES[modality]})
+                continue
+            align.append({"id": f"align_{i:05d}", "image": rel, "truth": truth, "conversations": [
+                {"from": "human", "value": "<image>\n" + DESCRIBE_QUESTIONS[int(rng.integers(3))]},
+                {"from": "gpt", "value": caption}]})
+            order = rng.permutation(len(questions))
+            turns: list[dict] = []
+            for j, qi in enumerate(order[: int(rng.integers(2, 4))]):
+                q = questions[qi]
+                turns.append({"from": "human", "value": format_question(q["question"], q.get("options"), with_image=j == 0)})
+                turns.append({"from": "gpt", "value": answer_text(q)})
+            if rng.random() < 0.3:
+                turns += [{"from": "human", "value": DESCRIBE_QUESTIONS[int(rng.integers(3))]}, {"from": "gpt", "value": caption}]
+            instruct.append({"id": f"instruct_{i:05d}", "image": rel, "conversations": turns})
+            for k, q in enumerate(questions):
+                rl.append({"id": f"rl_{i:05d}_{k}", "image": rel, **q, "modality": MODALITIES[modality]})
+            corpus.append(caption)
+            corpus.extend(t["value"].replace("<image>\n", "") for t in turns)
+
+    def dump(name: str, rows: list[dict]) -> None:
+        with (out / name).open("w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    dump("align.jsonl", align)
+    dump("instruct.jsonl", instruct)
+    dump("rl.jsonl", rl)
+    dump("test.jsonl", test)
+    (out / "corpus.txt").write_text("\n".join(dict.fromkeys(corpus)) + "\n", encoding="utf-8")
+    chance = float(np.mean([1 / len(q["options"]) if q.get("options") else 0.5 for q in test])) if test else 0.0
+    meta = {"seed": seed, "image_size": size, "train_images": n_train, "test_images": n_test,
+            "align": len(align), "instruct": len(instruct), "rl": len(rl), "test_questions": len(test),
+            "test_chance_accuracy": round(chance, 4)}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("data/phantom"), help="output folder (default: data/phantom)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train", type=int, default=2000, help="number of training images")
+    parser.add_argument("--test", type=int, default=100, help="number of held-out test images")
+    parser.add_argument("--size", type=int, default=32, help="image side in pixels")
+    args = parser.parse_args(argv)
+    meta = generate(args.out, seed=args.seed, n_train=args.train, n_test=args.test, size=args.size)
+    print(json.dumps(meta))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,157 @@
+"""The `medllava` command: train | eval | tiny (and the commands later modules add).
+
+User errors (bad config, bad data, missing model or image) print one clear line and exit 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from medllava.config import ConfigError
+
+USER_ERROR_EXIT = 2
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock", "PIL", "matplotlib", "DeepSpeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from medllava.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.kind == "grpo":
+        from medllava.train.grpo import run_grpo
+
+        out = run_grpo(cfg)
+    else:
+        from medllava.train.sft import run_sft
+
+        out = run_sft(cfg)
+    print(f"stage {cfg.name} done: {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from medllava.evaluate import evaluate, markdown_table, pick_device, update_summary
+    from medllava.model import load_model
+
+    model, processor = load_model(args.model, allow_pickle=args.allow_pickle)
+    model.to(pick_device())
+    out_dir = args.out or str(Path(args.model) / "eval")
+    title = args.stage or Path(args.model).name
+    metrics = evaluate(
+        model, processor, args.data, image_folder=args.image_folder, out_dir=out_dir, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, blind=args.blind, limit=args.limit, title=title,
+    )
+    print(markdown_table(metrics, title))
+    if args.summary:
+        update_summary(args.summary, args.stage or title, metrics)
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from medllava.evaluate import summary_table
+
+    summary = json.loads(Path(args.file).read_text(encoding="utf-8"))
+    seconds = json.loads(Path(args.timing).read_text(encoding="utf-8"))["seconds"] if args.timing else None
+    print(summary_table(summary, seconds))
+    return 0
+
+
+def cmd_tiny(args: argparse.Namespace) -> int:
+    from medllava.presets import make_tiny_pair, tiny_corpus
+
+    extra = Path(args.corpus).read_text(encoding="utf-8").splitlines() if args.corpus else []
+    vision_dir, llm_dir = make_tiny_pair(
+        args.out, args.vision, args.llm, corpus=tiny_corpus(extra), image_size=args.image_size,
+        patch_size=args.patch_size, vision_hidden=args.vision_hidden, vision_layers=args.vision_layers,
+        llm_hidden=args.llm_hidden, llm_layers=args.llm_layers, vocab_size=args.vocab_size, seed=args.seed,
+    )
+    print(json.dumps({"vision_tower": str(vision_dir), "llm": str(llm_dir)}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medllava", description="Train LLaVA-style medical VLMs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="run one stage from a YAML recipe",
+                       description="Run one stage. Any field can be overridden: --optim.lr=1e-4 --run.output_dir=runs/x")
+    p.add_argument("config", help="stage YAML (see stages/)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a model on a VQA set")
+    p.add_argument("model", help="stage output or exported folder")
+    p.add_argument("--data", required=True, help="VQA file (JSON/JSONL): id, image, question, answer, qtype, options?")
+    p.add_argument("--image-folder", default=".", help="images in the data file are relative to this folder")
+    p.add_argument("--out", default=None, help="output folder (default: MODEL/eval)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--blind", action="store_true", help="also answer with blank images and report the gap")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
+    p.add_argument("--summary", default=None, help="merge headline figures into this JSON file")
+    p.add_argument("--stage", default=None, help="name of this entry in the summary")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading non-safetensors weights")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("summary", help="print a curriculum summary (accuracy per stage, chance, blind gap)")
+    p.add_argument("file", help="summary JSON written by `eval --summary`")
+    p.add_argument("--timing", default=None, help="JSON with {\"seconds\": N} to print the total time")
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("tiny", help="write a tiny random-init vision tower + LLM pair (tests, CPU demo)")
+    p.add_argument("out", help="output folder (gets vision/ and llm/)")
+    p.add_argument("--vision", choices=["clip", "siglip"], default="clip")
+    p.add_argument("--llm", choices=["llama", "qwen2"], default="llama")
+    p.add_argument("--corpus", default=None, help="text file whose lines join the tokenizer's training corpus")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--patch-size", type=int, default=8)
+    p.add_argument("--vision-hidden", type=int, default=32)
+    p.add_argument("--vision-layers", type=int, default=2)
+    p.add_argument("--llm-hidden", type=int, default=64)
+    p.add_argument("--llm-layers", type=int, default=2)
+    p.add_argument("--vocab-size", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tiny)
+    return parser
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the user asked for something impossible: one line, no traceback."""
+    from medllava.data.validate import DataValidationError
+    from medllava.imaging import ImageError
+    from medllava.model import ModelLoadError
+
+    return (ConfigError, DataValidationError, ImageError, ModelLoadError, FileNotFoundError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # `train CONFIG --section.key=value ...`: dotted options are config overrides, not argparse options.
+    overrides = [a for a in argv if a.startswith("--") and "." in a.split("=", 1)[0]]
+    args = parser.parse_args([a for a in argv if a not in overrides])
+    args.overrides = overrides
+    if overrides and args.command != "train":
+        parser.error(f"config overrides are only for `train`: {overrides}")
+    _setup_logging(args.verbose)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.func(args)
+    except user_error_types() as err:
+        print(f"medllava {args.command}: error: {err}", file=sys.stderr)
+        return USER_ERROR_EXIT
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

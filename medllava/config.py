@@ -1,0 +1,312 @@
+"""Typed configuration of a training stage: YAML file -> dataclasses -> `--section.key=value` overrides.
+
+A stage is data. Every field a recipe may set lives here with its type and default; unknown keys and
+wrong types are errors that name the offending key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+Trainability = Literal["frozen", "full", "lora"]
+
+
+class ConfigError(ValueError):
+    """A stage configuration is invalid; the message names the key and the file."""
+
+
+@dataclass
+class ModelSection:
+    """Where the model comes from and how it is assembled."""
+
+    init_from: str | None = None
+    """A previous stage's output folder (full model, or LoRA adapter with its base)."""
+    vision_tower: str | None = None
+    """Hub id or local folder of any AutoModel vision encoder (CLIP, SigLIP, ...), used with `llm`."""
+    llm: str | None = None
+    """Hub id or local folder of any AutoModelForCausalLM, used with `vision_tower`."""
+    vision_feature_layer: int | None = None
+    """Hidden layer the projector reads; None picks the tower's default (-2 for CLS towers, -1 for SigLIP)."""
+    vision_feature_select_strategy: Literal["default", "full"] | None = None
+    """'default' drops the CLS token, 'full' keeps every token; None picks by tower (CLS-less towers: 'full')."""
+    image_aspect: Literal["pad", "resize"] | None = None
+    """'pad' = LLaVA expand2square with the mean colour, 'resize' = stretch; None keeps the processor's setting."""
+    chat_template: str | None = None
+    """A Jinja chat template to use instead of the LLM's own (image parts are still rendered as <image>)."""
+    attn_implementation: str | None = None
+    """'sdpa', 'eager', 'flash_attention_2', ...; None = flash_attention_2 when installed on CUDA, else sdpa."""
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+
+@dataclass
+class DataSection:
+    """Which records are read and how they are rendered."""
+
+    train_files: list[str] = field(default_factory=list)
+    """JSON / JSONL files, or `hf:NAME[:SPLIT]` for a `datasets` source."""
+    image_folder: str = "."
+    """Images in records are relative to this folder."""
+    format: Literal["plain", "chat"] = "chat"
+    """'plain': image then caption, loss on the caption (alignment); 'chat': chat template, loss on assistant turns."""
+    max_length: int = 2048
+    """Rendered length (text + image tokens); longer records are invalid, never truncated."""
+    skip_invalid: bool = False
+    """False: any bad record stops the run before training. True: skip, count and report bad records."""
+    system_prompt: str | None = None
+    """Prepended as a system turn to every chat record that has none (only if the template accepts one)."""
+    allow_absolute_paths: bool = False
+    """Allow absolute image paths in records (otherwise they must stay inside image_folder)."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    max_samples: int | None = None
+    """Use only the first N records of the training set (quick runs)."""
+
+
+@dataclass
+class TrainableSection:
+    """What trains; the one place that decides requires_grad (see medllava.model.apply_trainable)."""
+
+    vision: Trainability = "frozen"
+    projector: Literal["frozen", "full"] = "full"
+    llm: Trainability = "frozen"
+
+
+@dataclass
+class LoraSection:
+    """LoRA adapter settings, used by every component whose trainable mode is 'lora'."""
+
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+    """'all-linear' or a list of module-name suffixes (q_proj, v_proj, ...), restricted to the LoRA components."""
+
+
+@dataclass
+class QuantizationSection:
+    """QLoRA: load the LLM's linear layers in 4 or 8 bits through bitsandbytes."""
+
+    bits: Literal[4, 8] | None = None
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+
+
+@dataclass
+class OptimSection:
+    """Optimizer and schedule."""
+
+    lr: float = 2e-5
+    projector_lr: float | None = None
+    """Learning rate of the projector; None = `lr`."""
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    scheduler: str = "cosine"
+    optimizer: str = "adamw_torch"
+    epochs: float = 1.0
+    max_steps: int = -1
+    """Positive: stop after this many optimizer steps (overrides epochs)."""
+    per_device_batch_size: int = 4
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class RunSection:
+    """Where the run writes and how it executes."""
+
+    output_dir: str = "runs/stage"
+    precision: Precision = "auto"
+    """'auto': bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
+    gradient_checkpointing: bool = False
+    deepspeed: str | None = None
+    """A DeepSpeed JSON file, e.g. deepspeed_configs/zero2.json."""
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    resume: str = "auto"
+    """'auto': continue from the newest complete checkpoint in output_dir if any; 'never'; or a checkpoint path."""
+    seed: int = 42
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int = 2
+    use_cpu: bool = False
+    """Force CPU even where a GPU is visible."""
+
+
+@dataclass
+class StageConfig:
+    """One training stage: everything needed to reproduce it."""
+
+    name: str = "stage"
+    kind: Literal["sft", "grpo"] = "sft"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    trainable: TrainableSection = field(default_factory=TrainableSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    quantization: QuantizationSection = field(default_factory=QuantizationSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    def validate(self) -> None:
+        """Cross-field checks that types alone cannot express."""
+        m = self.model
+        if not m.init_from and not (m.vision_tower and m.llm):
+            raise ConfigError("model: set `init_from`, or both `vision_tower` and `llm`")
+        if m.init_from and (m.vision_tower or m.llm):
+            raise ConfigError("model: `init_from` excludes `vision_tower`/`llm` (the model comes from the folder)")
+        if self.quantization.bits is not None and self.trainable.llm == "full":
+            raise ConfigError("quantization: a quantized LLM cannot be trained in full; use `trainable.llm: lora`")
+        if self.quantization.bits is not None and self.trainable.llm == "frozen" and self.trainable.projector == "frozen":
+            raise ConfigError("quantization: nothing would train")
+        if self.kind == "sft" and not self.data.train_files:
+            raise ConfigError("data.train_files: at least one file is required")
+        if self.data.max_length <= 0:
+            raise ConfigError("data.max_length must be positive")
+        if self.optim.per_device_batch_size <= 0 or self.optim.grad_accum <= 0:
+            raise ConfigError("optim: batch size and grad_accum must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check (and gently convert) `value` against the annotation `tp`; raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}: {value!r} matches none of {_type_name(tp)}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "2e-5" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key(s) {', '.join(where + u for u in unknown)}; known: {sorted(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse `--section.key=value` (or `section.key=value`) into a key path and a YAML-typed value."""
+    body = text[2:] if text.startswith("--") else text
+    if "=" not in body:
+        raise ConfigError(f"override {text!r}: expected --section.key=value")
+    key, raw = body.split("=", 1)
+    path = [p for p in key.replace("-", "_").split(".") if p]
+    if not path:
+        raise ConfigError(f"override {text!r}: empty key")
+    return path, yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of a raw config mapping with dotted overrides applied."""
+    out = yaml.safe_load(yaml.safe_dump(data)) or {}
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> StageConfig:
+    """Build and validate a StageConfig from a raw mapping."""
+    try:
+        cfg = _build(StageConfig, data)
+        cfg.validate()
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> StageConfig:
+    """Read a stage YAML file, apply `--section.key=value` overrides and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return config_from_dict(apply_overrides(raw, overrides or []), source=str(path))
+
+
+def save_config(cfg: StageConfig, path: str | Path) -> None:
+    """Write the resolved configuration (every field, defaults included) as YAML."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")

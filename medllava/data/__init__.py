@@ -1,0 +1,1 @@
+"""Records -> validation -> rendering (ids, labels) -> batches."""

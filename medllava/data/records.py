@@ -1,0 +1,250 @@
+"""Read training records and normalise them to one form: id, images, turns (system/user/assistant text).
+
+Accepted layouts, from JSON (a list), JSONL (one object per line) or any `datasets` source:
+- LLaVA / LLaVA-Med: {"id", "image": str | [str], "conversations": [{"from": "human"|"gpt", "value"}]}
+- messages: {"id", "images": [...], "messages": [{"role": "user"|"assistant"|"system", "content": str | parts}]}
+Text holds `<image>` placeholders. Every problem is a RecordError naming the file, the line and the id.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medllava.processor import parts_to_text
+
+# Every kind of bad record, with what it means. Tests assert each kind is produced by its case.
+ERROR_KINDS: dict[str, str] = {
+    "invalid_json": "the line (or file) is not valid JSON",
+    "invalid_encoding": "the line is not UTF-8 text",
+    "not_an_object": "the record is not a JSON object",
+    "missing_field": "a required field is missing or has the wrong type",
+    "unknown_role": "a turn has a role other than system/user/assistant (human/gpt)",
+    "empty_conversation": "the record has no turns",
+    "bad_roles": "roles do not alternate user/assistant starting with the user",
+    "empty_answer": "an assistant turn (or caption) is empty",
+    "image_count_mismatch": "the number of <image> placeholders differs from the number of images",
+    "image_outside_root": "the image path escapes the image folder (or is absolute where not allowed)",
+    "missing_image": "the image file does not exist",
+    "empty_file": "the image file is empty",
+    "unreadable_image": "the image cannot be decoded",
+    "unsupported_format": "the image format is not supported",
+    "image_too_large": "the image exceeds the pixel limit (decompression-bomb guard)",
+    "no_pixel_data": "the DICOM file has no pixel data",
+    "bad_frame": "the requested frame does not exist",
+    "too_long": "the rendered sample exceeds max_length (never truncated through image tokens)",
+    "template_error": "the chat template cannot render the conversation",
+    "bad_answer": "an RL/eval record's answer does not fit its question type",
+}
+
+ROLE_ALIASES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+    "system": "system",
+}
+
+
+class RecordError(ValueError):
+    """One bad record: kind (a key of ERROR_KINDS), reason, and where it came from."""
+
+    def __init__(self, kind: str, reason: str, *, source: str = "", line: int = 0, record_id: str | None = None):
+        if kind not in ERROR_KINDS:
+            raise ValueError(f"unknown record error kind {kind!r}")
+        self.kind = kind
+        self.reason = reason
+        self.source = source
+        self.line = line
+        self.record_id = record_id
+        super().__init__(self.describe())
+
+    def located(self, source: str, line: int, record_id: str | None) -> RecordError:
+        """The same error with its location filled in."""
+        return RecordError(self.kind, self.reason, source=source, line=line, record_id=record_id)
+
+    def where(self) -> str:
+        loc = f"{self.source}:{self.line}" if self.line else self.source
+        return f"{loc} (id {self.record_id})" if self.record_id is not None else loc
+
+    def describe(self) -> str:
+        return f"{self.where()}: {self.kind}: {self.reason}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "line": self.line, "id": self.record_id, "kind": self.kind, "reason": self.reason}
+
+
+@dataclass
+class Turn:
+    role: str
+    text: str
+
+
+@dataclass
+class Record:
+    """A normalised record. `line` is the 1-based JSONL line, JSON array item, or dataset row."""
+
+    id: str
+    images: list[Any]
+    turns: list[Turn]
+    source: str = ""
+    line: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RawRecord:
+    """A parsed JSON object (or a read error) with its location."""
+
+    source: str
+    line: int
+    data: dict[str, Any] | None
+    error: RecordError | None = None
+
+
+def _iter_jsonl(path: Path) -> Iterator[RawRecord]:
+    source = str(path)
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield RawRecord(source, lineno, None, RecordError("invalid_encoding", f"not UTF-8 ({err.reason} at byte {err.start})", source=source, line=lineno))
+                continue
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as err:
+                yield RawRecord(source, lineno, None, RecordError("invalid_json", err.msg + f" (column {err.colno})", source=source, line=lineno))
+                continue
+            if not isinstance(obj, dict):
+                yield RawRecord(source, lineno, None, RecordError("not_an_object", f"got {type(obj).__name__}", source=source, line=lineno))
+                continue
+            yield RawRecord(source, lineno, obj)
+
+
+def _iter_json(path: Path) -> Iterator[RawRecord]:
+    source = str(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        yield RawRecord(source, 0, None, RecordError("invalid_encoding", f"file is not UTF-8 ({err.reason} at byte {err.start})", source=source))
+        return
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        yield RawRecord(source, err.lineno, None, RecordError("invalid_json", f"{err.msg} (column {err.colno}); the whole file is unreadable", source=source, line=err.lineno))
+        return
+    if isinstance(obj, dict):
+        obj = [obj]
+    if not isinstance(obj, list):
+        yield RawRecord(source, 0, None, RecordError("not_an_object", "top level must be a list of records", source=source))
+        return
+    for index, item in enumerate(obj, start=1):
+        if not isinstance(item, dict):
+            yield RawRecord(source, index, None, RecordError("not_an_object", f"item {index} is {type(item).__name__}", source=source, line=index))
+            continue
+        yield RawRecord(source, index, item)
+
+
+def _iter_datasets(spec: str) -> Iterator[RawRecord]:
+    """`hf:NAME[:SPLIT]`, a saved dataset folder, or a parquet/csv/arrow file, through `datasets`."""
+    import datasets
+
+    if spec.startswith("hf:"):
+        name, _, split = spec[3:].partition(":")
+        ds = datasets.load_dataset(name, split=split or "train")
+    elif Path(spec).is_dir():
+        ds = datasets.load_from_disk(spec)
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"]
+    else:
+        suffix = Path(spec).suffix.lstrip(".")
+        ds = datasets.load_dataset({"arrow": "arrow", "parquet": "parquet", "csv": "csv"}[suffix], data_files=spec, split="train")
+    for index, row in enumerate(ds, start=1):
+        yield RawRecord(spec, index, dict(row))
+
+
+def iter_raw(source: str | Path) -> Iterator[RawRecord]:
+    """Every JSON object of a data source, with its location; read errors come as RawRecord.error."""
+    spec = str(source)
+    path = Path(spec)
+    if spec.startswith("hf:") or path.is_dir() or path.suffix in (".parquet", ".arrow", ".csv"):
+        yield from _iter_datasets(spec)
+        return
+    if not path.is_file():
+        raise FileNotFoundError(f"{spec}: no such data file")
+    if path.suffix == ".json":
+        yield from _iter_json(path)
+    else:
+        yield from _iter_jsonl(path)
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+def normalize(raw: RawRecord) -> Record:
+    """Turn a parsed object into a Record, or raise a located RecordError."""
+    data = raw.data or {}
+    rid = data.get("id", data.get("question_id"))
+    rid = str(rid) if rid is not None else f"{Path(raw.source).name}:{raw.line}"
+
+    def fail(kind: str, reason: str) -> RecordError:
+        return RecordError(kind, reason, source=raw.source, line=raw.line, record_id=rid)
+
+    images = _as_list(data.get("images", data.get("image")))
+    turns: list[Turn] = []
+    if "conversations" in data:
+        convs = data["conversations"]
+        if not isinstance(convs, list):
+            raise fail("missing_field", "'conversations' must be a list")
+        for i, turn in enumerate(convs):
+            if not isinstance(turn, dict) or "value" not in turn or "from" not in turn:
+                raise fail("missing_field", f"turn {i} needs 'from' and 'value'")
+            role = ROLE_ALIASES.get(str(turn["from"]).lower())
+            if role is None:
+                raise fail("unknown_role", f"turn {i} has role {turn['from']!r}")
+            if not isinstance(turn["value"], str):
+                raise fail("missing_field", f"turn {i}: 'value' must be text")
+            turns.append(Turn(role, turn["value"]))
+    elif "messages" in data:
+        msgs = data["messages"]
+        if not isinstance(msgs, list):
+            raise fail("missing_field", "'messages' must be a list")
+        for i, msg in enumerate(msgs):
+            if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+                raise fail("missing_field", f"message {i} needs 'role' and 'content'")
+            role = ROLE_ALIASES.get(str(msg["role"]).lower())
+            if role is None:
+                raise fail("unknown_role", f"message {i} has role {msg['role']!r}")
+            content = msg["content"]
+            if isinstance(content, list):
+                for part in content:
+                    if isinstance(part, dict) and part.get("type") == "image":
+                        ref = part.get("image", part.get("path"))
+                        if ref is not None and "images" not in data and "image" not in data:
+                            images.append(ref)
+                try:
+                    content = parts_to_text(content)
+                except (ValueError, AttributeError) as err:
+                    raise fail("missing_field", f"message {i}: {err}") from None
+            elif content is None:
+                content = ""
+            elif not isinstance(content, str):
+                raise fail("missing_field", f"message {i}: content must be text or a list of parts")
+            turns.append(Turn(role, content))
+    else:
+        raise fail("missing_field", "record has neither 'conversations' nor 'messages'")
+    meta = {k: v for k, v in data.items() if k not in ("id", "image", "images", "conversations", "messages")}
+    return Record(id=rid, images=images, turns=turns, source=raw.source, line=raw.line, meta=meta)

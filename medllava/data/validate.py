@@ -1,0 +1,220 @@
+"""Check every record before training and report the bad ones by file, line, id and reason.
+
+`prepare_samples` reads the configured files, checks structure (roles, placeholders, empty answers), checks
+that every image resolves inside the image folder and decodes, renders each record (length limit), and
+returns the rendered samples with a ValidationReport. With `skip_invalid: false` any bad record stops the
+run with the report; with `true` bad records are skipped, counted, and the report is written next to the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from medllava.data.records import Record, RecordError, iter_raw, normalize
+from medllava.data.render import Rendered, Renderer
+from medllava.imaging import ImageError, load_image
+from medllava.processor import IMAGE_TOKEN
+
+logger = logging.getLogger(__name__)
+
+REPORT_NAME = "data_report.json"
+
+
+class DataValidationError(RuntimeError):
+    """Raised before training when records are invalid and skip_invalid is off."""
+
+    def __init__(self, report: ValidationReport, report_path: Path | None = None, limit: int = 50):
+        self.report = report
+        self.report_path = report_path
+        lines = [f"{len(report.errors)} invalid record(s) out of {report.total} ({report.summary()}):"]
+        lines += [f"  {e.describe()}" for e in report.errors[:limit]]
+        if len(report.errors) > limit:
+            lines.append(f"  ... and {len(report.errors) - limit} more")
+        if report_path is not None:
+            lines.append(f"full report: {report_path}")
+        lines.append("fix the records, or set data.skip_invalid: true to skip (and count) them")
+        super().__init__("\n".join(lines))
+
+
+@dataclass
+class ValidationReport:
+    total: int = 0
+    valid: int = 0
+    errors: list[RecordError] = field(default_factory=list)
+    skipped: bool = False
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(e.kind for e in self.errors))
+
+    def summary(self) -> str:
+        return ", ".join(f"{k}: {v}" for k, v in sorted(self.counts().items())) or "no errors"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "total": self.total,
+            "valid": self.valid,
+            "invalid": len(self.errors),
+            "skipped_invalid": self.skipped,
+            "counts": self.counts(),
+            "errors": [e.to_dict() for e in self.errors],
+        }
+
+    def write(self, out_dir: str | Path) -> Path:
+        path = Path(out_dir) / REPORT_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
+        return path
+
+
+def check_structure(record: Record) -> None:
+    """Roles alternate user/assistant after optional system turns, start with the user, end with the assistant;
+    no empty answers; placeholders only in user/system turns and as many as images."""
+
+    def fail(kind: str, reason: str) -> RecordError:
+        return RecordError(kind, reason, source=record.source, line=record.line, record_id=record.id)
+
+    turns = record.turns
+    if not turns:
+        raise fail("empty_conversation", "no turns")
+    body = list(turns)
+    while body and body[0].role == "system":
+        body.pop(0)
+    if not body:
+        raise fail("empty_conversation", "only system turns")
+    for i, turn in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if turn.role != expected:
+            raise fail("bad_roles", f"turn {i + len(turns) - len(body)} is {turn.role!r}, expected {expected!r}")
+    if body[-1].role != "assistant":
+        raise fail("bad_roles", "conversation ends with a user turn (no answer to learn)")
+    for i, turn in enumerate(turns):
+        if turn.role == "assistant":
+            if not turn.text.strip():
+                raise fail("empty_answer", f"turn {i} (assistant) is empty")
+            if IMAGE_TOKEN in turn.text:
+                raise fail("image_count_mismatch", f"turn {i}: {IMAGE_TOKEN} in an assistant turn")
+    placeholders = sum(t.text.count(IMAGE_TOKEN) for t in turns)
+    if placeholders != len(record.images):
+        raise fail("image_count_mismatch", f"{placeholders} {IMAGE_TOKEN} placeholder(s) for {len(record.images)} image(s)")
+
+
+def resolve_image(ref: Any, image_folder: str | Path, *, allow_absolute: bool = False) -> Any:
+    """A record's image reference as a path inside the image folder (or an in-memory image as is).
+
+    Raises RecordError(image_outside_root) for `..` escapes and for absolute paths unless allowed.
+    """
+    if not isinstance(ref, (str, Path)):
+        return ref  # datasets Image feature, PIL image, bytes
+    root = Path(image_folder).resolve()
+    path = Path(ref)
+    if path.is_absolute():
+        if not allow_absolute:
+            raise RecordError("image_outside_root", f"absolute image path {ref!r} (set data.allow_absolute_paths: true to allow)")
+        return path
+    full = (root / path).resolve()
+    if not full.is_relative_to(root):
+        raise RecordError("image_outside_root", f"image path {ref!r} escapes the image folder {root}")
+    return full
+
+
+def _check_image(ref: Any) -> ImageError | None:
+    try:
+        load_image(ref)
+    except ImageError as err:
+        return err
+    return None
+
+
+def check_images(refs: Iterable[Any], *, workers: int = 8, progress: bool = True) -> dict[Any, ImageError]:
+    """Decode every distinct image once (threads); return the failures by reference."""
+    unique = list(dict.fromkeys(r for r in refs if isinstance(r, (str, Path))))
+    others = [r for r in refs if not isinstance(r, (str, Path))]
+    failures: dict[Any, ImageError] = {}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(_check_image, unique)
+        for ref, err in tqdm(zip(unique, results), total=len(unique), desc="checking images", disable=not progress, leave=False):
+            if err is not None:
+                failures[ref] = err
+    for ref in others:
+        err = _check_image(ref)
+        if err is not None:
+            failures[id(ref)] = err
+    return failures
+
+
+def load_records(files: Iterable[str], *, max_samples: int | None = None) -> tuple[list[Record], list[RecordError], int]:
+    """Read and normalise every record of the files; returns (records, errors, total seen)."""
+    records: list[Record] = []
+    errors: list[RecordError] = []
+    total = 0
+    for file in files:
+        for raw in iter_raw(file):
+            if max_samples is not None and total >= max_samples:
+                break
+            total += 1
+            if raw.error is not None:
+                errors.append(raw.error)
+                continue
+            try:
+                records.append(normalize(raw))
+            except RecordError as err:
+                errors.append(err)
+    return records, errors, total
+
+
+def prepare_samples(
+    files: Iterable[str],
+    renderer: Renderer,
+    *,
+    image_folder: str | Path = ".",
+    allow_absolute_paths: bool = False,
+    skip_invalid: bool = False,
+    report_dir: str | Path | None = None,
+    max_samples: int | None = None,
+    check_image_files: bool = True,
+    progress: bool = True,
+) -> tuple[list[Rendered], ValidationReport]:
+    """Read, check and render every record; raise DataValidationError on bad records unless skipping."""
+    records, errors, total = load_records(files, max_samples=max_samples)
+    staged: list[Record] = []
+    for record in records:
+        try:
+            check_structure(record)
+            record.images = [resolve_image(r, image_folder, allow_absolute=allow_absolute_paths) for r in record.images]
+            staged.append(record)
+        except RecordError as err:
+            errors.append(err if err.source else err.located(record.source, record.line, record.id))
+
+    failures = check_images([r for rec in staged for r in rec.images], progress=progress) if check_image_files else {}
+    samples: list[Rendered] = []
+    for record in tqdm(staged, desc="rendering", disable=not progress, leave=False):
+        bad = next((failures.get(r if isinstance(r, (str, Path)) else id(r)) for r in record.images
+                    if (r if isinstance(r, (str, Path)) else id(r)) in failures), None)
+        if bad is not None:
+            errors.append(RecordError(bad.kind, bad.reason + f" ({bad.path})", source=record.source, line=record.line, record_id=record.id))
+            continue
+        try:
+            samples.append(renderer.render(record))
+        except RecordError as err:
+            errors.append(err)
+
+    errors.sort(key=lambda e: (e.source, e.line))
+    report = ValidationReport(total=total, valid=len(samples), errors=errors, skipped=skip_invalid)
+    report_path = report.write(report_dir) if report_dir is not None else None
+    if errors and not skip_invalid:
+        raise DataValidationError(report, report_path)
+    if errors:
+        logger.warning("skipped %d invalid record(s) of %d (%s); report: %s", len(errors), total, report.summary(), report_path)
+    if not samples:
+        raise DataValidationError(report, report_path) if errors else ValueError("no training records found")
+    logger.info("data: %d records ready (%d skipped)", len(samples), len(errors))
+    return samples, report

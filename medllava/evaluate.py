@@ -1,0 +1,296 @@
+"""Medical VQA evaluation: batched greedy generation over a VQA set, scoring, and the image-reliance check.
+
+Scoring uses `medllava.rewards.grade`, the same extraction the GRPO rewards use: closed (yes/no) questions by
+word-boundary matching, multiple choice by letter or option text, numbers by value, open questions by
+normalised exact match, token F1 and recall of gold tokens (LLaVA-Med's headline open metric). With `blind`,
+every question is asked again with a blank image; the gap shows how much the answers depend on the image.
+Outputs: predictions.jsonl, metrics.json, metrics.md, and a bar chart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from medllava.data.records import RecordError
+from medllava.data.validate import resolve_image
+from medllava.data.vqa import VQARecord, format_question, read_vqa
+from medllava.imaging import ImageError, blank_like, load_image
+from medllava.rewards import grade
+
+logger = logging.getLogger(__name__)
+
+CLOSED_QTYPES = ("yes_no", "multiple_choice", "number")
+
+
+def pick_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@dataclass
+class EvalItem:
+    record: VQARecord
+    image: Image.Image
+    prompt: str
+
+
+def build_prompt(processor: Any, record: VQARecord, system_prompt: str | None = None) -> str:
+    """The chat-template prompt for one question (the same wording as the instruction data and GRPO)."""
+    messages = []
+    if system_prompt:
+        messages.append({"role": "system", "content": system_prompt})
+    messages.append({"role": "user", "content": format_question(record.question, record.options)})
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+@torch.no_grad()
+def generate_batch(model: Any, processor: Any, prompts: Sequence[str], images: Sequence[Image.Image],
+                   max_new_tokens: int = 64) -> list[str]:
+    """Greedy answers for a batch of prompts (left-padded)."""
+    tokenizer = processor.tokenizer
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        inputs = processor(text=list(prompts), images=list(images), padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = side
+    device = next(model.parameters()).device
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    inputs = {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+    new = out[:, inputs["input_ids"].shape[1]:]
+    return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def load_items(data: str | Path, processor: Any, image_folder: str | Path, *, limit: int | None = None,
+               system_prompt: str | None = None) -> tuple[list[EvalItem], list[RecordError]]:
+    """Read the VQA set; bad records (and unreadable images) are returned as errors, never dropped silently."""
+    items: list[EvalItem] = []
+    errors: list[RecordError] = []
+    for rec in read_vqa(data):
+        if limit is not None and len(items) + len(errors) >= limit:
+            break
+        if isinstance(rec, RecordError):
+            errors.append(rec)
+            continue
+        try:
+            ref = resolve_image(rec.image, image_folder)
+            image = load_image(ref)
+        except RecordError as err:
+            errors.append(err.located(rec.source, rec.line, rec.id))
+            continue
+        except ImageError as err:
+            errors.append(RecordError(err.kind, err.reason, source=rec.source, line=rec.line, record_id=rec.id))
+            continue
+        items.append(EvalItem(rec, image, build_prompt(processor, rec, system_prompt)))
+    return items, errors
+
+
+def chance_level(record: VQARecord) -> float:
+    if record.qtype == "multiple_choice" and record.options:
+        return 1.0 / len(record.options)
+    if record.qtype == "yes_no":
+        return 0.5
+    return 0.0
+
+
+def _mean(values: list[float]) -> float:
+    return round(sum(values) / len(values), 4) if values else 0.0
+
+
+def score(rows: list[dict[str, Any]], key: str = "prediction") -> dict[str, Any]:
+    """Metrics over prediction rows: overall closed accuracy, per question type, per modality and topic."""
+    graded = []
+    for row in rows:
+        g = grade(row[key], row["answer"], row["qtype"], row.get("options"))
+        graded.append((row, g))
+    closed = [(r, g) for r, g in graded if r["qtype"] in CLOSED_QTYPES]
+    metrics: dict[str, Any] = {
+        "n": len(rows),
+        "accuracy": _mean([g.correct for _, g in closed]),
+        "n_closed": len(closed),
+    }
+    by_type: dict[str, Any] = {}
+    for qtype in sorted({r["qtype"] for r in rows}):
+        sub = [(r, g) for r, g in graded if r["qtype"] == qtype]
+        entry = {"n": len(sub), "accuracy" if qtype != "open" else "exact_match": _mean([g.correct for _, g in sub])}
+        if qtype == "open":
+            entry["f1"] = _mean([g.f1 for _, g in sub])
+            entry["recall"] = _mean([g.recall for _, g in sub])
+        else:
+            entry["unparsed"] = sum(1 for _, g in sub if g.parsed is None)
+        by_type[qtype] = entry
+    metrics["by_qtype"] = by_type
+    for field in ("modality", "topic"):
+        groups: dict[str, list[float]] = defaultdict(list)
+        for r, g in closed:
+            if r.get(field) is not None:
+                groups[str(r[field])].append(g.correct)
+        if groups:
+            metrics[f"by_{field}"] = {k: {"n": len(v), "accuracy": _mean(v)} for k, v in sorted(groups.items())}
+    return metrics
+
+
+def markdown_table(metrics: dict[str, Any], title: str = "") -> str:
+    lines = [f"## {title}" if title else "## Evaluation", ""]
+    lines.append("| slice | n | accuracy | blind accuracy |")
+    lines.append("|---|---:|---:|---:|")
+    blind = metrics.get("blind") or {}
+    lines.append(f"| closed (all) | {metrics['n_closed']} | {metrics['accuracy']:.3f} | "
+                 f"{blind.get('accuracy', float('nan')):.3f} |" if blind else
+                 f"| closed (all) | {metrics['n_closed']} | {metrics['accuracy']:.3f} | - |")
+    for group in ("by_qtype", "by_modality", "by_topic"):
+        for name, entry in (metrics.get(group) or {}).items():
+            acc = entry.get("accuracy", entry.get("exact_match", 0.0))
+            b = ((blind.get(group) or {}).get(name) or {})
+            b_acc = b.get("accuracy", b.get("exact_match"))
+            lines.append(f"| {group[3:]}: {name} | {entry['n']} | {acc:.3f} | {'-' if b_acc is None else f'{b_acc:.3f}'} |")
+    lines.append("")
+    lines.append(f"chance level (closed): {metrics.get('chance', 0.0):.3f}")
+    if blind:
+        lines.append(f"image-reliance gap (accuracy - blind accuracy): {metrics['blind_gap']:+.3f}")
+    open_entry = (metrics.get("by_qtype") or {}).get("open")
+    if open_entry:
+        lines.append(f"open questions: recall {open_entry['recall']:.3f}, exact {open_entry['exact_match']:.3f}, F1 {open_entry['f1']:.3f}")
+    if metrics.get("skipped"):
+        lines.append(f"skipped records: {metrics['skipped']}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_metrics(metrics: dict[str, Any], path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, accs, blinds = ["all closed"], [metrics["accuracy"]], [(metrics.get("blind") or {}).get("accuracy")]
+    for group in ("by_qtype", "by_topic", "by_modality"):
+        for name, entry in (metrics.get(group) or {}).items():
+            if "accuracy" in entry:
+                names.append(name)
+                accs.append(entry["accuracy"])
+                blinds.append((((metrics.get("blind") or {}).get(group) or {}).get(name) or {}).get("accuracy"))
+    fig, ax = plt.subplots(figsize=(max(5, len(names) * 0.8), 3.5))
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], accs, width=0.4, label="with image")
+    if any(b is not None for b in blinds):
+        ax.bar([x + 0.2 for x in xs], [b or 0 for b in blinds], width=0.4, label="blank image")
+    ax.axhline(metrics.get("chance", 0.0), color="grey", linestyle="--", label="chance (closed)")
+    ax.set_xticks(list(xs), names, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def evaluate(
+    model: Any,
+    processor: Any,
+    data: str | Path,
+    *,
+    image_folder: str | Path = ".",
+    out_dir: str | Path | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 64,
+    blind: bool = False,
+    limit: int | None = None,
+    system_prompt: str | None = None,
+    title: str = "",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a loaded model on a VQA file; write outputs to out_dir when given; return the metrics."""
+    model.eval()
+    items, errors = load_items(data, processor, image_folder, limit=limit, system_prompt=system_prompt)
+    if errors:
+        logger.warning("eval: skipped %d bad record(s): %s", len(errors), "; ".join(e.describe() for e in errors[:5]))
+    if not items:
+        raise ValueError(f"{data}: no usable VQA records")
+    rows: list[dict[str, Any]] = [
+        {"id": it.record.id, "question": it.record.question, "qtype": it.record.qtype, "answer": it.record.answer,
+         **({"options": it.record.options} if it.record.options else {}), **it.record.meta}
+        for it in items
+    ]
+    passes = [("prediction", False)] + ([("blind_prediction", True)] if blind else [])
+    for key, blank in passes:
+        for start in tqdm(range(0, len(items), batch_size), desc="eval (blind)" if blank else "eval", disable=not progress, leave=False):
+            chunk = items[start:start + batch_size]
+            images = [blank_like(it.image) if blank else it.image for it in chunk]
+            answers = generate_batch(model, processor, [it.prompt for it in chunk], images, max_new_tokens)
+            for row, ans in zip(rows[start:start + batch_size], answers):
+                row[key] = ans
+    metrics = score(rows)
+    metrics["chance"] = _mean([chance_level(it.record) for it in items if it.record.qtype in CLOSED_QTYPES])
+    if blind:
+        metrics["blind"] = score(rows, key="blind_prediction")
+        metrics["blind_gap"] = round(metrics["accuracy"] - metrics["blind"]["accuracy"], 4)
+    if errors:
+        counts: dict[str, int] = defaultdict(int)
+        for e in errors:
+            counts[e.kind] += 1
+        metrics["skipped"] = dict(counts)
+    for row in rows:
+        g = grade(row["prediction"], row["answer"], row["qtype"], row.get("options"))
+        row.update(extracted=g.extracted, parsed=g.parsed, correct=g.correct)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with (out / "predictions.jsonl").open("w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if errors:
+            with (out / "skipped.jsonl").open("w", encoding="utf-8") as fh:
+                for e in errors:
+                    fh.write(json.dumps(e.to_dict(), ensure_ascii=False) + "\n")
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        (out / "metrics.md").write_text(markdown_table(metrics, title), encoding="utf-8")
+        plot_metrics(metrics, out / "accuracy.png", title)
+    return metrics
+
+
+def update_summary(path: str | Path, stage: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Merge one stage's headline figures into a summary JSON ({stage: {"accuracy": ..., ...}})."""
+    path = Path(path)
+    summary = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    entry = {"accuracy": metrics["accuracy"], "chance": metrics.get("chance"), "n": metrics["n_closed"]}
+    if "blind" in metrics:
+        entry["blind_accuracy"] = metrics["blind"]["accuracy"]
+        entry["blind_gap"] = metrics["blind_gap"]
+    for key in ("by_topic", "by_qtype"):
+        if key in metrics:
+            entry[key] = {k: v.get("accuracy", v.get("exact_match")) for k, v in metrics[key].items()}
+    summary[stage] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+def summary_table(summary: dict[str, Any], seconds: float | None = None) -> str:
+    """A plain-text table of a curriculum summary: accuracy per stage beside chance and the blind gap."""
+    lines = [f"{'stage':<12} {'accuracy':>9} {'chance':>7} {'blind':>7} {'gap':>7}   by topic"]
+    for stage, entry in summary.items():
+        blind = entry.get("blind_accuracy")
+        gap = entry.get("blind_gap")
+        topics = ", ".join(f"{k} {v:.2f}" for k, v in (entry.get("by_topic") or {}).items())
+        lines.append(
+            f"{stage:<12} {entry['accuracy']:>9.3f} {entry.get('chance') or 0:>7.3f} "
+            f"{'-' if blind is None else f'{blind:.3f}':>7} {'-' if gap is None else f'{gap:+.3f}':>7}   {topics}"
+        )
+    if seconds is not None:
+        lines.append(f"total time: {seconds / 60:.1f} min")
+    return "\n".join(lines)

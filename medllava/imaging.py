@@ -1,0 +1,221 @@
+"""Load medical images as 8-bit RGB PIL images: PNG, JPEG, TIFF, and DICOM through pydicom.
+
+One loader for training, evaluation and chat. DICOM: rescale slope/intercept (modality LUT), window
+centre/width from the file or the caller, MONOCHROME1 inversion, multi-frame volumes (middle frame by
+default). High-bit-depth PNG/TIFF are mapped to 8 bits by min-max (or a window). Every failure is an
+`ImageError` whose `kind` names what went wrong, so callers can report and count it.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold
+
+
+class ImageError(ValueError):
+    """An image cannot be used. `kind` is one of: missing_image, empty_file, unreadable_image,
+    unsupported_format, image_too_large, no_pixel_data, bad_frame."""
+
+    def __init__(self, kind: str, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.kind = kind
+        self.path = path
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Window:
+    """A display window (DICOM VOI): values outside [center - width/2, center + width/2] saturate."""
+
+    center: float
+    width: float
+
+    @classmethod
+    def parse(cls, text: str) -> Window:
+        """Parse 'CENTER,WIDTH' (e.g. '40,400' for a CT soft-tissue window)."""
+        try:
+            center, width = (float(x) for x in text.split(","))
+        except ValueError:
+            raise ValueError(f"window {text!r}: expected CENTER,WIDTH such as 40,400") from None
+        if width <= 0:
+            raise ValueError(f"window {text!r}: width must be positive")
+        return cls(center, width)
+
+
+def apply_window(values: np.ndarray, window: Window) -> np.ndarray:
+    """DICOM linear VOI function (PS3.3 C.11.2.1.2) to 8-bit."""
+    c, w = window.center, window.width
+    if w <= 1:
+        return np.where(values > c - 0.5, 255, 0).astype(np.uint8)
+    scaled = ((values - (c - 0.5)) / (w - 1) + 0.5) * 255.0
+    return np.clip(scaled, 0, 255).astype(np.uint8)
+
+
+def minmax_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Map the full value range of an array to 0..255 (a constant image maps to 0)."""
+    values = values.astype(np.float64)
+    lo, hi = float(np.min(values)), float(np.max(values))
+    if hi <= lo:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return np.clip((values - lo) / (hi - lo) * 255.0, 0, 255).round().astype(np.uint8)
+
+
+def is_dicom(path: Path) -> bool:
+    """DICOM by suffix, or by the 'DICM' magic at byte 128 (DICOM files often have no suffix)."""
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _first_value(value: Any) -> float:
+    """Window centre/width may be multi-valued in DICOM; the first pair is the default view."""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        value = value[0]
+    return float(value)
+
+
+def load_dicom(path: Path, *, window: Window | None = None, frame: int | None = None) -> Image.Image:
+    """Decode a DICOM file to 8-bit RGB (see module docstring for the steps)."""
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut
+    except ImportError:
+        raise ImageError("unsupported_format", str(path), "DICOM needs pydicom: pip install 'medllava[dicom]'") from None
+    try:
+        ds = pydicom.dcmread(str(path))
+    except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError) as err:
+        raise ImageError("unreadable_image", str(path), f"not a readable DICOM file ({err})") from None
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise ImageError("no_pixel_data", str(path), "DICOM file has no pixel data")
+    try:
+        pixels = ds.pixel_array
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError) as err:
+        raise ImageError("unreadable_image", str(path), f"cannot decode DICOM pixel data ({err})") from None
+
+    samples = int(getattr(ds, "SamplesPerPixel", 1))
+    n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if n_frames > 1:
+        index = n_frames // 2 if frame is None else frame
+        if not 0 <= index < n_frames:
+            raise ImageError("bad_frame", str(path), f"frame {index} out of range (file has {n_frames} frames)")
+        pixels = pixels[index]
+    elif frame not in (None, 0):
+        raise ImageError("bad_frame", str(path), f"frame {frame} out of range (file has 1 frame)")
+
+    if samples == 3:
+        photometric = str(getattr(ds, "PhotometricInterpretation", "RGB"))
+        if photometric.startswith("YBR"):
+            from pydicom.pixels import convert_color_space
+
+            pixels = convert_color_space(pixels, photometric, "RGB")
+        rgb = pixels if pixels.dtype == np.uint8 else minmax_to_uint8(pixels)
+        return Image.fromarray(np.ascontiguousarray(rgb), mode="RGB")
+
+    values = apply_modality_lut(pixels, ds).astype(np.float64)
+    if window is None and "WindowCenter" in ds and "WindowWidth" in ds:
+        window = Window(_first_value(ds.WindowCenter), _first_value(ds.WindowWidth))
+    gray = apply_window(values, window) if window is not None else minmax_to_uint8(values)
+    if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
+        gray = 255 - gray  # MONOCHROME1: low values are displayed white
+    return Image.fromarray(gray, mode="L").convert("RGB")
+
+
+def _to_rgb(img: Image.Image, window: Window | None) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB; high-bit-depth grayscale goes through min-max or the window."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(img).astype(np.float64)
+        gray = apply_window(values, window) if window is not None else minmax_to_uint8(values)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "P", "PA"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, img).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(
+    source: str | Path | Image.Image | bytes | dict,
+    *,
+    window: Window | None = None,
+    frame: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
+    """Load one image as RGB. `source`: a path, raw bytes, a PIL image, or a `datasets` image dict.
+
+    Raises ImageError (kind = missing_image, empty_file, unreadable_image, unsupported_format,
+    image_too_large, no_pixel_data, bad_frame).
+    """
+    if isinstance(source, Image.Image):
+        return _to_rgb(source, window)
+    if isinstance(source, dict):  # datasets Image feature: {"bytes": ..., "path": ...}
+        if source.get("bytes"):
+            source = source["bytes"]
+        elif source.get("path"):
+            source = source["path"]
+        else:
+            raise ImageError("missing_image", "<record>", "image entry has neither bytes nor path")
+    if isinstance(source, (bytes, bytearray)):
+        name, opener = "<bytes>", lambda: io.BytesIO(source)
+        if len(source) == 0:
+            raise ImageError("empty_file", name, "image data is empty (0 bytes)")
+    else:
+        path = Path(source)
+        name = str(path)
+        if not path.is_file():
+            raise ImageError("missing_image", name, "image file not found")
+        if path.stat().st_size == 0:
+            raise ImageError("empty_file", name, "image file is empty (0 bytes)")
+        if is_dicom(path):
+            img = load_dicom(path, window=window, frame=frame)
+            _check_size(img.size, name, max_pixels)
+            return img
+        opener = lambda: path.open("rb")  # noqa: E731
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with opener() as fh, Image.open(fh) as img:
+                _check_size(img.size, name, max_pixels)
+                if frame:
+                    if frame >= getattr(img, "n_frames", 1):
+                        raise ImageError("bad_frame", name, f"frame {frame} out of range")
+                    img.seek(frame)
+                img.load()
+                return _to_rgb(img, window)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageError("image_too_large", name, f"image too large (decompression bomb guard): {err}") from None
+    except UnidentifiedImageError:
+        raise ImageError("unsupported_format", name, "not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise ImageError("unreadable_image", name, f"cannot decode image ({err})") from None
+
+
+def _check_size(size: tuple[int, int], name: str, max_pixels: int) -> None:
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise ImageError("unreadable_image", name, f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageError(
+            "image_too_large", name, f"image is {width}x{height} = {width * height:,} pixels (limit {max_pixels:,})"
+        )
+
+
+def blank_like(img: Image.Image, color: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
+    """A uniform image of the same size (for the image-reliance check)."""
+    return Image.new("RGB", img.size, color)

@@ -1,0 +1,1 @@
+"""Stage runners: SFT (alignment, instruction tuning) and GRPO."""

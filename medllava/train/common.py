@@ -1,0 +1,178 @@
+"""What the SFT and GRPO stage runners share: precision, loading the stage's model, and writing its outputs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import LlavaProcessor
+from transformers.trainer_utils import get_last_checkpoint
+
+from medllava.config import ConfigError, StageConfig, save_config
+from medllava.model import (
+    ADAPTER_CONFIG,
+    build_model,
+    is_adapter_dir,
+    load_model,
+    merge_adapter_to_folder,
+    quantization_config,
+    save_model,
+)
+from medllava.processor import set_image_aspect, wrap_chat_template
+
+logger = logging.getLogger(__name__)
+
+STAGE_CONFIG_NAME = "medllava_stage.yaml"
+LOG_HISTORY_NAME = "train_log.json"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_precision(precision: str, use_cpu: bool = False) -> str:
+    """'auto' -> bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
+    on_gpu = torch.cuda.is_available() and not use_cpu
+    if precision == "auto":
+        if not on_gpu:
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp16" and not on_gpu:
+        raise ConfigError("run.precision fp16 needs a GPU; use fp32 or bf16 on CPU")
+    return precision
+
+
+def load_stage_model(cfg: StageConfig, precision: str) -> tuple[Any, LlavaProcessor, str | None]:
+    """The stage's starting model and processor, and the folder it came from (None when assembled in memory)."""
+    m = cfg.model
+    dtype = DTYPES[precision]
+    quant = quantization_config(cfg.quantization, dtype)
+    common = {"attn_implementation": m.attn_implementation, "trust_remote_code": m.trust_remote_code}
+    base_ref: str | None
+    if m.init_from:
+        source = m.init_from
+        if not Path(source).exists() and os.sep in source:
+            raise ConfigError(f"model.init_from: {source} does not exist (run the previous stage first)")
+        if is_adapter_dir(source):
+            # A LoRA stage output: merge it into its base. A quantized stage needs the merged weights on disk.
+            if quant is not None:
+                merged = Path(cfg.run.output_dir) / "init_merged"
+                if not (merged / "config.json").is_file():
+                    logger.info("merging adapter %s into its base -> %s (for quantized loading)", source, merged)
+                    merge_adapter_to_folder(source, merged, dtype=dtype)
+                source = str(merged)
+                model, processor = load_model(source, dtype=dtype, quantization=quant, **common)
+                base_ref = source
+            else:
+                model, processor = load_model(source, dtype=dtype, adapter="merge", **common)
+                base_ref = None
+        else:
+            model, processor = load_model(source, dtype=dtype, quantization=quant, **common)
+            base_ref = source
+    else:
+        if quant is not None:
+            raise ConfigError(
+                "quantization needs model.init_from (a saved full-precision model, e.g. the align stage output)"
+            )
+        model, processor = build_model(
+            m.vision_tower,
+            m.llm,
+            vision_feature_layer=m.vision_feature_layer,
+            vision_feature_select_strategy=m.vision_feature_select_strategy,
+            image_aspect=m.image_aspect or "pad",
+            chat_template=m.chat_template,
+            dtype=dtype,
+            attn_implementation=m.attn_implementation,
+            trust_remote_code=m.trust_remote_code,
+            revision=m.revision,
+        )
+        base_ref = None
+    if m.image_aspect is not None:
+        set_image_aspect(processor, m.image_aspect)
+    if m.init_from and m.chat_template:
+        processor.chat_template = wrap_chat_template(m.chat_template)
+    return model, processor, base_ref
+
+
+def uses_lora(cfg: StageConfig) -> bool:
+    return "lora" in (cfg.trainable.vision, cfg.trainable.llm)
+
+
+def save_base_if_needed(cfg: StageConfig, model: Any, processor: LlavaProcessor, base_ref: str | None) -> str | None:
+    """A LoRA stage whose base exists only in memory saves that base under output_dir/base first."""
+    if not uses_lora(cfg) or base_ref is not None:
+        return base_ref
+    base_dir = Path(cfg.run.output_dir) / "base"
+    if not (base_dir / "config.json").is_file():
+        logger.info("saving the in-memory base model to %s (the adapter refers to it)", base_dir)
+        save_model(model, processor, base_dir)
+    return str(base_dir)
+
+
+def resume_checkpoint(cfg: StageConfig) -> str | None:
+    """'auto' -> newest complete checkpoint in output_dir (or None), 'never' -> None, else the given path."""
+    resume = cfg.run.resume
+    if resume == "never":
+        return None
+    if resume == "auto":
+        out = Path(cfg.run.output_dir)
+        return get_last_checkpoint(str(out)) if out.is_dir() else None
+    if not Path(resume).is_dir():
+        raise ConfigError(f"run.resume: checkpoint {resume} does not exist")
+    return resume
+
+
+def save_stage_output(cfg: StageConfig, trainer: Any, processor: LlavaProcessor, base_ref: str | None) -> Path:
+    """Write the stage's model (or adapter + base reference), processor, resolved config and training log."""
+    out = Path(cfg.run.output_dir)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    is_adapter = hasattr(model, "peft_config")
+    if is_adapter:
+        if base_ref is None:
+            raise RuntimeError("a LoRA stage output needs a base model folder")
+        for peft_cfg in model.peft_config.values():
+            peft_cfg.base_model_name_or_path = str(Path(base_ref).resolve())
+    trainer.save_model(str(out))  # gathers ZeRO-3 shards, writes adapters for LoRA, and the processor
+    if is_adapter and trainer.is_world_process_zero():
+        # Refer to the base relative to the adapter folder, so a runs/ tree can move as a whole.
+        adapter_cfg = out / ADAPTER_CONFIG
+        data = json.loads(adapter_cfg.read_text(encoding="utf-8"))
+        data["base_model_name_or_path"] = os.path.relpath(Path(base_ref).resolve(), out.resolve())
+        adapter_cfg.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    if trainer.is_world_process_zero():
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if not getattr(base.config.text_config, "architectures", None):
+            raise RuntimeError("text_config.architectures is unset; the saved model would not reload")
+        processor.save_pretrained(out)
+        save_config(cfg, out / STAGE_CONFIG_NAME)
+        history = trainer.state.log_history
+        (out / LOG_HISTORY_NAME).write_text(json.dumps(history, indent=1), encoding="utf-8")
+        plot_training_curves(history, out / "training_curves.png", title=cfg.name)
+    return out
+
+
+def plot_training_curves(log_history: list[dict[str, Any]], path: Path, title: str = "") -> Path | None:
+    """Loss (and learning rate) against step, as a PNG beside the model."""
+    points = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lrs = [(h["step"], h["learning_rate"]) for h in log_history if "learning_rate" in h and "step" in h]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(*zip(*points), label="train loss", color="tab:blue")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    if lrs:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*lrs), color="tab:orange", alpha=0.6, label="learning rate")
+        ax2.set_ylabel("learning rate")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

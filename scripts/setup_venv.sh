@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Create (or reuse) the virtual environment at .venv in the repo root and install medllava into it.
+# On a machine without an NVIDIA GPU torch comes as the pinned CPU build, never the multi-GB CUDA wheels.
+# Re-running is cheap: nothing is reinstalled while pyproject.toml is unchanged.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv="$root/.venv"
+python_bin=${PYTHON:-python3}
+cpu_torch=${MEDLLAVA_CPU_TORCH:-torch==2.13.0}
+
+[ -x "$venv/bin/python" ] || "$python_bin" -m venv "$venv"
+py="$venv/bin/python"
+stamp="$venv/.medllava-install"
+want=$(cat "$root/pyproject.toml" "$root/scripts/setup_venv.sh" | sha256sum | cut -c1-16)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$py" -c "import medllava, torch" 2>/dev/null; then
+  exit 0
+fi
+
+echo "[setup] installing medllava into $venv (one-time, about a minute)" >&2
+"$py" -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" >&2 || true
+if ! "$py" -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    "$py" -m pip install -q torch
+  else
+    # CPU machine: pin the CPU build (set PIP_EXTRA_INDEX_URL to PyTorch's CPU index where no local wheel exists).
+    "$py" -m pip install -q "$cpu_torch"
+  fi
+fi
+"$py" -m pip install -q -e "$root[dev]"
+"$py" -c "import medllava, torch; print(f'[setup] medllava ready: torch {torch.__version__}')" >&2
+echo "$want" >"$stamp"

@@ -1,0 +1,1 @@
+"""medllava test suite (offline, CPU)."""
