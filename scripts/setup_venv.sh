@@ -16,16 +16,20 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$py" -c "import medlla
   exit 0
 fi
 
+pip_install() {  # quiet pip; drop the warnings some machines' pip config prints about missing local indexes
+  "$py" -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+
 echo "[setup] installing medllava into $venv (one-time, about a minute)" >&2
-"$py" -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" >&2 || true
+pip_install --upgrade pip
 if ! "$py" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    "$py" -m pip install -q torch
+    pip_install torch
   else
     # CPU machine: pin the CPU build (set PIP_EXTRA_INDEX_URL to PyTorch's CPU index where no local wheel exists).
-    "$py" -m pip install -q "$cpu_torch"
+    pip_install "$cpu_torch"
   fi
 fi
-"$py" -m pip install -q -e "$root[dev]"
+pip_install -e "$root[dev]"
 "$py" -c "import medllava, torch; print(f'[setup] medllava ready: torch {torch.__version__}')" >&2
 echo "$want" >"$stamp"

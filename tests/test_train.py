@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from medllava.config import config_from_dict
+from medllava.config import config_from_dict, load_config
 from medllava.model import component_of, load_model
 from medllava.train.sft import prepare_sft, run_sft, save_stage_output
 
@@ -25,6 +25,15 @@ from .conftest import REPO, stage_dict
 def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every weight as saved (state_dict undoes bitsandbytes' CPU repacking of 4-bit weights)."""
     return {n: t.detach().clone() for n, t in model.state_dict().items()}
+
+
+def demo_stage(name: str, tmp: Path, phantom: Path, *overrides: str, **model: Path) -> dict:
+    """A shipped demo recipe (stages/demo/NAME.yaml) pointed at the test data, for 3 steps."""
+    base = [f"--data.train_files=[{phantom / Path(load_config(REPO / f'stages/demo/{name}.yaml').data.train_files[0]).name}]",
+            f"--data.image_folder={phantom / 'images'}", f"--run.output_dir={tmp / 'out'}", "--optim.max_steps=3",
+            "--optim.per_device_batch_size=4", "--run.use_cpu=true", "--run.logging_steps=1"]
+    base += [f"--model.{k}={v}" for k, v in model.items()]
+    return load_config(REPO / f"stages/demo/{name}.yaml", base + list(overrides)).to_dict()
 
 
 def _train(cfg_dict: dict) -> tuple:
@@ -46,9 +55,7 @@ def _changed(before: dict, after: dict, name: str) -> bool:
 
 def test_full_align_from_parts(tmp_path: Path, phantom: Path, tiny_pair_dirs: dict) -> None:
     vision, llm = tiny_pair_dirs[("clip", "llama")]
-    cfg = stage_dict(tmp_path, phantom, vision=vision, llm=llm, fmt="plain",
-                     trainable={"vision": "frozen", "projector": "full", "llm": "full"},
-                     optim={"projector_lr": 5e-3})
+    cfg = demo_stage("align", tmp_path, phantom, "--optim.projector_lr=5e-3", vision_tower=vision, llm=llm)
     run, before, after, losses = _train(cfg)
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     for name, param in run.trainer.model.named_parameters():
@@ -70,6 +77,7 @@ def test_full_align_from_parts(tmp_path: Path, phantom: Path, tiny_pair_dirs: di
     assert expected <= {p.name for p in out.iterdir()}
     resolved = yaml.safe_load((out / "medllava_stage.yaml").read_text())
     assert resolved["optim"]["projector_lr"] == pytest.approx(5e-3) and resolved["data"]["format"] == "plain"
+    assert resolved["name"] == "demo-align"
     assert json.loads((out / "data_report.json").read_text())["invalid"] == 0
     reloaded, _ = load_model(out)
     saved = load_file(str(out / "model.safetensors"))
@@ -79,8 +87,7 @@ def test_full_align_from_parts(tmp_path: Path, phantom: Path, tiny_pair_dirs: di
 
 def test_lora_instruct(tmp_path: Path, phantom: Path, base_models: dict) -> None:
     base = base_models[("siglip", "qwen2")]
-    cfg = stage_dict(tmp_path, phantom, init_from=base,
-                     trainable={"vision": "frozen", "projector": "full", "llm": "lora"}, optim={"lr": 5e-2})
+    cfg = demo_stage("instruct_lora", tmp_path, phantom, "--optim.lr=5e-2", init_from=base)
     run, before, after, losses = _train(cfg)
     assert all(math.isfinite(x) for x in losses)
     lora = [n for n in before if "lora_B" in n]
@@ -101,9 +108,8 @@ def test_lora_instruct(tmp_path: Path, phantom: Path, base_models: dict) -> None
 def test_qlora_instruct_with_bitsandbytes_on_cpu(tmp_path: Path, phantom: Path, base_models: dict) -> None:
     pytest.importorskip("bitsandbytes")
     base = base_models[("clip", "llama")]
-    cfg = stage_dict(tmp_path, phantom, init_from=base,
-                     trainable={"vision": "frozen", "projector": "full", "llm": "lora"},
-                     quantization={"bits": 4, "quant_type": "nf4"}, optim={"lr": 5e-2})
+    cfg = demo_stage("instruct_qlora", tmp_path, phantom, "--optim.lr=5e-2", init_from=base)
+    assert cfg["quantization"]["bits"] == 4
     run, before, after, losses = _train(cfg)
     assert all(math.isfinite(x) for x in losses)
     quantized = [n for n, p in run.trainer.model.named_parameters() if type(p).__name__ == "Params4bit"]
@@ -128,10 +134,11 @@ class StopAt(TrainerCallback):
 
 def test_resume_continues_from_the_last_checkpoint(tmp_path: Path, phantom: Path, base_models: dict) -> None:
     base = base_models[("clip", "llama")]
-    straight = stage_dict(tmp_path / "a", phantom, init_from=base, optim={"max_steps": 4}, run={"save_steps": 2})
+    steps = ("--optim.max_steps=4", "--run.save_steps=2", "--run.save_total_limit=3")
+    straight = demo_stage("instruct", tmp_path / "a", phantom, *steps, init_from=base)
     run_sft(config_from_dict(straight))
     # The same stage, stopped after step 2 (checkpoint-2), then run again with the full budget.
-    first = stage_dict(tmp_path / "b", phantom, init_from=base, optim={"max_steps": 4}, run={"save_steps": 2})
+    first = demo_stage("instruct", tmp_path / "b", phantom, *steps, init_from=base)
     cfg = config_from_dict(first)
     run = prepare_sft(cfg)
     run.trainer.add_callback(StopAt(2))
