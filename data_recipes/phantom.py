@@ -4,6 +4,11 @@
 Each image is an X-ray, CT or MRI-looking phantom with zero to three bright lesions, all on one side of the
 image. The truth (modality, lesion present, side, count) is known, so every answer can be checked.
 
+Like LLaVA-Med's GPT-written conversations, the instruction data is conversational: it asks about lesion
+presence (yes/no) and modality (multiple choice), but asks side and count in open form ("On the left side of
+the image.", "Two lesions."). The closed multiple-choice form of side and count questions appears only in
+the RL and test sets, which is where a verifiable reward has something to teach.
+
 Writes to OUT/:
   images/{train,test}/*.png
   align.jsonl     LLaVA form, one caption per train image (alignment stage)
@@ -86,7 +91,7 @@ def draw_phantom(rng: np.random.Generator, modality: str, side: str | None, coun
             _ellipse(d, x * CANVAS, y * CANVAS, r, r, 255)
     img = img.filter(ImageFilter.GaussianBlur(1.2))
     arr = np.asarray(img, dtype=np.float32) + rng.normal(0, 6, (CANVAS, CANVAS))
-    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     return img.resize((size, size), Image.BILINEAR).convert("RGB")
 
 
@@ -122,8 +127,22 @@ def closed_questions(modality: str, side: str | None, count: int, rng: np.random
     return out
 
 
+def open_questions(side: str | None, count: int, rng: np.random.Generator) -> list[dict]:
+    """Side and count asked conversationally (instruction data only)."""
+    if side is None:
+        return []
+    pick = lambda xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
+    noun = "lesion" if count == 1 else "lesions"
+    return [
+        {"question": pick(SIDE_QUESTIONS), "text": f"On the {side} side of the image.", "topic": "side"},
+        {"question": pick(COUNT_QUESTIONS), "text": f"{COUNT_WORDS[count].capitalize()} {noun}.", "topic": "count"},
+    ]
+
+
 def answer_text(q: dict) -> str:
-    """How the assistant answers a closed question in the instruction data."""
+    """How the assistant answers a question in the instruction data."""
+    if "text" in q:
+        return q["text"]
     if q["qtype"] == "yes_no":
         return "Yes." if q["answer"] == "yes" else "No."
     letter = q["answer"]
@@ -157,10 +176,11 @@ def generate(out: Path, *, seed: int, n_train: int, n_test: int, size: int) -> d
             align.append({"id": f"align_{i:05d}", "image": rel, "truth": truth, "conversations": [
                 {"from": "human", "value": "<image>\n" + DESCRIBE_QUESTIONS[int(rng.integers(3))]},
                 {"from": "gpt", "value": caption}]})
-            order = rng.permutation(len(questions))
+            asked = [q for q in questions if q["topic"] in ("presence", "modality")] + open_questions(side, count, rng)
+            order = rng.permutation(len(asked))
             turns: list[dict] = []
             for j, qi in enumerate(order[: int(rng.integers(2, 4))]):
-                q = questions[qi]
+                q = asked[qi]
                 turns.append({"from": "human", "value": format_question(q["question"], q.get("options"), with_image=j == 0)})
                 turns.append({"from": "gpt", "value": answer_text(q)})
             if rng.random() < 0.3:

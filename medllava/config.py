@@ -141,6 +141,36 @@ class RunSection:
 
 
 @dataclass
+class GRPOSection:
+    """Group Relative Policy Optimization (TRL's GRPOTrainer) with verifiable rewards (medllava.rewards)."""
+
+    prompt: Literal["plain", "answer", "think"] = "think"
+    """How questions are asked: 'plain' (as in the instruction data), 'answer' (<answer> tags), or 'think'
+    (<think> reasoning, then <answer>, Med-R1 / MedVLThinker style)."""
+    instruction: str | None = None
+    """Overrides the instruction text that 'answer'/'think' append to the question."""
+    rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "think_format": 0.5})
+    """Reward name -> weight; names from medllava.rewards.REWARDS (accuracy, think_format, answer_format, ...)."""
+    gate_accuracy_on_format: bool = False
+    """True: accuracy only counts when the prompt's format (think/answer tags) holds."""
+    num_generations: int = 8
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    beta: float = 0.0
+    """KL coefficient against the starting model (0 = no reference model)."""
+    epsilon: float = 0.2
+    num_iterations: int = 1
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    loss_type: str | None = None
+    """TRL loss type (grpo, dr_grpo, dapo, bnpo, ...); None keeps TRL's default."""
+    mask_truncated_completions: bool = False
+    log_completions_every: int = 50
+    """Write sampled completions (question, answer, completion, reward) to completions.jsonl every N steps."""
+    use_vllm: bool = False
+
+
+@dataclass
 class StageConfig:
     """One training stage: everything needed to reproduce it."""
 
@@ -153,6 +183,7 @@ class StageConfig:
     quantization: QuantizationSection = field(default_factory=QuantizationSection)
     optim: OptimSection = field(default_factory=OptimSection)
     run: RunSection = field(default_factory=RunSection)
+    grpo: GRPOSection = field(default_factory=GRPOSection)
 
     def validate(self) -> None:
         """Cross-field checks that types alone cannot express."""
@@ -165,8 +196,20 @@ class StageConfig:
             raise ConfigError("quantization: a quantized LLM cannot be trained in full; use `trainable.llm: lora`")
         if self.quantization.bits is not None and self.trainable.llm == "frozen" and self.trainable.projector == "frozen":
             raise ConfigError("quantization: nothing would train")
-        if self.kind == "sft" and not self.data.train_files:
+        if not self.data.train_files:
             raise ConfigError("data.train_files: at least one file is required")
+        if self.kind == "grpo":
+            g = self.grpo
+            if g.num_generations < 2:
+                raise ConfigError("grpo.num_generations must be at least 2 (advantages compare completions)")
+            batch = self.optim.per_device_batch_size * self.optim.grad_accum
+            if batch % g.num_generations:
+                raise ConfigError(
+                    f"grpo: per_device_batch_size x grad_accum ({batch}) must be a multiple of num_generations "
+                    f"({g.num_generations}); the batch counts completions"
+                )
+            if not g.rewards:
+                raise ConfigError("grpo.rewards: at least one reward")
         if self.data.max_length <= 0:
             raise ConfigError("data.max_length must be positive")
         if self.optim.per_device_batch_size <= 0 or self.optim.grad_accum <= 0:
@@ -209,7 +252,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
+        if not args:
+            return dict(value)
+        return {_coerce(k, args[0], key): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")

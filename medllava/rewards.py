@@ -139,7 +139,7 @@ def parse_choice(answer: str, options: Sequence[str]) -> str | None:
         if delimited:
             letters.add(letter)
     for pattern in (r"\(([A-Z])\)", r"(?<![\w-])([A-Z])[.)](?=\s|$)",
-                    r"\b(?:answer|option|choice)\s*(?:is|:)?\s*\(?([A-Z])\b"):
+                    r"\b(?i:answer|option|choice)\s*(?:(?i:is)|:)?\s*\(?([A-Z])\b"):
         letters.update(re.findall(pattern, text))
     letters &= valid
     return letters.pop() if len(letters) == 1 else None

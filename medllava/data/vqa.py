@@ -58,11 +58,14 @@ def format_options(options: list[str]) -> str:
     return "\n".join(f"{LETTERS[i]}. {opt}" for i, opt in enumerate(options))
 
 
-def format_question(question: str, options: list[str] | None = None, *, with_image: bool = True) -> str:
+def format_question(question: str, options: list[str] | None = None, *, with_image: bool = True,
+                    mc_instruction: str | None = MC_INSTRUCTION) -> str:
     """The user turn for a VQA question: `<image>` first, the question, lettered options and the MC instruction."""
     text = question.strip()
     if options:
-        text = f"{text}\n{format_options(options)}\n{MC_INSTRUCTION}"
+        text = f"{text}\n{format_options(options)}"
+        if mc_instruction:
+            text = f"{text}\n{mc_instruction}"
     return f"<image>\n{text}" if with_image else text
 
 
@@ -108,7 +111,7 @@ def parse_vqa(data: dict[str, Any], source: str = "", line: int = 0) -> VQARecor
         raise fail("missing_field", f"qtype {qtype!r} is not one of {QTYPES}")
     if qtype == "multiple_choice" and not options:
         raise fail("missing_field", "multiple_choice needs 'options'")
-    meta = {k: v for k, v in data.items() if k not in ("id", "question_id", "image", "images", "question", "answer", "qtype", "answer_type", "options")}
+    meta = {k: v for k, v in data.items() if k not in ("id", "question_id", "image", "images", "question", "answer", "qtype", "options")}
     rec = VQARecord(rid, image, str(data["question"]), answer, qtype, options, source, line, meta)
     if qtype == "multiple_choice" and rec.answer_letter is None:
         raise fail("bad_answer", f"answer {answer!r} is neither a letter of the options nor an option text")

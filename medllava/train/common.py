@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -9,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import LlavaProcessor
+from transformers import LlavaProcessor, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from medllava.config import ConfigError, StageConfig, save_config
@@ -29,6 +30,108 @@ logger = logging.getLogger(__name__)
 STAGE_CONFIG_NAME = "medllava_stage.yaml"
 LOG_HISTORY_NAME = "train_log.json"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class MedLlavaTrainerMixin:
+    """What medllava's SFT and GRPO trainers add to the HF Trainer: a separate projector learning rate, and a
+    strict resume of full-model checkpoints."""
+
+    def __init__(self, *args: Any, projector_lr: float | None = None, **kwargs: Any) -> None:
+        self.projector_lr = projector_lr
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+        for name, param in opt_model.named_parameters():
+            if not param.requires_grad:
+                continue
+            lr = self.args.learning_rate
+            if self.projector_lr is not None and "multi_modal_projector" in name:
+                lr = self.projector_lr
+            wd = self.args.weight_decay if name in decay else 0.0
+            groups.setdefault((lr, wd), []).append(param)
+        param_groups = [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        optimizer_kwargs.pop("lr", None)
+        self.optimizer = optimizer_cls(param_groups, lr=self.args.learning_rate, **optimizer_kwargs)
+        return self.optimizer
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        """Resume full-model weights through `from_pretrained`, strictly.
+
+        transformers saves Llava checkpoints in the original (llava-hf) key layout but the Trainer reloads them
+        with a plain non-strict `load_state_dict`, so every key misses and training silently restarts from the
+        initial weights (transformers issue #43701). `from_pretrained` applies the key conversion; the strict
+        copy makes any remaining mismatch an error. Adapters, DeepSpeed and FSDP keep the Trainer's own paths.
+        """
+        model = self.model if model is None else model
+        plain = not (self.is_deepspeed_enabled or self.is_fsdp_enabled or hasattr(model, "peft_config"))
+        folder = Path(resume_from_checkpoint)
+        has_weights = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
+        if not (plain and has_weights):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        saved = type(model).from_pretrained(resume_from_checkpoint, dtype=dtype, use_safetensors=True)
+        model.load_state_dict(saved.state_dict(), strict=True)
+        logger.info("restored model weights from %s", folder)
+
+
+def checkpointing_arguments(enabled: bool) -> dict[str, Any]:
+    """Activation (gradient) checkpointing, under whichever name this transformers version uses."""
+    kwargs = {"use_reentrant": False} if enabled else None
+    if "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}:
+        return {"activation_checkpointing": enabled, "activation_checkpointing_kwargs": kwargs}
+    return {"gradient_checkpointing": enabled, "gradient_checkpointing_kwargs": kwargs}
+
+
+def trainer_kwargs(cfg: StageConfig, precision: str) -> dict[str, Any]:
+    """TrainingArguments fields shared by the SFT and GRPO stages (one place, so every knob is visible)."""
+    o, r = cfg.optim, cfg.run
+    return dict(
+        output_dir=r.output_dir,
+        per_device_train_batch_size=o.per_device_batch_size,
+        gradient_accumulation_steps=o.grad_accum,
+        num_train_epochs=o.epochs,
+        max_steps=o.max_steps,
+        learning_rate=o.lr,
+        weight_decay=o.weight_decay,
+        warmup_steps=o.warmup_ratio,
+        lr_scheduler_type=o.scheduler,
+        optim=o.optimizer,
+        max_grad_norm=o.max_grad_norm,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        **checkpointing_arguments(r.gradient_checkpointing),
+        deepspeed=r.deepspeed,
+        report_to=[] if r.report_to == "none" else [r.report_to],
+        run_name=cfg.name,
+        logging_steps=r.logging_steps,
+        save_strategy="steps",
+        save_steps=r.save_steps,
+        save_total_limit=r.save_total_limit,
+        seed=r.seed,
+        data_seed=r.seed,
+        use_cpu=r.use_cpu,
+        dataloader_num_workers=cfg.data.num_workers,
+        dataloader_pin_memory=torch.cuda.is_available() and not r.use_cpu,
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False,
+        disable_tqdm=False,
+    )
+
+
+def cast_trainable_to_fp32(model: torch.nn.Module, precision: str, deepspeed: str | None) -> None:
+    """Mixed precision without DeepSpeed: trainable weights stay fp32, autocast computes in 16 bits."""
+    if precision == "fp32" or deepspeed:
+        return
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
 
 
 def resolve_precision(precision: str, use_cpu: bool = False) -> str:
@@ -99,9 +202,11 @@ def uses_lora(cfg: StageConfig) -> bool:
     return "lora" in (cfg.trainable.vision, cfg.trainable.llm)
 
 
-def save_base_if_needed(cfg: StageConfig, model: Any, processor: LlavaProcessor, base_ref: str | None) -> str | None:
-    """A LoRA stage whose base exists only in memory saves that base under output_dir/base first."""
-    if not uses_lora(cfg) or base_ref is not None:
+def save_base_if_needed(cfg: StageConfig, model: Any, processor: LlavaProcessor, base_ref: str | None,
+                        needed: bool = False) -> str | None:
+    """A stage whose starting model exists only in memory (assembled, or merged from an adapter) saves it under
+    output_dir/base when something must refer to it on disk: a LoRA adapter's base, or (`needed`) a reference."""
+    if not (uses_lora(cfg) or needed) or base_ref is not None:
         return base_ref
     base_dir = Path(cfg.run.output_dir) / "base"
     if not (base_dir / "config.json").is_file():

@@ -1,0 +1,184 @@
+"""The GRPO stage runner (RL with verifiable rewards), a thin layer over TRL's GRPOTrainer.
+
+Reads top to bottom: load the previous stage's model -> read and check the RL questions (long prompts are
+filtered and counted) -> apply the trainable spec (full / LoRA / QLoRA) -> reward functions from the config
+(weighted, or accuracy gated on format) -> train -> save like every other stage.
+TRL logs each reward function's mean, completion lengths and the fraction of groups whose rewards have no
+spread (`frac_reward_zero_std`); sampled completions go to completions.jsonl every N steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import set_seed
+
+from medllava.config import ConfigError, StageConfig
+from medllava.data.rl import build_rl_rows, rl_dataset
+from medllava.model import apply_trainable
+from medllava.rewards import REWARDS, completion_text, grade
+from medllava.train.common import (
+    MedLlavaTrainerMixin,
+    cast_trainable_to_fp32,
+    load_stage_model,
+    resolve_precision,
+    resume_checkpoint,
+    save_base_if_needed,
+    save_stage_output,
+    trainer_kwargs,
+)
+
+logger = logging.getLogger(__name__)
+
+COMPLETIONS_LOG = "completions.jsonl"
+
+
+def _grpo_trainer_class() -> type:
+    from trl import GRPOTrainer
+
+    class MedLlavaGRPOTrainer(MedLlavaTrainerMixin, GRPOTrainer):
+        """TRL's GRPOTrainer with medllava's optimizer groups and strict resume."""
+
+    return MedLlavaGRPOTrainer
+
+
+class CompletionSampler:
+    """Wraps a reward function; every `every` steps it appends a few sampled completions to a JSONL file."""
+
+    def __init__(self, fn: Callable[..., list[float]], path: Path, every: int, per_step: int = 8) -> None:
+        self.fn = fn
+        self.__name__ = getattr(fn, "__name__", "reward")
+        self.path = path
+        self.every = every
+        self.per_step = per_step
+        self._last_step = -1
+
+    def __call__(self, completions: list[Any], **columns: Any) -> list[float]:
+        rewards = self.fn(completions, **columns)
+        state = columns.get("trainer_state")
+        step = int(getattr(state, "global_step", 0))
+        if self.every <= 0 or step % self.every or step == self._last_step:
+            return rewards
+        if state is not None and not getattr(state, "is_world_process_zero", True):
+            return rewards
+        self._last_step = step
+        with self.path.open("a", encoding="utf-8") as fh:
+            for i in range(min(self.per_step, len(completions))):
+                text = completion_text(completions[i])
+                options = (columns.get("options") or [None] * len(completions))[i]
+                g = grade(text, columns["answer"][i], columns["qtype"][i], options)
+                fh.write(json.dumps({
+                    "step": step, "id": columns.get("id", [None] * len(completions))[i],
+                    "question": completion_text(columns["prompts"][i]) if "prompts" in columns else None,
+                    "answer": columns["answer"][i], "completion": text, "extracted": g.extracted,
+                    "correct": g.correct, self.__name__: rewards[i],
+                }, ensure_ascii=False) + "\n")
+        return rewards
+
+
+def reward_setup(cfg: StageConfig, out_dir: Path) -> tuple[list[Callable[..., list[float]]], list[float]]:
+    """Reward functions and weights from the config; with gating, accuracy counts only when the format holds."""
+    g = cfg.grpo
+    names = list(g.rewards)
+    unknown = [n for n in names if n not in REWARDS]
+    if unknown:
+        raise ConfigError(f"grpo.rewards: unknown reward(s) {unknown}; known: {sorted(REWARDS)}")
+    if g.gate_accuracy_on_format:
+        if g.prompt == "plain":
+            raise ConfigError("grpo.gate_accuracy_on_format needs prompt 'answer' or 'think' (a format to gate on)")
+        gated = f"accuracy_if_{g.prompt}_format"
+        names = [gated if n == "accuracy" else n for n in names]
+        weights = [g.rewards["accuracy" if n == gated else n] for n in names]
+    else:
+        weights = [g.rewards[n] for n in names]
+    funcs: list[Callable[..., list[float]]] = [REWARDS[n] for n in names]
+    funcs[0] = CompletionSampler(funcs[0], out_dir / COMPLETIONS_LOG, g.log_completions_every)
+    return funcs, weights
+
+
+def grpo_arguments(cfg: StageConfig, precision: str, weights: list[float]) -> Any:
+    """GRPOConfig from the stage config: the shared Trainer fields plus the GRPO ones."""
+    from trl import GRPOConfig
+
+    g = cfg.grpo
+    extra: dict[str, Any] = {"loss_type": g.loss_type} if g.loss_type else {}
+    return GRPOConfig(
+        **trainer_kwargs(cfg, precision),
+        num_generations=g.num_generations,
+        max_completion_length=g.max_completion_length,
+        temperature=g.temperature,
+        top_p=g.top_p,
+        beta=g.beta,
+        epsilon=g.epsilon,
+        num_iterations=g.num_iterations,
+        scale_rewards=g.scale_rewards,
+        mask_truncated_completions=g.mask_truncated_completions,
+        reward_weights=weights,
+        use_vllm=g.use_vllm,
+        log_completions=False,
+        **extra,
+    )
+
+
+@dataclass
+class GRPORun:
+    cfg: StageConfig
+    trainer: Any
+    processor: Any
+    base_ref: str | None
+    checkpoint: str | None
+
+
+def prepare_grpo(cfg: StageConfig) -> GRPORun:
+    """Load the model, build the RL dataset and rewards, apply the trainable spec, and build the trainer."""
+    out = Path(cfg.run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.run.seed)
+    precision = resolve_precision(cfg.run.precision, cfg.run.use_cpu)
+    logger.info("stage %s (GRPO): precision %s, output %s", cfg.name, precision, out)
+
+    model, processor, base_ref = load_stage_model(cfg, precision)
+    rows, _report = build_rl_rows(
+        cfg.data.train_files, processor, image_folder=cfg.data.image_folder, mode=cfg.grpo.prompt,
+        instruction=cfg.grpo.instruction, system_prompt=cfg.data.system_prompt, max_prompt_length=cfg.data.max_length,
+        skip_invalid=cfg.data.skip_invalid, allow_absolute_paths=cfg.data.allow_absolute_paths,
+        max_samples=cfg.data.max_samples, report_dir=out,
+    )
+    # A full-model run with a KL term rebuilds its reference from the model's folder: it must exist on disk.
+    needs_folder = cfg.grpo.beta > 0 and "lora" not in (cfg.trainable.vision, cfg.trainable.llm)
+    base_ref = save_base_if_needed(cfg, model, processor, base_ref, needed=needs_folder)
+    if base_ref is not None:
+        model.config._name_or_path = base_ref
+    model = apply_trainable(model, cfg.trainable, cfg.lora, gradient_checkpointing=cfg.run.gradient_checkpointing)
+    cast_trainable_to_fp32(model, precision, cfg.run.deepspeed)
+    funcs, weights = reward_setup(cfg, out)
+    trainer = _grpo_trainer_class()(
+        model=model,
+        reward_funcs=funcs,
+        args=grpo_arguments(cfg, precision, weights),
+        train_dataset=rl_dataset(rows),
+        processing_class=processor,
+        projector_lr=cfg.optim.projector_lr,
+    )
+    if precision == "fp32":
+        # TRL casts a quantized model's trainable weights to bf16 (its QLoRA convention); an fp32 run has no
+        # autocast to reconcile that with fp32 activations, so they go back to fp32.
+        for param in trainer.model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
+    return GRPORun(cfg, trainer, processor, base_ref, resume_checkpoint(cfg))
+
+
+def run_grpo(cfg: StageConfig) -> Path:
+    """Run one GRPO stage end to end; returns the output folder."""
+    run = prepare_grpo(cfg)
+    if run.checkpoint:
+        logger.info("resuming from %s", run.checkpoint)
+    run.trainer.train(resume_from_checkpoint=run.checkpoint)
+    return save_stage_output(cfg, run.trainer, run.processor, run.base_ref)
