@@ -1,4 +1,4 @@
-"""The `medllava` command: train | eval | tiny (and the commands later modules add).
+"""The `medllava` command: train | eval | chat | export | summary | tiny.
 
 User errors (bad config, bad data, missing model or image) print one clear line and exit 2, no traceback.
 """
@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from medllava.config import ConfigError
@@ -19,6 +20,8 @@ USER_ERROR_EXIT = 2
 
 def _setup_logging(verbose: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.INFO
+    # TRL reads a property transformers renamed; the FutureWarning would print once per training step.
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
     logging.basicConfig(level=level, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock", "PIL", "matplotlib", "DeepSpeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -55,6 +58,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(markdown_table(metrics, title))
     if args.summary:
         update_summary(args.summary, args.stage or title, metrics)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from medllava.chat import run_chat
+
+    return run_chat(args)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from medllava.export import export, push
+
+    if args.push_to_hub is None and (args.private or args.dry_run):
+        raise ConfigError("--private and --dry-run go with --push-to-hub REPO_ID")
+    report = export(args.run_dir, args.out, license_id=args.license, repo_id=args.push_to_hub, dtype=args.dtype,
+                    max_shard_size=args.max_shard_size, tolerance=args.tolerance, allow_pickle=args.allow_pickle)
+    v = report["verification"]
+    print(f"exported {args.run_dir} -> {args.out}" + (" (LoRA merged)" if report["merged_adapter"] else ""))
+    print(f"verified with plain transformers: max |logit diff| {v['max_abs_logit_diff']:.2e} <= {v['tolerance']}")
+    if args.push_to_hub:
+        plan = push(args.out, args.push_to_hub, private=args.private, dry_run=args.dry_run)
+        verb = "would upload" if args.dry_run else "uploaded"
+        print(f"{verb} {len(plan['files'])} files ({plan['total_bytes'] / 1e6:.1f} MB) to "
+              f"{'private' if plan['private'] else 'public'} repo {plan['repo_id']}; token: {plan['token']}")
+        for f in plan["files"]:
+            print(f"  {f['path']}  {f['bytes']:,} bytes")
     return 0
 
 
@@ -104,6 +133,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true", help="allow loading non-safetensors weights")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("chat", help="chat about medical images with a trained model")
+    p.add_argument("model", help="stage output or exported folder (full model, or LoRA adapter with its base)")
+    p.add_argument("--image", action="append", help="image for the first question (repeatable): PNG/JPEG/TIFF/DICOM")
+    p.add_argument("--prompt", default=None, help="one-shot: ask this, print the answer, exit")
+    p.add_argument("--system", default=None, help="system prompt (if the chat template accepts one)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cuda, mps or cpu")
+    bits = p.add_mutually_exclusive_group()
+    bits.add_argument("--load-in-4bit", action="store_true", help="4-bit NF4 weights (bitsandbytes)")
+    bits.add_argument("--load-in-8bit", action="store_true", help="8-bit weights (bitsandbytes)")
+    p.add_argument("--window", default=None, help="DICOM window CENTER,WIDTH (default: the file's own)")
+    p.add_argument("--frame", type=int, default=None, help="frame of a multi-frame DICOM (default: the middle one)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading non-safetensors weights")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("export", help="merge, verify and save a stage output as a standalone model (and push it)")
+    p.add_argument("run_dir", help="stage output folder")
+    p.add_argument("--out", required=True, help="folder for the exported model")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload to this Hub repository")
+    p.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    p.add_argument("--dry-run", action="store_true", help="list what would be uploaded, upload nothing")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--license", default="apache-2.0", help="licence id for the model card")
+    p.add_argument("--tolerance", type=float, default=None, help="max |logit diff| accepted by the verification")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading non-safetensors weights")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("summary", help="print a curriculum summary (accuracy per stage, chance, blind gap)")
     p.add_argument("file", help="summary JSON written by `eval --summary`")
     p.add_argument("--timing", default=None, help="JSON with {\"seconds\": N} to print the total time")
@@ -129,10 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Exceptions that mean the user asked for something impossible: one line, no traceback."""
     from medllava.data.validate import DataValidationError
+    from medllava.export import ExportError
     from medllava.imaging import ImageError
     from medllava.model import ModelLoadError
 
-    return (ConfigError, DataValidationError, ImageError, ModelLoadError, FileNotFoundError)
+    return (ConfigError, DataValidationError, ImageError, ModelLoadError, ExportError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -116,22 +116,26 @@ def load_dicom(path: Path, *, window: Window | None = None, frame: int | None = 
     elif frame not in (None, 0):
         raise ImageError("bad_frame", str(path), f"frame {frame} out of range (file has 1 frame)")
 
-    if samples == 3:
-        photometric = str(getattr(ds, "PhotometricInterpretation", "RGB"))
-        if photometric.startswith("YBR"):
-            from pydicom.pixels import convert_color_space
+    photometric = str(getattr(ds, "PhotometricInterpretation", ""))
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
 
-            pixels = convert_color_space(pixels, photometric, "RGB")
-        rgb = pixels if pixels.dtype == np.uint8 else minmax_to_uint8(pixels)
-        return Image.fromarray(np.ascontiguousarray(rgb), mode="RGB")
+        pixels, samples = apply_color_lut(pixels, ds), 3
+    if samples == 3:  # pydicom already returns YBR data converted to RGB
+        if pixels.dtype != np.uint8:
+            bits = int(getattr(ds, "BitsStored", 8 * pixels.dtype.itemsize))
+            if photometric == "PALETTE COLOR":
+                bits = 16 if pixels.max() > 255 else 8
+            pixels = np.clip(pixels.astype(np.float64) / (2**bits - 1) * 255.0, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(np.ascontiguousarray(pixels))
 
     values = apply_modality_lut(pixels, ds).astype(np.float64)
     if window is None and "WindowCenter" in ds and "WindowWidth" in ds:
         window = Window(_first_value(ds.WindowCenter), _first_value(ds.WindowWidth))
     gray = apply_window(values, window) if window is not None else minmax_to_uint8(values)
-    if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
+    if photometric == "MONOCHROME1":
         gray = 255 - gray  # MONOCHROME1: low values are displayed white
-    return Image.fromarray(gray, mode="L").convert("RGB")
+    return Image.fromarray(gray).convert("RGB")
 
 
 def _to_rgb(img: Image.Image, window: Window | None) -> Image.Image:
@@ -139,7 +143,7 @@ def _to_rgb(img: Image.Image, window: Window | None) -> Image.Image:
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         values = np.asarray(img).astype(np.float64)
         gray = apply_window(values, window) if window is not None else minmax_to_uint8(values)
-        return Image.fromarray(gray, mode="L").convert("RGB")
+        return Image.fromarray(gray).convert("RGB")
     if img.mode in ("RGBA", "LA", "P", "PA"):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))

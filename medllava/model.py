@@ -349,7 +349,7 @@ def merge_adapter_to_folder(adapter_dir: str | Path, out_dir: str | Path, dtype:
     return Path(out_dir)
 
 
-def save_model(model: Any, processor: LlavaProcessor, out_dir: str | Path) -> None:
+def save_model(model: Any, processor: LlavaProcessor, out_dir: str | Path, max_shard_size: str = "5GB") -> None:
     """Save weights (safetensors), config, generation config and processor so plain transformers loads them."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -357,7 +357,7 @@ def save_model(model: Any, processor: LlavaProcessor, out_dir: str | Path) -> No
     text_config = base.config.text_config
     if not getattr(text_config, "architectures", None):
         raise ModelLoadError("text_config.architectures is unset; the saved model would not reload")
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
     processor.save_pretrained(out_dir)
 
 

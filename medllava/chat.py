@@ -1,0 +1,184 @@
+"""Chat with a trained model about medical images: interactive (streamed) or one-shot for scripts.
+
+    medllava chat MODEL [--image PATH ...] [--prompt TEXT] [--temperature T] [--max-new-tokens N]
+                        [--load-in-4bit | --load-in-8bit] [--device auto|cuda|mps|cpu] [--window C,W] [--frame N]
+
+In a session: plain lines are questions; `/image PATH` attaches an image to the next question; `/reset`
+starts over; `/exit` (or end of input) leaves. MODEL is any stage output or exported folder, full model or
+LoRA adapter (merged into its base on load). Greedy decoding unless --temperature > 0.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from PIL import Image
+
+from medllava.imaging import Window, load_image
+
+HELP = "commands: /image PATH (attach to next question), /reset, /help, /exit"
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda, then mps, then cpu."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@dataclass
+class ChatSession:
+    """A multi-turn conversation with one model; images join the next user turn in order."""
+
+    model: Any
+    processor: Any
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    system_prompt: str | None = None
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    images: list[Image.Image] = field(default_factory=list)
+    pending: list[Image.Image] = field(default_factory=list)
+
+    def add_image(self, image: Image.Image) -> None:
+        self.pending.append(image)
+
+    def reset(self) -> None:
+        self.messages.clear()
+        self.images.clear()
+        self.pending.clear()
+
+    def _prompt(self) -> str:
+        messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + self.messages
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    @torch.no_grad()
+    def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
+        """Add a user turn (with pending images), generate the answer (streamed to `on_text`), keep it."""
+        content: list[dict[str, Any]] = [{"type": "image"} for _ in self.pending] + [{"type": "text", "text": text}]
+        self.messages.append({"role": "user", "content": content})
+        self.images.extend(self.pending)
+        self.pending = []
+        inputs = self.processor(text=[self._prompt()], images=self.images or None, return_tensors="pt")
+        device = next(self.model.parameters()).device
+        dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+        inputs = {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
+        sampling = ({"do_sample": True, "temperature": self.temperature, "top_p": 1.0, "top_k": 0}
+                    if self.temperature > 0 else {"do_sample": False})
+        kwargs = dict(**inputs, max_new_tokens=self.max_new_tokens, **sampling)
+        if on_text is None:
+            out = self.model.generate(**kwargs)
+            answer = self.processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        else:
+            from transformers import TextIteratorStreamer
+
+            streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+            worker = threading.Thread(target=self.model.generate, kwargs={**kwargs, "streamer": streamer})
+            worker.start()
+            pieces = []
+            for piece in streamer:
+                pieces.append(piece)
+                on_text(piece)
+            worker.join()
+            answer = "".join(pieces)
+        answer = answer.strip()
+        self.messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        return answer
+
+
+def load_chat_model(path: str, *, bits: int | None = None, device: str = "auto", allow_pickle: bool = False) -> tuple[Any, Any]:
+    """Load a stage output / exported folder for chat, on the chosen device, optionally in 4 or 8 bits."""
+    from medllava.config import QuantizationSection
+    from medllava.model import load_model, quantization_config
+
+    if not Path(path).exists() and ("/" in path or path.startswith(".")):
+        from medllava.model import ModelLoadError
+
+        raise ModelLoadError(f"{path}: no such model folder")
+    target = resolve_device(device)
+    dtype = torch.bfloat16 if target.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    quant = quantization_config(QuantizationSection(bits=bits), dtype) if bits else None
+    device_map = ({"": target.index or 0} if target.type == "cuda" else "cpu") if quant is not None else None
+    model, processor = load_model(path, dtype=dtype, quantization=quant, device_map=device_map, allow_pickle=allow_pickle)
+    if quant is None:
+        model.to(target)
+    model.eval()
+    return model, processor
+
+
+def _read_image(path: str, window: Window | None, frame: int | None) -> Image.Image:
+    return load_image(path, window=window, frame=frame)
+
+
+def interactive(session: ChatSession, stdin: TextIO, stdout: TextIO, window: Window | None, frame: int | None) -> int:
+    """The read-answer loop. User errors inside the loop print one line and the session goes on."""
+    from medllava.imaging import ImageError
+
+    interactive_tty = stdin.isatty()
+    print(f"medllava chat: {HELP}", file=stdout, flush=True)
+    while True:
+        if interactive_tty:
+            stdout.write("you> ")
+            stdout.flush()
+        line = stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/help":
+            print(HELP, file=stdout, flush=True)
+            continue
+        if line == "/reset":
+            session.reset()
+            print("(conversation reset)", file=stdout, flush=True)
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            try:
+                session.add_image(_read_image(path, window, frame))
+                print(f"(image attached: {path})", file=stdout, flush=True)
+            except ImageError as err:
+                print(f"error: {err}", file=stdout, flush=True)
+            continue
+        if line.startswith("/"):
+            print(f"unknown command {line.split()[0]}; {HELP}", file=stdout, flush=True)
+            continue
+        stdout.write("assistant> ")
+        stdout.flush()
+        session.ask(line, on_text=lambda piece: (stdout.write(piece), stdout.flush()))
+        stdout.write("\n")
+        stdout.flush()
+    return 0
+
+
+def run_chat(args: Any) -> int:
+    """Entry point for `medllava chat` (arguments from the CLI parser)."""
+    from medllava.config import ConfigError
+
+    try:
+        window = Window.parse(args.window) if args.window else None
+    except ValueError as err:
+        raise ConfigError(f"--window: {err}") from None
+    images = [_read_image(p, window, args.frame) for p in args.image or []]  # fail before loading the model
+    bits = 4 if args.load_in_4bit else 8 if args.load_in_8bit else None
+    model, processor = load_chat_model(args.model, bits=bits, device=args.device, allow_pickle=args.allow_pickle)
+    session = ChatSession(model, processor, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          system_prompt=args.system)
+    for image in images:
+        session.add_image(image)
+    if args.prompt is not None:
+        print(session.ask(args.prompt))
+        return 0
+    return interactive(session, sys.stdin, sys.stdout, window, args.frame)

@@ -1,0 +1,173 @@
+"""Chat CLI (one-shot, interactive through a pseudo-terminal, user errors) and export (merge, verify, card, push)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medllava.chat import ChatSession
+from medllava.config import config_from_dict
+from medllava.export import export, probe_image, probe_logits, push
+from medllava.model import load_model
+from medllava.train.sft import run_sft
+
+from .conftest import stage_dict
+
+SECRET = "hf_medllavaTestToken0123456789abcdef"
+
+
+def _cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "medllava.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600, env=env)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory: pytest.TempPathFactory, phantom: Path, base_models: dict) -> Path:
+    """A few LoRA steps on the tiny model: an adapter folder whose weights really moved."""
+    tmp = tmp_path_factory.mktemp("lora_run")
+    cfg = stage_dict(tmp, phantom, init_from=base_models[("clip", "llama")],
+                     trainable={"vision": "frozen", "projector": "full", "llm": "lora"}, optim={"lr": 5e-2})
+    return run_sft(config_from_dict(cfg))
+
+
+def test_session_answers_and_keeps_history(base_models: dict, phantom: Path) -> None:
+    model, processor = load_model(base_models[("siglip", "qwen2")])
+    session = ChatSession(model, processor, max_new_tokens=4)
+    session.add_image(Image.open(phantom / "images/test/test_00000.png"))
+    streamed: list[str] = []
+    first = session.ask("Is there a lesion?", on_text=streamed.append)
+    assert first == "".join(streamed).strip()
+    session.ask("Which side?")
+    assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
+    assert len(session.images) == 1
+    session.reset()
+    assert session.messages == [] and session.images == []
+
+
+def test_one_shot_answers(base_models: dict, phantom: Path, tmp_path: Path) -> None:
+    result = _cli("chat", str(base_models[("clip", "llama")]), "--image", str(phantom / "images/test/test_00001.png"),
+                  "--prompt", "Is there a lesion?", "--max-new-tokens", "4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("chat", "no/such/model", "--prompt", "hi"), "no such model folder"),
+        (("chat", "MODEL", "--image", "missing.png", "--prompt", "hi"), "image file not found"),
+        (("chat", "MODEL", "--image", "notes.txt", "--prompt", "hi"), "not a recognised image format"),
+        (("chat", "MODEL", "--window", "wide", "--prompt", "hi"), "--window"),
+    ],
+)
+def test_chat_user_errors_are_one_line(args: tuple, message: str, base_models: dict, tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not an image", encoding="utf-8")
+    args = tuple(str(base_models[("clip", "llama")]) if a == "MODEL" else a for a in args)
+    result = _cli(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("medllava")]
+    assert len(lines) == 1 and message in lines[0]
+
+
+def _read_until(fd: int, marker: str, timeout: float = 120.0) -> str:
+    buf = ""
+    deadline = time.time() + timeout
+    while marker not in buf:
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {marker!r}; got {buf[-500:]!r}")
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096).decode(errors="replace")
+            except OSError:
+                break
+            if not chunk:
+                break
+            buf += chunk
+    return buf
+
+
+def test_interactive_session_through_a_pty(base_models: dict, phantom: Path, tmp_path: Path) -> None:
+    image = phantom / "images/test/test_00002.png"
+    main_fd, child_fd = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "medllava.cli", "chat", str(base_models[("siglip", "qwen2")]),
+                             "--max-new-tokens", "4"], stdin=child_fd, stdout=child_fd, stderr=subprocess.PIPE,
+                            cwd=tmp_path, close_fds=True)
+    os.close(child_fd)
+    try:
+        _read_until(main_fd, "you> ")
+        os.write(main_fd, f"/image {image}\n".encode())
+        assert "image attached" in _read_until(main_fd, "you> ")
+        os.write(main_fd, b"/image nope.png\n")
+        assert "image file not found" in _read_until(main_fd, "you> ")
+        os.write(main_fd, b"Is there a lesion?\n")
+        first = _read_until(main_fd, "you> ")
+        assert "assistant> " in first
+        os.write(main_fd, b"Which side is it on?\n")
+        second = _read_until(main_fd, "you> ")
+        assert "assistant> " in second
+        os.write(main_fd, b"/exit\n")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(main_fd)
+    assert b"Traceback" not in proc.stderr.read()
+
+
+def test_merged_export_matches_the_adapter_and_loads_without_medllava(lora_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "export"
+    report = export(lora_run, out, repo_id="someone/tiny-medllava")
+    v = report["verification"]
+    assert report["merged_adapter"] is True
+    assert v["passed"] and v["max_abs_logit_diff"] < 1e-4
+    assert v["class"] == "LlavaForConditionalGeneration" and v["generated_tokens"] > 0 and v["medllava_imported"] == []
+    assert not (out / "adapter_config.json").exists()
+    assert {"config.json", "model.safetensors", "generation_config.json", "processor_config.json", "tokenizer.json",
+            "chat_template.jinja", "README.md"} <= {p.name for p in out.iterdir()}
+    # The merge really changed the weights: the export differs from the base it came from.
+    adapter_model, processor = load_model(lora_run, adapter="frozen")
+    with adapter_model.disable_adapter():
+        base_logits = probe_logits(adapter_model.eval(), processor, probe_image())
+    exported, exported_processor = load_model(out)
+    exported_logits = probe_logits(exported.eval(), exported_processor, probe_image())
+    assert np.abs(exported_logits - base_logits).max() > 1e-3
+    card = (out / "README.md").read_text()
+    for needle in ("license: apache-2.0", "pipeline_tag: image-text-to-text", "## Training", "## Medical disclaimer",
+                   "not a medical device", "## Intended use", "Vision encoder:", "Language model:", "test |"):
+        assert needle in card, needle
+
+
+def test_export_of_a_full_model(base_models: dict, tmp_path: Path) -> None:
+    report = export(base_models[("siglip", "qwen2")], tmp_path / "full", dtype="bfloat16")
+    assert report["merged_adapter"] is False and report["verification"]["passed"]
+    cfg = json.loads((tmp_path / "full/config.json").read_text())
+    assert cfg["model_type"] == "llava" and cfg.get("dtype", cfg.get("torch_dtype")) == "bfloat16"
+
+
+def test_push_dry_run_lists_files_and_never_shows_the_token(lora_run: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "HF_TOKEN": SECRET}
+    out = tmp_path / "export"
+    result = _cli("export", str(lora_run), "--out", str(out), "--push-to-hub", "someone/tiny-medllava", "--private",
+                  "--dry-run", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "would upload" in result.stdout and "private repo someone/tiny-medllava" in result.stdout
+    assert "model.safetensors" in result.stdout and "README.md" in result.stdout
+    assert "token: environment (HF_TOKEN)" in result.stdout
+    assert SECRET not in result.stdout + result.stderr
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+    plan = push(out, "someone/tiny-medllava", dry_run=True)
+    assert plan["uploaded"] is False and plan["total_bytes"] == sum(f["bytes"] for f in plan["files"])
