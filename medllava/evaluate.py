@@ -58,8 +58,9 @@ def build_prompt(processor: Any, record: VQARecord, system_prompt: str | None = 
 
 @torch.no_grad()
 def generate_batch(model: Any, processor: Any, prompts: Sequence[str], images: Sequence[Image.Image],
-                   max_new_tokens: int = 64) -> list[str]:
-    """Greedy answers for a batch of prompts (left-padded)."""
+                   max_new_tokens: int = 64, *, num_samples: int = 1, temperature: float = 0.0) -> list[str]:
+    """Answers for a batch of prompts (left-padded): greedy by default, or `num_samples` sampled answers per
+    prompt at `temperature` (returned prompt by prompt)."""
     tokenizer = processor.tokenizer
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -70,7 +71,9 @@ def generate_batch(model: Any, processor: Any, prompts: Sequence[str], images: S
     device = next(model.parameters()).device
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     inputs = {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0} if temperature > 0 else {"do_sample": False}
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=1, num_return_sequences=num_samples,
+                         **sampling)
     new = out[:, inputs["input_ids"].shape[1]:]
     return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
 
@@ -134,7 +137,7 @@ def score(rows: list[dict[str, Any]], key: str = "prediction") -> dict[str, Any]
             entry["unparsed"] = sum(1 for _, g in sub if g.parsed is None)
         by_type[qtype] = entry
     metrics["by_qtype"] = by_type
-    for field in ("modality", "topic"):
+    for field in ("modality", "topic", "organ", "answer_type"):
         groups: dict[str, list[float]] = defaultdict(list)
         for r, g in closed:
             if r.get(field) is not None:
@@ -152,7 +155,7 @@ def markdown_table(metrics: dict[str, Any], title: str = "") -> str:
     lines.append(f"| closed (all) | {metrics['n_closed']} | {metrics['accuracy']:.3f} | "
                  f"{blind.get('accuracy', float('nan')):.3f} |" if blind else
                  f"| closed (all) | {metrics['n_closed']} | {metrics['accuracy']:.3f} | - |")
-    for group in ("by_qtype", "by_modality", "by_topic"):
+    for group in ("by_qtype", "by_modality", "by_topic", "by_organ", "by_answer_type"):
         for name, entry in (metrics.get(group) or {}).items():
             acc = entry.get("accuracy", entry.get("exact_match", 0.0))
             b = ((blind.get(group) or {}).get(name) or {})

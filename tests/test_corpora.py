@@ -1,0 +1,190 @@
+"""Public-corpus recipes on small fixtures in each published layout (written here), run as the scripts are."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from medllava.data.vqa import read_vqa
+
+from .conftest import REPO
+
+
+def _recipe(name: str, *args: str) -> dict:
+    result = subprocess.run([sys.executable, str(REPO / "data_recipes" / f"{name}.py"), *args], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name", ["vqa_rad", "slake", "pathvqa", "pmc_vqa", "omnimedvqa", "llava_med", "llava_to_vqa",
+                                  "self_instruct", "pass_rate_filter", "phantom"])
+def test_every_recipe_has_help(name: str) -> None:
+    result = subprocess.run([sys.executable, str(REPO / "data_recipes" / f"{name}.py"), "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "usage:" in result.stdout
+
+
+def test_vqa_rad_public_json(tmp_path: Path) -> None:
+    images = tmp_path / "VQA_RAD Image Folder"
+    images.mkdir()
+    for name in ("synpic1.jpg", "synpic2.jpg"):
+        Image.new("RGB", (16, 16)).save(images / name)
+    rows = [
+        {"qid": 1, "image_name": "synpic1.jpg", "image_organ": "CHEST", "question": "Is there a pneumothorax?",
+         "answer": "No", "answer_type": "CLOSED", "question_type": "PRES", "phrase_type": "test_freeform"},
+        {"qid": 2, "image_name": "synpic1.jpg", "image_organ": "CHEST", "question": "Where is the mass?",
+         "answer": "right upper lobe", "answer_type": "OPEN", "question_type": "POS", "phrase_type": "test_para"},
+        {"qid": 3, "image_name": "synpic2.jpg", "image_organ": "HEAD", "question": "Is this an MRI?",
+         "answer": "yes", "answer_type": "CLOSED", "phrase_type": "freeform"},
+        {"qid": 4, "image_name": "missing.jpg", "image_organ": "HEAD", "question": "Is it normal?", "answer": "yes",
+         "answer_type": "CLOSED", "phrase_type": "test_freeform"},
+        {"qid": 5, "image_name": "synpic2.jpg", "question": "", "answer": "yes", "phrase_type": "test_freeform"},
+    ]
+    src = tmp_path / "VQA_RAD Dataset Public.json"
+    src.write_text(json.dumps(rows))
+    out = tmp_path / "out/test.jsonl"
+    counts = _recipe("vqa_rad", "--in", str(src), "--split", "test", "--image-folder", str(images), "--out", str(out),
+                     "--instruct-out", str(tmp_path / "out/test_instruct.jsonl"))
+    assert counts["read"] == 5 and counts["written"] == 2
+    assert counts["skipped"] == {"other_split": 1, "missing_image": 1, "missing_field": 1}
+    recs = [r for r in read_vqa(out)]
+    assert [(r.id, r.qtype, r.meta["organ"], r.meta["answer_type"]) for r in recs] == [
+        ("vqarad_1", "yes_no", "CHEST", "CLOSED"), ("vqarad_2", "open", "CHEST", "OPEN")]
+    conv = _jsonl(tmp_path / "out/test_instruct.jsonl")[0]["conversations"]
+    assert conv[0]["value"] == "<image>\nIs there a pneumothorax?" and conv[1]["value"] == "No"
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["skip_examples"]["missing_image"].endswith("missing.jpg")
+
+
+def test_vqa_rad_and_pathvqa_from_datasets_with_embedded_images(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({
+        "image": [Image.new("RGB", (12, 12), (i * 40, 0, 0)) for i in range(3)],
+        "question": ["is this tissue malignant?", "what stain is used?", ""],
+        "answer": ["yes", "hematoxylin and eosin", "no"],
+    }).cast_column("image", datasets.Image())
+    parquet = tmp_path / "test-00000-of-00001.parquet"
+    ds.to_parquet(str(parquet))
+    out = tmp_path / "pathvqa/test.jsonl"
+    counts = _recipe("pathvqa", "--in", str(parquet), "--out", str(out))
+    assert counts["written"] == 2 and counts["skipped"] == {"missing_field": 1}
+    recs = list(read_vqa(out))
+    assert [r.qtype for r in recs] == ["yes_no", "open"]
+    assert all((out.parent / "images" / r.image).is_file() for r in recs)
+    counts = _recipe("vqa_rad", "--in", str(parquet), "--out", str(tmp_path / "vqarad/test.jsonl"))
+    assert counts["written"] == 2
+
+
+def test_slake_english_only(tmp_path: Path) -> None:
+    rows = [
+        {"img_id": 1, "img_name": "xmlab1/source.jpg", "question": "Which organ is abnormal?", "answer": "Lung",
+         "q_lang": "en", "location": "Lung", "modality": "CT", "answer_type": "OPEN", "qid": 11},
+        {"img_id": 1, "img_name": "xmlab1/source.jpg", "question": "这是CT吗?", "answer": "是", "q_lang": "zh",
+         "modality": "CT", "answer_type": "CLOSED", "qid": 12},
+        {"img_id": 2, "img_name": "xmlab2/source.jpg", "question": "Is this a T1 weighted image?", "answer": "No",
+         "q_lang": "en", "location": "Brain", "modality": "MRI", "answer_type": "CLOSED", "qid": 13},
+    ]
+    src = tmp_path / "test.json"
+    src.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    out = tmp_path / "slake.jsonl"
+    counts = _recipe("slake", "--in", str(src), "--out", str(out))
+    assert counts["written"] == 2 and counts["skipped"] == {"not_english": 1}
+    recs = list(read_vqa(out))
+    assert [(r.qtype, r.meta["modality"], r.meta["organ"]) for r in recs] == [("open", "CT", "Lung"), ("yes_no", "MRI", "Brain")]
+
+
+def test_pmc_vqa_csv(tmp_path: Path) -> None:
+    src = tmp_path / "test.csv"
+    fields = ["Figure_path", "Question", "Answer", "Choice A", "Choice B", "Choice C", "Choice D", "Answer_label"]
+    rows = [
+        ["PMC1_F1.jpg", "What imaging modality was used?", "CT", " A:MRI ", " B:CT", " C:X-ray", " D:PET", "B"],
+        ["PMC2_F3.jpg", "Which organ is shown?", "Liver", "A:Liver", "B:Kidney", "C:Spleen", "D:Heart", ""],
+        ["PMC3_F2.jpg", "What is seen?", "Something else", "A:x", "B:y", "C:z", "D:w", ""],
+        ["PMC4_F1.jpg", "What is the view?", "Axial", "A:Axial", "B:", "C:Sagittal", "D:Coronal", "A"],
+    ]
+    with src.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(fields)
+        writer.writerows(rows)
+    out = tmp_path / "pmc.jsonl"
+    counts = _recipe("pmc_vqa", "--in", str(src), "--out", str(out))
+    assert counts["written"] == 2 and counts["skipped"] == {"bad_answer": 1, "missing_field": 1}
+    first, second = list(read_vqa(out))
+    assert first.options == ["MRI", "CT", "X-ray", "PET"] and first.answer_letter == "B"
+    assert second.answer_letter == "A" and second.id == "pmcvqa_3"
+
+
+def test_omnimedvqa_per_modality(tmp_path: Path) -> None:
+    rows = [
+        {"dataset": "ACRIMA", "question_id": "q1", "question_type": "Disease Diagnosis", "question": "What is seen?",
+         "gt_answer": "Glaucoma", "image_path": "Images/ACRIMA/1.png", "option_A": "Normal", "option_B": "Glaucoma",
+         "modality_type": "Fundus Photography"},
+        {"dataset": "BUSI", "question_id": "q2", "question": "Which finding?", "gt_answer": "Benign tumor",
+         "image_path": "Images/BUSI/2.png", "option_A": "Malignant tumor", "option_B": "Benign tumor",
+         "option_C": "Normal", "option_D": "Cyst", "modality_type": "Ultrasound"},
+        {"dataset": "BUSI", "question_id": "q3", "question": "Which finding?", "gt_answer": "Not an option",
+         "image_path": "Images/BUSI/3.png", "option_A": "A", "option_B": "B", "modality_type": "Ultrasound"},
+    ]
+    src = tmp_path / "ACRIMA.json"
+    src.write_text(json.dumps(rows))
+    out = tmp_path / "omni.jsonl"
+    counts = _recipe("omnimedvqa", "--in", str(src), "--out", str(out))
+    assert counts["written"] == 2 and counts["skipped"] == {"bad_answer": 1}
+    a, b = list(read_vqa(out))
+    assert (a.answer_letter, a.meta["modality"], len(a.options)) == ("B", "Fundus Photography", 2)
+    assert (b.answer_letter, b.meta["modality"], b.meta["source_dataset"]) == ("B", "Ultrasound", "BUSI")
+
+
+def test_llava_med_alignment_and_instruct(tmp_path: Path) -> None:
+    align = [
+        {"id": "a1", "image": "PMC1_F1.jpg", "conversations": [
+            {"from": "human", "value": "Describe the image concisely.\n<image>"},
+            {"from": "gpt", "value": "Axial CT showing a liver lesion."}]},
+        {"id": "a2", "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]},
+        {"id": "a3", "image": "PMC3.jpg", "conversations": [{"from": "human", "value": "<image>\nDescribe."},
+                                                            {"from": "gpt", "value": " "}]},
+    ]
+    src = tmp_path / "llava_med_alignment_500k.json"
+    src.write_text(json.dumps(align))
+    out = tmp_path / "align.jsonl"
+    counts = _recipe("llava_med", "--kind", "align", "--in", str(src), "--out", str(out))
+    assert counts["written"] == 1 and counts["skipped"] == {"no_image": 1, "empty_answer": 1}
+    row = _jsonl(out)[0]
+    assert row["conversations"][0]["value"] == "<image>\nDescribe the image concisely."
+
+    instruct = [{"id": "i1", "image": "PMC9_F2.jpg", "conversations": [
+        {"from": "human", "value": "What is shown?\n<image>"}, {"from": "gpt", "value": "A chest X-ray."},
+        {"from": "human", "value": "Any effusion?"}, {"from": "gpt", "value": "A small left effusion."}]},
+        {"id": "i2", "image": "PMC9_F3.jpg", "conversations": [
+            {"from": "gpt", "value": "Hello"}, {"from": "human", "value": "<image>"}]}]
+    src = tmp_path / "llava_med_instruct_60k_inline_mention.json"
+    src.write_text(json.dumps(instruct))
+    out = tmp_path / "instruct.jsonl"
+    counts = _recipe("llava_med", "--kind", "instruct", "--in", str(src), "--out", str(out))
+    assert counts["written"] == 1 and counts["skipped"] == {"bad_roles": 1}
+    conv = _jsonl(out)[0]["conversations"]
+    assert len(conv) == 4 and conv[0]["value"] == "<image>\nWhat is shown?"
+
+
+def test_llava_vqa_form_to_vqa_records(tmp_path: Path) -> None:
+    rows = [{"id": "v1", "image": "a.jpg", "answer_type": "CLOSED", "conversations": [
+        {"from": "human", "value": "<image>\nIs the heart enlarged?"}, {"from": "gpt", "value": "yes"}]},
+        {"id": "v2", "image": "b.jpg", "conversations": [{"from": "gpt", "value": "orphan"}]}]
+    src = tmp_path / "test.json"
+    src.write_text(json.dumps(rows))
+    out = tmp_path / "vqa.jsonl"
+    counts = _recipe("llava_to_vqa", "--in", str(src), "--out", str(out))
+    assert counts == {"read": 2, "written": 1, "skipped": {"no_question_answer_pair": 1}}
+    (rec,) = list(read_vqa(out))
+    assert rec.qtype == "yes_no" and rec.question == "Is the heart enlarged?"
