@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from medllava.data.rl import build_rl_rows  # noqa: E402
-from medllava.evaluate import generate_batch, pick_device  # noqa: E402
+from medllava.evaluate import generate_batch  # noqa: E402
 from medllava.imaging import load_image  # noqa: E402
-from medllava.model import load_model  # noqa: E402
+from medllava.model import load_model, pick_device  # noqa: E402
 from medllava.rewards import grade  # noqa: E402
 
 

@@ -25,17 +25,6 @@ from medllava.imaging import Window, load_image
 HELP = "commands: /image PATH (attach to next question), /reset, /help, /exit"
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda, then mps, then cpu."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 @dataclass
 class ChatSession:
     """A multi-turn conversation with one model; images join the next user turn in order."""
@@ -98,13 +87,13 @@ class ChatSession:
 def load_chat_model(path: str, *, bits: int | None = None, device: str = "auto", allow_pickle: bool = False) -> tuple[Any, Any]:
     """Load a stage output / exported folder for chat, on the chosen device, optionally in 4 or 8 bits."""
     from medllava.config import QuantizationSection
-    from medllava.model import load_model, quantization_config
+    from medllava.model import load_model, pick_device, quantization_config
 
     if not Path(path).exists() and ("/" in path or path.startswith(".")):
         from medllava.model import ModelLoadError
 
         raise ModelLoadError(f"{path}: no such model folder")
-    target = resolve_device(device)
+    target = pick_device(device)
     dtype = torch.bfloat16 if target.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     quant = quantization_config(QuantizationSection(bits=bits), dtype) if bits else None
     device_map = ({"": target.index or 0} if target.type == "cuda" else "cpu") if quant is not None else None

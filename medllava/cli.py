@@ -44,8 +44,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from medllava.evaluate import evaluate, markdown_table, pick_device, update_summary
-    from medllava.model import load_model
+    from medllava.evaluate import evaluate, markdown_table, update_summary
+    from medllava.model import load_model, pick_device
 
     model, processor = load_model(args.model, allow_pickle=args.allow_pickle)
     model.to(pick_device())
@@ -190,8 +190,9 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from medllava.export import ExportError
     from medllava.imaging import ImageError
     from medllava.model import ModelLoadError
+    from medllava.train.safety import DivergenceError
 
-    return (ConfigError, DataValidationError, ImageError, ModelLoadError, ExportError, FileNotFoundError)
+    return (ConfigError, DataValidationError, ImageError, ModelLoadError, ExportError, DivergenceError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,6 +44,9 @@ class ModelSection:
     attn_implementation: str | None = None
     """'sdpa', 'eager', 'flash_attention_2', ...; None = flash_attention_2 when installed on CUDA, else sdpa."""
     trust_remote_code: bool = False
+    """Run code shipped with a hub model (off unless you trust its source)."""
+    allow_pickle: bool = False
+    """Load pickle (.bin/.pt) weights; they can execute code when loaded, so only safetensors by default."""
     revision: str | None = None
 
 
@@ -138,6 +141,10 @@ class RunSection:
     save_total_limit: int = 2
     use_cpu: bool = False
     """Force CPU even where a GPU is visible."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A non-finite loss or gradient: 'stop' names the step and samples; 'skip' drops that update (counted)."""
+    max_nonfinite_skips: int = 20
+    """With 'skip': stop anyway after this many skipped batches (the run has diverged)."""
 
 
 @dataclass

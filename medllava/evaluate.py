@@ -32,14 +32,6 @@ logger = logging.getLogger(__name__)
 CLOSED_QTYPES = ("yes_no", "multiple_choice", "number")
 
 
-def pick_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 @dataclass
 class EvalItem:
     record: VQARecord

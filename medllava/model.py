@@ -64,6 +64,17 @@ def component_of(name: str) -> str:
     return "llm"
 
 
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda, then mps, then cpu; any other name is used as given."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
 def default_attn_implementation() -> str:
     """flash-attention 2 where it is installed and a GPU is present, otherwise PyTorch SDPA."""
     if torch.cuda.is_available() and is_flash_attn_2_available():
@@ -155,6 +166,7 @@ def build_model(
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
+    allow_pickle: bool = False,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """Assemble a stock LlavaForConditionalGeneration + LlavaProcessor from a vision tower and an LLM.
 
@@ -164,14 +176,17 @@ def build_model(
     """
     attn = attn_implementation or default_attn_implementation()
     common: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
+    for source in (vision_tower, llm):
+        refuse_pickle_only(source, allow_pickle)
     try:
         vcfg_full = AutoConfig.from_pretrained(vision_tower, **common)
         vision_config = getattr(vcfg_full, "vision_config", None) or vcfg_full
         tower = AutoModel.from_pretrained(
-            vision_tower, config=vision_config, dtype=dtype, attn_implementation=attn, use_safetensors=True, **common
+            vision_tower, config=vision_config, dtype=dtype, attn_implementation=attn,
+            use_safetensors=not allow_pickle, **common
         )
         lm = AutoModelForCausalLM.from_pretrained(
-            llm, dtype=dtype, attn_implementation=attn, use_safetensors=True, **common
+            llm, dtype=dtype, attn_implementation=attn, use_safetensors=not allow_pickle, **common
         )
         tokenizer = AutoTokenizer.from_pretrained(llm, **common)
     except OSError as err:
@@ -273,6 +288,25 @@ def finalize_generation_config(model: LlavaForConditionalGeneration, processor: 
     gen.top_k = None
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def refuse_pickle_only(source: str | Path, allow_pickle: bool) -> None:
+    """A local folder whose weights exist only as pickles is refused unless pickles are allowed."""
+    folder = Path(source)
+    if allow_pickle or not folder.is_dir():
+        return
+    files = [p.name for p in folder.iterdir() if p.is_file()]
+    if any(f.endswith(".safetensors") for f in files):
+        return
+    pickles = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise ModelLoadError(
+            f"{folder}: weights are pickle files ({', '.join(pickles)}), which can run code when loaded; medllava "
+            "loads safetensors only. Convert them, or pass --allow-pickle (model.allow_pickle: true) if you trust them"
+        )
+
+
 def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
@@ -310,6 +344,7 @@ def load_model(
     path = str(path)
     if os.sep in path and not Path(path).exists():
         raise ModelLoadError(f"{path}: no such model folder")
+    refuse_pickle_only(path, allow_pickle)
     kwargs: dict[str, Any] = {
         "dtype": dtype,
         "attn_implementation": attn_implementation or default_attn_implementation(),
@@ -325,6 +360,7 @@ def load_model(
             from peft import PeftModel
 
             base_path = adapter_base_path(path)
+            refuse_pickle_only(base_path, allow_pickle)
             if quantization is not None and adapter == "merge":
                 raise ModelLoadError("cannot merge a LoRA adapter into a quantized base; load it in 16-bit first")
             base = LlavaForConditionalGeneration.from_pretrained(base_path, **kwargs)
@@ -342,9 +378,10 @@ def load_model(
     return model, processor
 
 
-def merge_adapter_to_folder(adapter_dir: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+def merge_adapter_to_folder(adapter_dir: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32,
+                            allow_pickle: bool = False) -> Path:
     """Merge a LoRA adapter into its 16/32-bit base and save the result as a standalone model folder."""
-    model, processor = load_model(adapter_dir, dtype=dtype, adapter="merge")
+    model, processor = load_model(adapter_dir, dtype=dtype, adapter="merge", allow_pickle=allow_pickle)
     save_model(model, processor, out_dir)
     return Path(out_dir)
 

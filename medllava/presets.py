@@ -7,8 +7,8 @@ processor config), so `build_model` goes through the same `from_pretrained` path
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 

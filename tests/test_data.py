@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from medllava.data.collate import SFTCollator, SFTDataset, expand_image_tokens
-from medllava.data.records import ERROR_KINDS, Record, RecordError, Turn, iter_raw, normalize
+from medllava.data.records import Record, RecordError, Turn, iter_raw, normalize
 from medllava.data.render import IGNORE_INDEX, Renderer
 from medllava.data.validate import DataValidationError, prepare_samples
 from medllava.model import end_of_turn_ids, load_model
@@ -116,33 +116,10 @@ def test_both_record_layouts_normalise_alike(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Validation: every bad-record kind, by name, with the other records processed.
+# Validation (the full hostile-input matrix, one case per error kind, is in test_hostile.py)
 
 GOOD = {"image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nIs there a lesion?"},
                                              {"from": "gpt", "value": "No."}]}
-
-
-def _conv(*turns: tuple[str, str]) -> list[dict]:
-    return [{"from": r, "value": v} for r, v in turns]
-
-
-BAD_CASES: dict[str, object] = {
-    "invalid_json": '{"id": "x", "image": ',
-    "invalid_encoding": b'{"id": "enc", "conversations": "caf\xe9"}',
-    "not_an_object": "[1, 2, 3]",
-    "missing_field": {"id": "mf", "image": "ok.png"},
-    "unknown_role": {"id": "ur", "image": "ok.png", "conversations": _conv(("doctor", "<image>\nHi"), ("gpt", "Hello"))},
-    "empty_conversation": {"id": "ec", "image": "ok.png", "conversations": []},
-    "bad_roles": {"id": "br", "image": "ok.png", "conversations": _conv(("gpt", "<image>\nHello"), ("human", "Hi"))},
-    "empty_answer": {"id": "ea", "image": "ok.png", "conversations": _conv(("human", "<image>\nHi"), ("gpt", "  "))},
-    "image_count_mismatch": {"id": "icm", "image": "ok.png", "conversations": _conv(("human", "No placeholder"), ("gpt", "x"))},
-    "image_outside_root": {"id": "ior", "image": "../escape.png", "conversations": GOOD["conversations"]},
-    "missing_image": {"id": "mi", "image": "nope.png", "conversations": GOOD["conversations"]},
-    "empty_file": {"id": "ef", "image": "empty.png", "conversations": GOOD["conversations"]},
-    "unreadable_image": {"id": "ui", "image": "corrupt.png", "conversations": GOOD["conversations"]},
-    "unsupported_format": {"id": "uf", "image": "notes.png", "conversations": GOOD["conversations"]},
-    "too_long": {"id": "tl", "image": "ok.png", "conversations": _conv(("human", "<image>\n" + "lesion " * 400), ("gpt", "No."))},
-}
 
 
 @pytest.fixture()
@@ -150,42 +127,7 @@ def image_dir(tmp_path: Path) -> Path:
     root = tmp_path / "images"
     root.mkdir()
     Image.new("RGB", (40, 40), (50, 50, 50)).save(root / "ok.png")
-    (root / "empty.png").write_bytes(b"")
-    png = (root / "ok.png").read_bytes()
-    (root / "corrupt.png").write_bytes(png[:60] + b"\x00" * 40 + png[100:140])
-    (root / "notes.png").write_text("this is not an image", encoding="utf-8")
-    Image.new("RGB", (8, 8)).save(tmp_path / "escape.png")
     return root
-
-
-def test_error_kinds_cover_the_cases() -> None:
-    assert set(BAD_CASES) <= set(ERROR_KINDS)
-
-
-@pytest.mark.parametrize("kind", sorted(BAD_CASES))
-def test_each_bad_record_kind_is_named(kind: str, tmp_path: Path, image_dir: Path, processor) -> None:
-    bad = BAD_CASES[kind]
-    lines: list[bytes] = [json.dumps({**GOOD, "id": "good1"}).encode()]
-    lines.append(bad if isinstance(bad, bytes) else (bad if isinstance(bad, str) else json.dumps(bad)).encode())
-    lines.append(json.dumps({**GOOD, "id": "good2"}).encode())
-    path = tmp_path / "train.jsonl"
-    path.write_bytes(b"\n".join(lines) + b"\n")
-    renderer = Renderer(processor, "chat", 128)
-    with pytest.raises(DataValidationError) as info:
-        prepare_samples([str(path)], renderer, image_folder=image_dir, report_dir=tmp_path, progress=False)
-    report = info.value.report
-    assert [e.kind for e in report.errors] == [kind]
-    err = report.errors[0]
-    assert err.source == str(path) and err.line == 2
-    assert f"{path}:2" in str(info.value) and kind in str(info.value)
-    assert report.total == 3 and report.valid == 2  # the other records were all processed
-    saved = json.loads((tmp_path / "data_report.json").read_text())
-    assert saved["counts"] == {kind: 1}
-
-    samples, skipped = prepare_samples([str(path)], renderer, image_folder=image_dir, skip_invalid=True,
-                                       report_dir=tmp_path, progress=False)
-    assert [s.id for s in samples] == ["good1", "good2"]
-    assert skipped.counts() == {kind: 1}
 
 
 def test_absolute_paths_only_when_allowed(tmp_path: Path, image_dir: Path, processor) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from medllava.data.records import RecordError
-from medllava.data.validate import DataValidationError, ValidationReport, check_images, resolve_image
+from medllava.data.validate import ValidationReport, check_images, finish_report, resolve_image
 from medllava.data.vqa import VQARecord, format_question, read_vqa
 from medllava.imaging import load_image
 from medllava.processor import IMAGE_TOKEN, num_image_tokens
@@ -107,17 +107,8 @@ def build_rl_rows(
             continue
         rows.append({"id": rec.id, "prompt": messages, "image": str(rec.image), "answer": rec.answer,
                      "qtype": rec.qtype, "options": rec.options})
-    report = ValidationReport(total=total, valid=len(rows), errors=sorted(errors + too_long, key=lambda e: (e.source, e.line)),
-                              skipped=skip_invalid)
-    report_path = report.write(report_dir) if report_dir is not None else None
-    if errors and not skip_invalid:
-        raise DataValidationError(report, report_path)
-    if too_long:
-        logger.warning("filtered %d prompt(s) longer than %d tokens", len(too_long), max_prompt_length)
-    if errors:
-        logger.warning("skipped %d invalid RL record(s) (%s)", len(errors), report.summary())
-    if not rows:
-        raise DataValidationError(report, report_path)
+    report = finish_report(total, len(rows), errors, skip_invalid=skip_invalid, report_dir=report_dir,
+                           always_skipped=too_long)
     return rows, report
 
 

@@ -315,7 +315,7 @@ class Generator:
             retry_after = None
             try:
                 status, headers, raw = self._post(payload)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 last = "timeout"
             except (urllib.error.URLError, http.client.HTTPException, ConnectionError, OSError) as err:
                 reason = getattr(err, "reason", err)

@@ -207,14 +207,24 @@ def prepare_samples(
         except RecordError as err:
             errors.append(err)
 
-    errors.sort(key=lambda e: (e.source, e.line))
-    report = ValidationReport(total=total, valid=len(samples), errors=errors, skipped=skip_invalid)
+    report = finish_report(total, len(samples), errors, skip_invalid=skip_invalid, report_dir=report_dir)
+    logger.info("data: %d records ready (%d skipped)", len(samples), len(errors))
+    return samples, report
+
+
+def finish_report(total: int, valid: int, errors: list[RecordError], *, skip_invalid: bool,
+                  report_dir: str | Path | None, always_skipped: list[RecordError] | None = None) -> ValidationReport:
+    """Write the report; stop on bad records unless skipping. `always_skipped` errors (e.g. over-long RL
+    prompts) are filtered whatever `skip_invalid` says, and counted like the rest."""
+    filtered = always_skipped or []
+    report = ValidationReport(total=total, valid=valid, skipped=skip_invalid,
+                              errors=sorted(errors + filtered, key=lambda e: (e.source, e.line)))
     report_path = report.write(report_dir) if report_dir is not None else None
     if errors and not skip_invalid:
         raise DataValidationError(report, report_path)
-    if errors:
-        logger.warning("skipped %d invalid record(s) of %d (%s); report: %s", len(errors), total, report.summary(), report_path)
-    if not samples:
-        raise DataValidationError(report, report_path) if errors else ValueError("no training records found")
-    logger.info("data: %d records ready (%d skipped)", len(samples), len(errors))
-    return samples, report
+    if errors or filtered:
+        logger.warning("skipped %d record(s) of %d (%s); report: %s", len(errors) + len(filtered), total,
+                       report.summary(), report_path)
+    if not valid:
+        raise DataValidationError(report, report_path)
+    return report

@@ -6,12 +6,13 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import LlavaProcessor, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import LlavaProcessor, TrainingArguments, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from medllava.config import ConfigError, StageConfig, save_config
 from medllava.model import (
@@ -24,6 +25,16 @@ from medllava.model import (
     save_model,
 )
 from medllava.processor import set_image_aspect, wrap_chat_template
+from medllava.train.safety import (
+    CHECKPOINT_RE,
+    STAGING,
+    DivergenceGuard,
+    fsync_tree,
+    is_complete_checkpoint,
+    last_complete_checkpoint,
+    publish_folder,
+    remove_empty_staging,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +47,58 @@ class MedLlavaTrainerMixin:
     """What medllava's SFT and GRPO trainers add to the HF Trainer: a separate projector learning rate, and a
     strict resume of full-model checkpoints."""
 
-    def __init__(self, *args: Any, projector_lr: float | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, projector_lr: float | None = None, on_nonfinite: str = "stop",
+                 max_nonfinite_skips: int = 20, **kwargs: Any) -> None:
         self.projector_lr = projector_lr
+        self._staging = False
+        self.guard = DivergenceGuard(on_nonfinite, max_nonfinite_skips)
         super().__init__(*args, **kwargs)
+        self.add_callback(self.guard)
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None) -> Any:
+        """The usual loss, checked: a non-finite loss stops the run, or (skip) contributes nothing."""
+        sample_ids = inputs.get("sample_ids") if isinstance(inputs, dict) else None
+        if sample_ids is not None:
+            inputs = {k: v for k, v in inputs.items() if k != "sample_ids"}
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        if self.guard.loss_ok(loss, self.state.global_step + 1, sample_ids):
+            return result
+        zero = loss.detach().new_zeros(()).requires_grad_(True)  # no graph behind it: no gradient, no update
+        return (zero, result[1]) if return_outputs else zero
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.guard.events:
+            logs["nonfinite_skipped"] = len(self.guard.events)
+        super().log(logs, start_time)
+
+    def _get_output_dir(self, trial: Any) -> str:
+        real = super()._get_output_dir(trial)
+        return str(Path(real) / STAGING) if self._staging else real
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        """Write the checkpoint under OUTPUT/.staging, then rename it into place and rotate the real ones."""
+        real = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save and (real / STAGING / name).exists():
+            shutil.rmtree(real / STAGING / name)
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            staged, target = real / STAGING / name, real / name
+            fsync_tree(staged)
+            if target.exists():  # an incomplete leftover of an interrupted run
+                shutil.rmtree(target)
+            os.replace(staged, target)
+            remove_empty_staging(real)
+            rotate_checkpoints(output_dir=str(real), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is not None:
@@ -121,17 +181,33 @@ def trainer_kwargs(cfg: StageConfig, precision: str) -> dict[str, Any]:
         dataloader_pin_memory=torch.cuda.is_available() and not r.use_cpu,
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,
+        logging_nan_inf_filter=False,  # a NaN loss is reported, never averaged away
         disable_tqdm=False,
     )
 
 
+def cast_trainable(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> None:
+    """Give every trainable weight `dtype` (frozen weights keep theirs)."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
 def cast_trainable_to_fp32(model: torch.nn.Module, precision: str, deepspeed: str | None) -> None:
     """Mixed precision without DeepSpeed: trainable weights stay fp32, autocast computes in 16 bits."""
-    if precision == "fp32" or deepspeed:
-        return
-    for param in model.parameters():
-        if param.requires_grad:
-            param.data = param.data.float()
+    if precision != "fp32" and not deepspeed:
+        cast_trainable(model, torch.float32)
+
+
+def begin_stage(cfg: StageConfig) -> tuple[Path, str, Any, LlavaProcessor, str | None]:
+    """Create the output folder, seed everything, resolve precision, load the starting model."""
+    out = Path(cfg.run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.run.seed)
+    precision = resolve_precision(cfg.run.precision, cfg.run.use_cpu)
+    logger.info("stage %s (%s): precision %s, output %s", cfg.name, cfg.kind, precision, out)
+    model, processor, base_ref = load_stage_model(cfg, precision)
+    return out, precision, model, processor, base_ref
 
 
 def resolve_precision(precision: str, use_cpu: bool = False) -> str:
@@ -151,19 +227,21 @@ def load_stage_model(cfg: StageConfig, precision: str) -> tuple[Any, LlavaProces
     m = cfg.model
     dtype = DTYPES[precision]
     quant = quantization_config(cfg.quantization, dtype)
-    common = {"attn_implementation": m.attn_implementation, "trust_remote_code": m.trust_remote_code}
+    common = {"attn_implementation": m.attn_implementation, "trust_remote_code": m.trust_remote_code,
+              "allow_pickle": m.allow_pickle}
     base_ref: str | None
     if m.init_from:
         source = m.init_from
         if not Path(source).exists() and os.sep in source:
             raise ConfigError(f"model.init_from: {source} does not exist (run the previous stage first)")
+        check_stage_output(source)
         if is_adapter_dir(source):
             # A LoRA stage output: merge it into its base. A quantized stage needs the merged weights on disk.
             if quant is not None:
                 merged = Path(cfg.run.output_dir) / "init_merged"
                 if not (merged / "config.json").is_file():
                     logger.info("merging adapter %s into its base -> %s (for quantized loading)", source, merged)
-                    merge_adapter_to_folder(source, merged, dtype=dtype)
+                    merge_adapter_to_folder(source, merged, dtype=dtype, allow_pickle=m.allow_pickle)
                 source = str(merged)
                 model, processor = load_model(source, dtype=dtype, quantization=quant, **common)
                 base_ref = source
@@ -189,6 +267,7 @@ def load_stage_model(cfg: StageConfig, precision: str) -> tuple[Any, LlavaProces
             attn_implementation=m.attn_implementation,
             trust_remote_code=m.trust_remote_code,
             revision=m.revision,
+            allow_pickle=m.allow_pickle,
         )
         base_ref = None
     if m.image_aspect is not None:
@@ -221,16 +300,24 @@ def resume_checkpoint(cfg: StageConfig) -> str | None:
     if resume == "never":
         return None
     if resume == "auto":
-        out = Path(cfg.run.output_dir)
-        return get_last_checkpoint(str(out)) if out.is_dir() else None
+        return last_complete_checkpoint(Path(cfg.run.output_dir), quarantine=int(os.environ.get("RANK", "0")) == 0)
     if not Path(resume).is_dir():
         raise ConfigError(f"run.resume: checkpoint {resume} does not exist")
+    if not is_complete_checkpoint(Path(resume)):
+        raise ConfigError(f"run.resume: {resume} is incomplete (no trainer_state.json)")
     return resume
 
 
 def save_stage_output(cfg: StageConfig, trainer: Any, processor: LlavaProcessor, base_ref: str | None) -> Path:
-    """Write the stage's model (or adapter + base reference), processor, resolved config and training log."""
+    """Write the stage's model (or adapter + base reference), processor, resolved config and training log.
+
+    Everything is written to OUTPUT/.staging/final and then moved into OUTPUT, config and stage marker last.
+    """
     out = Path(cfg.run.output_dir)
+    staging = out / STAGING / "final"
+    if trainer.is_world_process_zero() and staging.exists():
+        shutil.rmtree(staging)
+    trainer.accelerator.wait_for_everyone()
     model = trainer.accelerator.unwrap_model(trainer.model)
     is_adapter = hasattr(model, "peft_config")
     if is_adapter:
@@ -238,23 +325,38 @@ def save_stage_output(cfg: StageConfig, trainer: Any, processor: LlavaProcessor,
             raise RuntimeError("a LoRA stage output needs a base model folder")
         for peft_cfg in model.peft_config.values():
             peft_cfg.base_model_name_or_path = str(Path(base_ref).resolve())
-    trainer.save_model(str(out))  # gathers ZeRO-3 shards, writes adapters for LoRA, and the processor
-    if is_adapter and trainer.is_world_process_zero():
-        # Refer to the base relative to the adapter folder, so a runs/ tree can move as a whole.
-        adapter_cfg = out / ADAPTER_CONFIG
-        data = json.loads(adapter_cfg.read_text(encoding="utf-8"))
-        data["base_model_name_or_path"] = os.path.relpath(Path(base_ref).resolve(), out.resolve())
-        adapter_cfg.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    trainer.save_model(str(staging))  # gathers ZeRO-3 shards, writes adapters for LoRA, and the processor
     if trainer.is_world_process_zero():
+        # The Trainer pickles its arguments beside the weights; the resolved YAML is our record of the run.
+        (staging / "training_args.bin").unlink(missing_ok=True)
+        if is_adapter:
+            # Refer to the base relative to the final folder, so a runs/ tree can move as a whole.
+            adapter_cfg = staging / ADAPTER_CONFIG
+            data = json.loads(adapter_cfg.read_text(encoding="utf-8"))
+            data["base_model_name_or_path"] = os.path.relpath(Path(base_ref).resolve(), out.resolve())
+            adapter_cfg.write_text(json.dumps(data, indent=2), encoding="utf-8")
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if not getattr(base.config.text_config, "architectures", None):
             raise RuntimeError("text_config.architectures is unset; the saved model would not reload")
-        processor.save_pretrained(out)
-        save_config(cfg, out / STAGE_CONFIG_NAME)
+        processor.save_pretrained(staging)
+        save_config(cfg, staging / STAGE_CONFIG_NAME)
         history = trainer.state.log_history
-        (out / LOG_HISTORY_NAME).write_text(json.dumps(history, indent=1), encoding="utf-8")
-        plot_training_curves(history, out / "training_curves.png", title=cfg.name)
+        (staging / LOG_HISTORY_NAME).write_text(json.dumps(history, indent=1), encoding="utf-8")
+        plot_training_curves(history, staging / "training_curves.png", title=cfg.name)
+        publish_folder(staging, out, last=("config.json", ADAPTER_CONFIG, STAGE_CONFIG_NAME))
+    trainer.accelerator.wait_for_everyone()
     return out
+
+
+def check_stage_output(folder: str | Path) -> None:
+    """A previous stage's folder must be complete: interrupted runs have checkpoints but no stage marker."""
+    folder = Path(folder)
+    if not folder.is_dir() or (folder / STAGE_CONFIG_NAME).is_file():
+        return
+    unfinished = [p.name for p in folder.iterdir() if CHECKPOINT_RE.match(p.name) or p.name == STAGING]
+    if unfinished:
+        raise ConfigError(f"model.init_from: {folder} is an unfinished stage (found {sorted(unfinished)} but no "
+                          f"{STAGE_CONFIG_NAME}); rerun that stage to resume and finish it")
 
 
 def plot_training_curves(log_history: list[dict[str, Any]], path: Path, title: str = "") -> Path | None:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import set_seed
 
 from medllava.config import ConfigError, StageConfig
 from medllava.data.rl import build_rl_rows, rl_dataset
@@ -25,9 +24,9 @@ from medllava.model import apply_trainable
 from medllava.rewards import REWARDS, completion_text, grade
 from medllava.train.common import (
     MedLlavaTrainerMixin,
+    begin_stage,
+    cast_trainable,
     cast_trainable_to_fp32,
-    load_stage_model,
-    resolve_precision,
     resume_checkpoint,
     save_base_if_needed,
     save_stage_output,
@@ -137,13 +136,7 @@ class GRPORun:
 
 def prepare_grpo(cfg: StageConfig) -> GRPORun:
     """Load the model, build the RL dataset and rewards, apply the trainable spec, and build the trainer."""
-    out = Path(cfg.run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    set_seed(cfg.run.seed)
-    precision = resolve_precision(cfg.run.precision, cfg.run.use_cpu)
-    logger.info("stage %s (GRPO): precision %s, output %s", cfg.name, precision, out)
-
-    model, processor, base_ref = load_stage_model(cfg, precision)
+    out, precision, model, processor, base_ref = begin_stage(cfg)
     rows, _report = build_rl_rows(
         cfg.data.train_files, processor, image_folder=cfg.data.image_folder, mode=cfg.grpo.prompt,
         instruction=cfg.grpo.instruction, system_prompt=cfg.data.system_prompt, max_prompt_length=cfg.data.max_length,
@@ -165,13 +158,13 @@ def prepare_grpo(cfg: StageConfig) -> GRPORun:
         train_dataset=rl_dataset(rows),
         processing_class=processor,
         projector_lr=cfg.optim.projector_lr,
+        on_nonfinite=cfg.run.on_nonfinite,
+        max_nonfinite_skips=cfg.run.max_nonfinite_skips,
     )
     if precision == "fp32":
         # TRL casts a quantized model's trainable weights to bf16 (its QLoRA convention); an fp32 run has no
         # autocast to reconcile that with fp32 activations, so they go back to fp32.
-        for param in trainer.model.parameters():
-            if param.requires_grad and param.dtype != torch.float32:
-                param.data = param.data.float()
+        cast_trainable(trainer.model, torch.float32)
     return GRPORun(cfg, trainer, processor, base_ref, resume_checkpoint(cfg))
 
 

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainingArguments
 
 from medllava.config import StageConfig
 from medllava.data.collate import SFTCollator, SFTDataset
@@ -23,9 +22,8 @@ from medllava.model import apply_trainable
 from medllava.processor import num_image_tokens
 from medllava.train.common import (
     MedLlavaTrainerMixin,
+    begin_stage,
     cast_trainable_to_fp32,
-    load_stage_model,
-    resolve_precision,
     resume_checkpoint,
     save_base_if_needed,
     save_stage_output,
@@ -36,12 +34,7 @@ logger = logging.getLogger(__name__)
 
 
 class MedLlavaTrainer(MedLlavaTrainerMixin, Trainer):
-    """The HF Trainer with medllava's optimizer groups and strict resume; `sample_ids` never reach the model."""
-
-    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: torch.Tensor | int | None = None) -> Any:
-        inputs = {k: v for k, v in inputs.items() if k != "sample_ids"}
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+    """The HF Trainer with medllava's optimizer groups, guarded loss, atomic checkpoints and strict resume."""
 
 
 def training_arguments(cfg: StageConfig, precision: str) -> TrainingArguments:
@@ -62,13 +55,7 @@ class SFTRun:
 
 def prepare_sft(cfg: StageConfig) -> SFTRun:
     """Load the model, check and render the data, apply the trainable spec, and build the trainer."""
-    out = Path(cfg.run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    set_seed(cfg.run.seed)
-    precision = resolve_precision(cfg.run.precision, cfg.run.use_cpu)
-    logger.info("stage %s: precision %s, output %s", cfg.name, precision, out)
-
-    model, processor, base_ref = load_stage_model(cfg, precision)
+    out, precision, model, processor, base_ref = begin_stage(cfg)
     renderer = Renderer(processor, cfg.data.format, cfg.data.max_length, cfg.data.system_prompt)
     samples, _report = prepare_samples(
         cfg.data.train_files,
@@ -91,6 +78,8 @@ def prepare_sft(cfg: StageConfig) -> SFTRun:
         data_collator=SFTCollator(processor.tokenizer.pad_token_id),
         processing_class=processor,
         projector_lr=cfg.optim.projector_lr,
+        on_nonfinite=cfg.run.on_nonfinite,
+        max_nonfinite_skips=cfg.run.max_nonfinite_skips,
     )
     return SFTRun(cfg, trainer, processor, base_ref, resume_checkpoint(cfg))
 

@@ -1,0 +1,156 @@
+"""Fault tolerance for the stage runners: atomic checkpoints and outputs, complete-checkpoint resume, and the
+divergence guard.
+
+- Checkpoints are written under OUTPUT/.staging/ and renamed into place when complete, so a kill at any
+  moment leaves either the previous checkpoints or a complete new one; leftovers are ignored with a warning.
+- The final model is written to OUTPUT/.staging/final and its files are moved into OUTPUT with config.json
+  (or adapter_config.json) and the stage marker last: a folder is loadable only once it is whole.
+- A non-finite loss or gradient stops the run with the step and the sample ids, or (on_nonfinite: skip)
+  drops that batch's update; skips are counted in the logs and listed in nonfinite.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+STAGING = ".staging"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+NONFINITE_REPORT = "nonfinite.json"
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss or gradient; the message names the step and the samples."""
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder` to disk (so a rename publishes complete data)."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def is_complete_checkpoint(folder: Path) -> bool:
+    """The Trainer writes trainer_state.json last: a checkpoint without it was cut short."""
+    return (folder / "trainer_state.json").is_file()
+
+
+def last_complete_checkpoint(out_dir: Path, *, quarantine: bool = False) -> str | None:
+    """The newest complete checkpoint-N in out_dir. Incomplete ones are reported (and, with `quarantine`, renamed
+    to incomplete-checkpoint-N so that rotation never keeps them over good ones); staging leftovers are reported."""
+    if not out_dir.is_dir():
+        return None
+    staging = out_dir / STAGING
+    if staging.is_dir() and any(staging.iterdir()):
+        logger.warning("ignoring half-written output from an interrupted run: %s", sorted(p.name for p in staging.iterdir()))
+    best: tuple[int, Path] | None = None
+    for path in out_dir.iterdir():
+        m = CHECKPOINT_RE.match(path.name)
+        if not m or not path.is_dir():
+            continue
+        if not is_complete_checkpoint(path):
+            logger.warning("ignoring incomplete checkpoint %s (no trainer_state.json)", path)
+            if quarantine:
+                target = path.with_name("incomplete-" + path.name)  # out of the Trainer's checkpoint-* globs
+                if target.exists():
+                    shutil.rmtree(target)
+                path.rename(target)
+            continue
+        step = int(m.group(1))
+        if best is None or step > best[0]:
+            best = (step, path)
+    return str(best[1]) if best else None
+
+
+def publish_folder(staging: Path, out_dir: Path, last: tuple[str, ...]) -> None:
+    """Move every file of `staging` into `out_dir`; the names in `last` go in last, in order.
+
+    Before anything moves, `last` files and stale weight files are removed from out_dir, so an interrupted
+    publish leaves a folder that does not load rather than a mix of old and new weights.
+    """
+    fsync_tree(staging)
+    new = {p.name for p in staging.iterdir() if p.is_file()}
+    for name in last:
+        (out_dir / name).unlink(missing_ok=True)
+    for path in out_dir.iterdir():
+        is_weights = path.suffix == ".safetensors" or path.name.endswith(".index.json") or path.suffix == ".bin"
+        if path.is_file() and is_weights and path.name not in new:
+            path.unlink()
+    for path in sorted(staging.iterdir()):
+        if path.is_file() and path.name not in last:
+            os.replace(path, out_dir / path.name)
+        elif path.is_dir():
+            target = out_dir / path.name
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(path, target)
+    for name in last:
+        if (staging / name).is_file():
+            os.replace(staging / name, out_dir / name)
+    shutil.rmtree(staging, ignore_errors=True)
+    remove_empty_staging(out_dir)
+
+
+def remove_empty_staging(out_dir: Path) -> None:
+    staging = out_dir / STAGING
+    if staging.is_dir() and not any(staging.iterdir()):
+        staging.rmdir()
+
+
+class DivergenceGuard(TrainerCallback):
+    """Checks each batch's loss (from the trainer) and the gradients before each optimizer step."""
+
+    def __init__(self, mode: str = "stop", max_skips: int = 20) -> None:
+        if mode not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite must be 'stop' or 'skip', not {mode!r}")
+        self.mode = mode
+        self.max_skips = max_skips
+        self.events: list[dict[str, Any]] = []
+        self.last_ids: list[str] | None = None
+        self.output_dir: str | None = None
+
+    def _handle(self, kind: str, step: int, detail: str) -> None:
+        ids = self.last_ids
+        where = f"step {step}" + (f", samples {ids}" if ids else "")
+        if self.mode == "stop":
+            raise DivergenceError(f"non-finite {kind} ({detail}) at {where}; lower the learning rate, check those "
+                                  "samples, or set run.on_nonfinite: skip")
+        self.events.append({"step": step, "kind": kind, "detail": detail, "sample_ids": ids})
+        logger.warning("skipping a batch: non-finite %s (%s) at %s", kind, detail, where)
+        if len(self.events) > self.max_skips:
+            raise DivergenceError(f"more than {self.max_skips} non-finite batches (last at {where}); the run diverged")
+
+    def loss_ok(self, loss: torch.Tensor, step: int, sample_ids: list[str] | None) -> bool:
+        self.last_ids = list(sample_ids) if sample_ids else None
+        if torch.isfinite(loss.detach()).all():
+            return True
+        self._handle("loss", step, f"loss={loss.detach().float().mean().item()}")
+        return False
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if model is None:
+            return
+        bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+        if not bad:
+            return
+        self._handle("gradient", state.global_step + 1, f"{len(bad)} tensors, e.g. {bad[0]}")
+        for p in model.parameters():  # skip: no gradient, so the optimizer leaves every weight as it is
+            p.grad = None
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.events and state.is_world_process_zero:
+            path = Path(args.output_dir) / NONFINITE_REPORT
+            path.write_text(json.dumps({"skipped": len(self.events), "events": self.events}, indent=2) + "\n",
+                            encoding="utf-8")
+            logger.warning("%d batch(es) skipped for non-finite values; see %s", len(self.events), path)
