@@ -47,6 +47,8 @@ def test_one_grpo_step(mode: str, tmp_path: Path, phantom: Path, base_models: di
     step = logged[0]
     for key in ("rewards/accuracy_reward/mean", "completions/mean_length", "frac_reward_zero_std"):
         assert key in step, key
+    # the step time split: generation is a real, positive part of the step, not a placeholder
+    assert step["timing/generation_s"] > 0 and step["timing/train_s"] > 0
     samples = [json.loads(line) for line in (out / COMPLETIONS_LOG).read_text().splitlines()]
     assert samples and {"step", "question", "answer", "completion", "correct"} <= set(samples[0])
     assert (out / ("adapter_config.json" if mode != "full" else "model.safetensors")).is_file()

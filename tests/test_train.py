@@ -17,7 +17,8 @@ from transformers import TrainerCallback
 
 from medllava.config import config_from_dict, load_config
 from medllava.model import component_of, load_model
-from medllava.train.sft import prepare_sft, run_sft, save_stage_output
+from medllava.train.common import save_stage_output
+from medllava.train.sft import prepare_sft, run_sft
 
 from .conftest import REPO, stage_dict
 

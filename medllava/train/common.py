@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +187,7 @@ def trainer_kwargs(cfg: StageConfig, precision: str) -> dict[str, Any]:
     )
 
 
+
 def cast_trainable(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> None:
     """Give every trainable weight `dtype` (frozen weights keep theirs)."""
     for param in model.parameters():
@@ -208,6 +210,31 @@ def begin_stage(cfg: StageConfig) -> tuple[Path, str, Any, LlavaProcessor, str |
     logger.info("stage %s (%s): precision %s, output %s", cfg.name, cfg.kind, precision, out)
     model, processor, base_ref = load_stage_model(cfg, precision)
     return out, precision, model, processor, base_ref
+
+
+@dataclass
+class StageRun:
+    """A prepared stage: its trainer, and what saving its output needs."""
+
+    cfg: StageConfig
+    trainer: Any
+    processor: LlavaProcessor
+    base_ref: str | None
+    checkpoint: str | None
+
+
+def guard_kwargs(cfg: StageConfig) -> dict[str, Any]:
+    """The MedLlavaTrainerMixin arguments a stage config sets."""
+    return {"projector_lr": cfg.optim.projector_lr, "on_nonfinite": cfg.run.on_nonfinite,
+            "max_nonfinite_skips": cfg.run.max_nonfinite_skips}
+
+
+def train_and_save(run: StageRun) -> Path:
+    """Train (resuming from the newest complete checkpoint when there is one) and publish the output folder."""
+    if run.checkpoint:
+        logger.info("resuming from %s", run.checkpoint)
+    run.trainer.train(resume_from_checkpoint=run.checkpoint)
+    return save_stage_output(run.cfg, run.trainer, run.processor, run.base_ref)
 
 
 def resolve_precision(precision: str, use_cpu: bool = False) -> str:

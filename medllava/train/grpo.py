@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +24,14 @@ from medllava.model import apply_trainable
 from medllava.rewards import REWARDS, completion_text, grade
 from medllava.train.common import (
     MedLlavaTrainerMixin,
+    StageRun,
     begin_stage,
     cast_trainable,
     cast_trainable_to_fp32,
+    guard_kwargs,
     resume_checkpoint,
     save_base_if_needed,
-    save_stage_output,
+    train_and_save,
     trainer_kwargs,
 )
 
@@ -42,7 +44,33 @@ def _grpo_trainer_class() -> type:
     from trl import GRPOTrainer
 
     class MedLlavaGRPOTrainer(MedLlavaTrainerMixin, GRPOTrainer):
-        """TRL's GRPOTrainer with medllava's optimizer groups and strict resume."""
+        """TRL's GRPOTrainer with medllava's optimizer groups, guard and strict resume; it also logs how much of
+        each step goes to generating completions (timing/generation_s) versus the rest (timing/train_s)."""
+
+        def _generate(self, prompts: list[Any]) -> Any:
+            start = time.perf_counter()
+            try:
+                return super()._generate(prompts)
+            finally:
+                self._generation_seconds = getattr(self, "_generation_seconds", 0.0) + time.perf_counter() - start
+
+        def training_step(self, *args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return super().training_step(*args, **kwargs)
+            finally:
+                self._step_seconds = getattr(self, "_step_seconds", 0.0) + time.perf_counter() - start
+                self._timed_steps = getattr(self, "_timed_steps", 0) + 1
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            steps = getattr(self, "_timed_steps", 0)
+            if steps and "loss" in logs:
+                generation = getattr(self, "_generation_seconds", 0.0) / steps
+                logs["timing/generation_s"] = generation
+                logs["timing/train_s"] = getattr(self, "_step_seconds", 0.0) / steps - generation
+                self._generation_seconds = self._step_seconds = 0.0
+                self._timed_steps = 0
+            super().log(logs, start_time)
 
     return MedLlavaGRPOTrainer
 
@@ -125,16 +153,7 @@ def grpo_arguments(cfg: StageConfig, precision: str, weights: list[float]) -> An
     )
 
 
-@dataclass
-class GRPORun:
-    cfg: StageConfig
-    trainer: Any
-    processor: Any
-    base_ref: str | None
-    checkpoint: str | None
-
-
-def prepare_grpo(cfg: StageConfig) -> GRPORun:
+def prepare_grpo(cfg: StageConfig) -> StageRun:
     """Load the model, build the RL dataset and rewards, apply the trainable spec, and build the trainer."""
     out, precision, model, processor, base_ref = begin_stage(cfg)
     rows, _report = build_rl_rows(
@@ -157,21 +176,15 @@ def prepare_grpo(cfg: StageConfig) -> GRPORun:
         args=grpo_arguments(cfg, precision, weights),
         train_dataset=rl_dataset(rows),
         processing_class=processor,
-        projector_lr=cfg.optim.projector_lr,
-        on_nonfinite=cfg.run.on_nonfinite,
-        max_nonfinite_skips=cfg.run.max_nonfinite_skips,
+        **guard_kwargs(cfg),
     )
     if precision == "fp32":
         # TRL casts a quantized model's trainable weights to bf16 (its QLoRA convention); an fp32 run has no
         # autocast to reconcile that with fp32 activations, so they go back to fp32.
         cast_trainable(trainer.model, torch.float32)
-    return GRPORun(cfg, trainer, processor, base_ref, resume_checkpoint(cfg))
+    return StageRun(cfg, trainer, processor, base_ref, resume_checkpoint(cfg))
 
 
 def run_grpo(cfg: StageConfig) -> Path:
     """Run one GRPO stage end to end; returns the output folder."""
-    run = prepare_grpo(cfg)
-    if run.checkpoint:
-        logger.info("resuming from %s", run.checkpoint)
-    run.trainer.train(resume_from_checkpoint=run.checkpoint)
-    return save_stage_output(cfg, run.trainer, run.processor, run.base_ref)
+    return train_and_save(prepare_grpo(cfg))
