@@ -68,6 +68,11 @@ class DataSection:
     """Prepended as a system turn to every chat record that has none (only if the template accepts one)."""
     allow_absolute_paths: bool = False
     """Allow absolute image paths in records (otherwise they must stay inside image_folder)."""
+    packing: Literal["auto"] | bool = "auto"
+    """Several samples per row, attention isolated per sample. auto: on when a start-up probe shows packed
+    logits equal separate ones for this model (else padded, with a warning); true: the probe must pass."""
+    pack_length: int | None = None
+    """Tokens per packed row (default: max_length). With packing, per_device_batch_size counts rows."""
     num_workers: int = 0
     """DataLoader worker processes."""
     max_samples: int | None = None

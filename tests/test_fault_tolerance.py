@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 
 from medllava.config import ConfigError, config_from_dict
 from medllava.model import ModelLoadError, load_model
+from medllava.train.common import save_stage_output
 from medllava.train.safety import STAGING, DivergenceError
-from medllava.train.sft import prepare_sft, run_sft, save_stage_output
+from medllava.train.sft import prepare_sft, run_sft
 
 from .conftest import stage_dict
 
@@ -142,9 +143,10 @@ def _poisoned_run(tmp: Path, phantom: Path, base: Path, mode: str):
     cfg = config_from_dict(stage_dict(tmp, phantom, init_from=base, optim={"max_steps": 6, "per_device_batch_size": 4},
                                       run={"on_nonfinite": mode}, data={"num_workers": 0}))
     run = prepare_sft(cfg)
-    dataset = run.trainer.train_dataset
+    dataset = run.trainer.train_dataset  # packed rows (packing is on by default) or single samples
     run.trainer.train_dataset = Poisoned(dataset, index=0)
-    return cfg, run, dataset.samples[0].id
+    ids = dataset[0]["sample_id"]
+    return cfg, run, ids[0] if isinstance(ids, list) else ids
 
 
 def test_nonfinite_loss_stops_with_step_and_sample_ids(tmp_path: Path, phantom: Path, base_models: dict) -> None:

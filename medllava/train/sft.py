@@ -8,25 +8,27 @@ The Trainer customisations (projector learning rate, strict resume) live in trai
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from transformers import Trainer, TrainingArguments
 
-from medllava.config import StageConfig
+from medllava.config import ConfigError, StageConfig
 from medllava.data.collate import SFTCollator, SFTDataset
+from medllava.data.packing import PackedCollator, PackedDataset, packing_isolates
 from medllava.data.render import Renderer
 from medllava.data.validate import prepare_samples
 from medllava.model import apply_trainable
 from medllava.processor import num_image_tokens
 from medllava.train.common import (
     MedLlavaTrainerMixin,
+    StageRun,
     begin_stage,
     cast_trainable_to_fp32,
+    guard_kwargs,
     resume_checkpoint,
     save_base_if_needed,
-    save_stage_output,
+    train_and_save,
     trainer_kwargs,
 )
 
@@ -42,18 +44,24 @@ def training_arguments(cfg: StageConfig, precision: str) -> TrainingArguments:
     return TrainingArguments(**trainer_kwargs(cfg, precision), label_names=["labels"])
 
 
-@dataclass
-class SFTRun:
-    """Everything a prepared SFT stage needs to train and save."""
+def batching(cfg: StageConfig, model: Any, processor: Any, dataset: SFTDataset) -> tuple[Any, Any]:
+    """Packed rows when packing is asked for and isolates samples on this model; padded batches otherwise."""
+    pad = processor.tokenizer.pad_token_id
+    if cfg.data.packing is False:
+        return dataset, SFTCollator(pad)
+    isolated, diff, leak = packing_isolates(model, len(processor.tokenizer))
+    if not isolated:
+        message = (f"packed samples are not isolated on this model (max |logit diff| {diff:.2e} vs {leak:.2e} when "
+                   "leaking); check the attention implementation")
+        if cfg.data.packing is True:
+            raise ConfigError(f"data.packing: {message}")
+        logger.warning("packing off: %s", message)
+        return dataset, SFTCollator(pad)
+    logger.info("packing on: isolation checked (max |logit diff| %.2e, leak would be %.2e)", diff, leak)
+    return PackedDataset(dataset, cfg.data.pack_length or cfg.data.max_length, seed=cfg.run.seed), PackedCollator(pad)
 
-    cfg: StageConfig
-    trainer: MedLlavaTrainer
-    processor: Any
-    base_ref: str | None
-    checkpoint: str | None
 
-
-def prepare_sft(cfg: StageConfig) -> SFTRun:
+def prepare_sft(cfg: StageConfig) -> StageRun:
     """Load the model, check and render the data, apply the trainable spec, and build the trainer."""
     out, precision, model, processor, base_ref = begin_stage(cfg)
     renderer = Renderer(processor, cfg.data.format, cfg.data.max_length, cfg.data.system_prompt)
@@ -71,23 +79,18 @@ def prepare_sft(cfg: StageConfig) -> SFTRun:
     cast_trainable_to_fp32(model, precision, cfg.run.deepspeed)
 
     dataset = SFTDataset(samples, processor.image_processor, renderer.image_token_id, num_image_tokens(processor))
+    dataset, collator = batching(cfg, model, processor, dataset)
     trainer = MedLlavaTrainer(
         model=model,
         args=training_arguments(cfg, precision),
         train_dataset=dataset,
-        data_collator=SFTCollator(processor.tokenizer.pad_token_id),
+        data_collator=collator,
         processing_class=processor,
-        projector_lr=cfg.optim.projector_lr,
-        on_nonfinite=cfg.run.on_nonfinite,
-        max_nonfinite_skips=cfg.run.max_nonfinite_skips,
+        **guard_kwargs(cfg),
     )
-    return SFTRun(cfg, trainer, processor, base_ref, resume_checkpoint(cfg))
+    return StageRun(cfg, trainer, processor, base_ref, resume_checkpoint(cfg))
 
 
 def run_sft(cfg: StageConfig) -> Path:
     """Run one SFT stage end to end; returns the output folder."""
-    run = prepare_sft(cfg)
-    if run.checkpoint:
-        logger.info("resuming from %s", run.checkpoint)
-    run.trainer.train(resume_from_checkpoint=run.checkpoint)
-    return save_stage_output(cfg, run.trainer, run.processor, run.base_ref)
+    return train_and_save(prepare_sft(cfg))

@@ -1,0 +1,168 @@
+"""Packing computes exactly what unpacked training computes: logits, loss (per token) and gradients."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from medllava.data.collate import SFTCollator, SFTDataset
+from medllava.data.packing import PackedCollator, PackedDataset, pack_bins, pack_items, packing_isolates
+from medllava.data.render import IGNORE_INDEX, Renderer
+from medllava.data.validate import prepare_samples
+from medllava.model import build_model
+from medllava.processor import num_image_tokens
+
+COMBOS = [("clip", "llama"), ("clip", "qwen2"), ("siglip", "llama"), ("siglip", "qwen2")]
+
+
+@pytest.fixture(scope="module", params=COMBOS, ids=lambda c: f"{c[0]}+{c[1]}")
+def setup(request: pytest.FixtureRequest, tiny_pair_dirs: dict, phantom: Path) -> tuple:
+    vision, llm = request.param
+    vision_dir = tiny_pair_dirs[(vision, "llama" if vision == "clip" else "qwen2")][0]
+    llm_dir = tiny_pair_dirs[("clip" if llm == "llama" else "siglip", llm)][1]
+    model, processor = build_model(str(vision_dir), str(llm_dir), dtype=torch.float32)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a fresh projector is small; make it matter so differences would show
+        for p in model.model.multi_modal_projector.parameters():
+            p.mul_(3.0)
+    renderer = Renderer(processor, "chat", 512)
+    samples, _ = prepare_samples([str(phantom / "instruct.jsonl")], renderer, image_folder=phantom / "images",
+                                 progress=False)
+    dataset = SFTDataset(samples[:4], processor.image_processor, renderer.image_token_id, num_image_tokens(processor))
+    return model, processor, dataset
+
+
+def _per_sample(model: torch.nn.Module, dataset: SFTDataset) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each sample alone: its logits, and the token-weighted mean loss over all samples (with graph)."""
+    logits, total, count = [], 0.0, 0
+    for i in range(len(dataset)):
+        item = dataset[i]
+        out = model(input_ids=item["input_ids"][None], labels=item["labels"][None], pixel_values=item["pixel_values"])
+        n = int((item["labels"][1:] != IGNORE_INDEX).sum())
+        total = total + out.loss * n
+        count += n
+        logits.append(out.logits[0])
+    return logits, total / count
+
+
+def _forward(model: torch.nn.Module, batch: dict) -> object:
+    return model(**{k: v for k, v in batch.items() if k != "sample_ids"})
+
+
+def test_packed_logits_loss_and_gradients_equal_per_sample(setup: tuple) -> None:
+    model, processor, dataset = setup
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    ref_logits, ref_loss = _per_sample(model, dataset)
+    ref_loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    batch = PackedCollator(processor.tokenizer.pad_token_id)([pack_items([dataset[i] for i in range(len(dataset))])])
+    assert "attention_mask" not in batch and batch["use_cache"] is False
+    out = _forward(model, batch)
+    start = 0
+    for logits in ref_logits:
+        torch.testing.assert_close(out.logits[0, start:start + logits.shape[0]], logits, atol=2e-5, rtol=1e-5)
+        start += logits.shape[0]
+    torch.testing.assert_close(out.loss, ref_loss.detach(), atol=1e-6, rtol=1e-6)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+    model.zero_grad(set_to_none=True)
+
+
+def test_two_packed_rows_with_padding_equal_per_sample(setup: tuple) -> None:
+    model, processor, dataset = setup
+    model.eval()
+    with torch.no_grad():
+        ref_logits, ref_loss = _per_sample(model, dataset)
+        rows = [pack_items([dataset[0], dataset[1]]), pack_items([dataset[2]]), pack_items([dataset[3]])]
+        batch = PackedCollator(processor.tokenizer.pad_token_id)(rows)
+        out = _forward(model, batch)
+    lengths = [lg.shape[0] for lg in ref_logits]
+    torch.testing.assert_close(out.logits[0, :lengths[0]], ref_logits[0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(out.logits[0, lengths[0]:lengths[0] + lengths[1]], ref_logits[1], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(out.logits[1, :lengths[2]], ref_logits[2], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(out.logits[2, :lengths[3]], ref_logits[3], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(out.loss, ref_loss, atol=1e-6, rtol=1e-6)
+
+
+def test_padded_batches_equal_per_sample(setup: tuple) -> None:
+    model, processor, dataset = setup
+    model.eval()
+    with torch.no_grad():
+        _, ref_loss = _per_sample(model, dataset)
+        batch = SFTCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
+        out = _forward(model, batch)
+    torch.testing.assert_close(out.loss, ref_loss, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("trap", ["attention_mask", "use_cache"])
+def test_a_mask_or_a_cache_would_break_isolation(setup: tuple, trap: str) -> None:
+    """The traps: with a 2D attention mask, or with the KV cache on, restarting positions no longer isolate
+    samples in transformers 5.x; packed batches carry neither."""
+    model, processor, dataset = setup
+    model.eval()
+    with torch.no_grad():
+        ref_logits, _ = _per_sample(model, dataset)
+        batch = PackedCollator(processor.tokenizer.pad_token_id)([pack_items([dataset[0], dataset[1]])])
+        if trap == "attention_mask":
+            batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+        else:
+            batch["use_cache"] = True
+        out = _forward(model, batch)
+    n0 = ref_logits[0].shape[0]
+    assert (out.logits[0, n0:n0 + ref_logits[1].shape[0]] - ref_logits[1]).abs().max() > 1e-3
+    isolated, diff, leak = packing_isolates(model, len(processor.tokenizer))
+    assert isolated and diff < 1e-4 < leak
+
+
+def test_packed_dataset_keeps_every_sample_once(setup: tuple) -> None:
+    _, processor, dataset = setup
+    packed = PackedDataset(dataset, capacity=max(dataset.lengths) * 2)
+    assert sorted(i for b in packed.bins for i in b) == list(range(len(dataset)))
+    assert all(length <= packed.capacity for length in packed.lengths)
+    row = packed[0]
+    ids = row["sample_id"]
+    assert len(ids) == len(packed.bins[0]) and row["input_ids"].shape[0] == packed.lengths[0]
+    starts = (row["position_ids"] == 0).nonzero().flatten().tolist()
+    assert len(starts) == len(ids) and all(row["labels"][s] == IGNORE_INDEX for s in starts)
+
+
+def test_pack_bins_first_fit_decreasing() -> None:
+    assert pack_bins([5, 3, 8, 2, 7], capacity=10) == [[2, 3], [1, 4], [0]]  # decreasing: 8+2, 7+3, 5
+    shuffled = pack_bins([5, 3, 8, 2, 7], capacity=10, seed=0)
+    assert sorted(i for b in shuffled for i in b) == list(range(5)) and shuffled == pack_bins([5, 3, 8, 2, 7], 10, seed=0)
+    assert sorted(i for b in pack_bins([1] * 7, 3) for i in b) == list(range(7))
+    with pytest.raises(ValueError, match="more than the packing capacity"):
+        pack_bins([4, 11], 10)
+
+
+def test_runner_packs_by_default_and_respects_the_probe(tmp_path: Path, phantom: Path, base_models: dict,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from medllava.config import ConfigError, config_from_dict
+    from medllava.train import sft
+
+    from .conftest import stage_dict
+
+    cfg = stage_dict(tmp_path, phantom, init_from=base_models[("clip", "llama")])
+    run = sft.prepare_sft(config_from_dict(cfg))
+    assert isinstance(run.trainer.train_dataset, PackedDataset)
+    assert isinstance(run.trainer.data_collator, PackedCollator)
+    run.trainer.train()  # packed rows train end to end
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in run.trainer.state.log_history if "loss" in h)
+
+    monkeypatch.setattr(sft, "packing_isolates", lambda model, vocab: (False, 0.9, 1.0))  # a model that leaks
+    run = sft.prepare_sft(config_from_dict(cfg))
+    assert isinstance(run.trainer.data_collator, SFTCollator)  # auto: padded instead, with a warning
+    cfg["data"]["packing"] = True
+    with pytest.raises(ConfigError, match="not isolated"):
+        sft.prepare_sft(config_from_dict(cfg))
+    cfg["data"]["packing"] = False
+    assert isinstance(sft.prepare_sft(config_from_dict(cfg)).trainer.data_collator, SFTCollator)
