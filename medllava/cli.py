@@ -1,4 +1,4 @@
-"""The `medllava` command: train | eval | chat | export | summary | tiny.
+"""The `medllava` command: train | eval | chat | export | bench | summary | tiny.
 
 User errors (bad config, bad data, missing model or image) print one clear line and exit 2, no traceback.
 """
@@ -87,6 +87,55 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import subprocess
+    import tempfile
+
+    import torch
+
+    from medllava.bench import PRESETS, BenchSettings, markdown, run_benchmark
+
+    if args.preset not in PRESETS:
+        raise ConfigError(f"--preset {args.preset!r}: one of {sorted(PRESETS)}")
+    settings = BenchSettings(
+        preset=args.preset, modes=tuple(m.strip() for m in args.modes.split(",")), samples=args.samples,
+        steps=args.steps, warmup=args.warmup, batch_size=args.batch_size, max_length=args.max_length,
+        median_answer_tokens=args.median_answer_tokens, trainable=args.trainable,
+        gradient_checkpointing=args.gradient_checkpointing, precision=args.precision,
+        attn_implementation=args.attn_implementation, seed=args.seed, profile_steps=args.profile_steps,
+    )
+    if not torch.cuda.is_available() and len(settings.modes) > 1:
+        # On CPU the peak-memory figure is the process's high-water mark: one process per mode keeps it honest.
+        reports = []
+        for mode in settings.modes:
+            with tempfile.TemporaryDirectory() as tmp:
+                options = {"preset": args.preset, "samples": args.samples, "steps": args.steps, "warmup": args.warmup,
+                           "batch-size": args.batch_size, "max-length": args.max_length, "trainable": args.trainable,
+                           "median-answer-tokens": args.median_answer_tokens, "precision": args.precision,
+                           "seed": args.seed, "modes": mode, "profile-steps": args.profile_steps,
+                           "out": f"{tmp}/r.json"}
+                cmd = [sys.executable, "-m", "medllava.cli", "bench"] + [f"--{k}={v}" for k, v in options.items()]
+                cmd += ["--gradient-checkpointing"] * args.gradient_checkpointing
+                cmd += [f"--attn-implementation={args.attn_implementation}"] if args.attn_implementation else []
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+                reports.append(json.loads(Path(tmp, "r.json").read_text(encoding="utf-8")))
+        report = {**reports[0], "results": [r["results"][0] for r in reports]}
+        report["settings"]["modes"] = list(settings.modes)
+    else:
+        report = run_benchmark(settings)
+    table = markdown(report)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        out.with_suffix(".md").write_text(table, encoding="utf-8")
+        for r in report["results"]:
+            if r["extra"].get("profile"):
+                out.with_name(f"{out.stem}.{r['mode']}.profile.txt").write_text(r["extra"]["profile"], encoding="utf-8")
+    return 0
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     from medllava.evaluate import summary_table
 
@@ -161,6 +210,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=None, help="max |logit diff| accepted by the verification")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading non-safetensors weights")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bench", help="training throughput: medllava packed vs padded vs TRL SFTTrainer")
+    p.add_argument("--preset", default="tiny", help="tiny | clip-qwen2.5-0.5b | clip-qwen2.5-1.5b | clip-qwen2.5-7b | clip-mistral-7b")
+    p.add_argument("--modes", default="packed,padded,trl", help="comma-separated: packed, padded, trl, liger (packed + Liger kernels, GPU; last)")
+    p.add_argument("--samples", type=int, default=256, help="synthetic samples (one image each)")
+    p.add_argument("--steps", type=int, default=10, help="measured optimizer steps per mode")
+    p.add_argument("--warmup", type=int, default=2, help="steps before measuring")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per step (packed: rows holding as many tokens)")
+    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--median-answer-tokens", type=int, default=150, help="median of the log-normal answer length")
+    p.add_argument("--trainable", choices=["full", "lora", "qlora"], default="full")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--attn-implementation", default=None, help="sdpa (default), flash_attention_2, eager")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="profile this many steps after the measured ones (top operators per mode beside --out)")
+    p.add_argument("--out", default=None, help="write the report here (JSON) and a .md table beside it")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("summary", help="print a curriculum summary (accuracy per stage, chance, blind gap)")
     p.add_argument("file", help="summary JSON written by `eval --summary`")

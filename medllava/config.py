@@ -125,6 +125,9 @@ class OptimSection:
     per_device_batch_size: int = 4
     grad_accum: int = 1
     max_grad_norm: float = 1.0
+    liger_kernel: bool = False
+    """Liger's Triton kernels on the LLM (RMSNorm, RoPE, SwiGLU; in SFT also the fused linear cross-entropy,
+    which never materialises the logits). Needs `pip install liger-kernel` and a CUDA GPU."""
 
 
 @dataclass

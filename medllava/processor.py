@@ -81,7 +81,7 @@ def llm_chat_template(tokenizer: PreTrainedTokenizerBase, override: str | None =
 
 
 def image_processor_for_tower(
-    vision_source: str,
+    vision_source: str | None,
     image_size: int,
     *,
     aspect: str = "pad",
@@ -91,16 +91,18 @@ def image_processor_for_tower(
 ) -> Any:
     """A LLaVA image processor sized for the tower: pad-to-square (LLaVA expand2square) or resize, no crop.
 
-    Normalisation statistics come from the tower's own preprocessor config when it has one; otherwise the
-    usual values for its family (0.5 for SigLIP, OpenAI CLIP statistics for the rest).
+    Normalisation statistics come from the tower's own preprocessor config when it has one (`vision_source`,
+    None for a tower built from a config); otherwise the usual values for its family (0.5 for SigLIP, OpenAI
+    CLIP statistics for the rest).
     """
     mean: list[float] | None = None
     std: list[float] | None = None
-    try:
-        own = AutoImageProcessor.from_pretrained(vision_source, revision=revision, trust_remote_code=trust_remote_code)
-        mean, std = list(own.image_mean), list(own.image_std)
-    except (OSError, ValueError, TypeError, AttributeError, KeyError):
-        pass  # no preprocessor config in the tower folder: fall back to the family defaults below
+    if vision_source is not None:
+        try:
+            own = AutoImageProcessor.from_pretrained(vision_source, revision=revision, trust_remote_code=trust_remote_code)
+            mean, std = list(own.image_mean), list(own.image_std)
+        except (OSError, ValueError, TypeError, AttributeError, KeyError):
+            pass  # no preprocessor config in the tower folder: fall back to the family defaults below
     if mean is None or std is None:
         if "siglip" in model_type:
             mean, std = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]

@@ -68,3 +68,14 @@ def test_cross_field_checks() -> None:
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_liger_kernel_is_checked_before_training() -> None:
+    """Asking for Liger where it cannot run is an error naming the key, never a silent fallback to plain kernels."""
+    from medllava.train.common import check_liger, trainer_kwargs
+
+    cfg = load_config(REPO / "stages/demo/instruct.yaml", ["--run.use_cpu=true"])
+    assert trainer_kwargs(cfg, "fp32")["use_liger_kernel"] is False
+    cfg = load_config(REPO / "stages/demo/instruct.yaml", ["--run.use_cpu=true", "--optim.liger_kernel=true"])
+    with pytest.raises(ConfigError, match="optim.liger_kernel"):
+        check_liger(cfg)

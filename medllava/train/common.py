@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -184,8 +185,20 @@ def trainer_kwargs(cfg: StageConfig, precision: str) -> dict[str, Any]:
         ddp_find_unused_parameters=False,
         logging_nan_inf_filter=False,  # a NaN loss is reported, never averaged away
         disable_tqdm=False,
+        use_liger_kernel=check_liger(cfg),
     )
 
+
+def check_liger(cfg: StageConfig) -> bool:
+    """optim.liger_kernel, after checking that the kernels can run here (installed, CUDA): an error, never a
+    silent fallback."""
+    if not cfg.optim.liger_kernel:
+        return False
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ConfigError("optim.liger_kernel: liger-kernel is not installed (pip install liger-kernel)")
+    if cfg.run.use_cpu or not torch.cuda.is_available():
+        raise ConfigError("optim.liger_kernel: Liger's kernels are Triton kernels and need a CUDA GPU")
+    return True
 
 
 def cast_trainable(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> None:
@@ -203,6 +216,7 @@ def cast_trainable_to_fp32(model: torch.nn.Module, precision: str, deepspeed: st
 
 def begin_stage(cfg: StageConfig) -> tuple[Path, str, Any, LlavaProcessor, str | None]:
     """Create the output folder, seed everything, resolve precision, load the starting model."""
+    check_liger(cfg)  # before the (possibly long) model load
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.run.seed)

@@ -1,0 +1,48 @@
+"""The throughput benchmark runs end to end on the tiny preset (CPU) and reports every mode."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from medllava.bench import PRESETS, BenchSettings, count_flops, markdown, run_benchmark
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_all_modes(tmp_path: Path) -> None:
+    pytest.importorskip("trl")
+    report = run_benchmark(BenchSettings(preset="tiny", samples=48, steps=3, warmup=1, batch_size=4, max_length=512,
+                                         median_answer_tokens=40, profile_steps=1))
+    modes = {r["mode"]: r for r in report["results"]}
+    assert set(modes) == {"packed", "padded", "trl"}
+    for r in modes.values():
+        assert r["tokens_per_s"] > 0 and r["samples"] > 0 and r["flops"] > 0 and r["peak_memory_gb"] > 0
+    assert modes["packed"]["padding_fraction"] < modes["padded"]["padding_fraction"]
+    # exactly the measured steps are counted (not warm-up, not the profiled step after them)
+    assert modes["padded"]["samples"] == modes["trl"]["samples"] == 3 * 4
+    assert all("aten::" in r["extra"]["profile"] for r in modes.values())
+    table = markdown(report)
+    assert "| packed |" in table and "vs TRL" in table
+    json.dumps(report)
+
+
+def test_flop_count_scales_with_tokens() -> None:
+    import torch
+
+    from medllava.bench import build_bench_model
+
+    model, _ = build_bench_model("tiny", torch.float32, torch.device("cpu"))
+    one = count_flops(model, [100], 1, "full")
+    two = count_flops(model, [100, 100], 2, "full")
+    assert two == pytest.approx(2 * one)
+    assert count_flops(model, [100], 1, "lora") < one
+    assert {"clip-qwen2.5-1.5b", "clip-qwen2.5-7b", "clip-mistral-7b", "tiny"} <= set(PRESETS)
+
+
+def test_liger_mode_must_come_last() -> None:
+    from medllava.config import ConfigError
+
+    with pytest.raises(ConfigError, match="liger mode must come last"):
+        run_benchmark(BenchSettings(preset="tiny", modes=("liger", "packed")))
