@@ -93,6 +93,20 @@ class BenchSettings:
     profile_steps: int = 0
     """Steps profiled with torch.profiler after the measured ones (top operators land in the report)."""
 
+    def check(self) -> None:
+        """Refuse settings that cannot run here, before anything is built."""
+        unknown = set(self.modes) - {"packed", "padded", "trl", "liger"}
+        if unknown:
+            raise ConfigError(f"bench: unknown mode(s) {sorted(unknown)} (packed, padded, trl, liger)")
+        if "liger" in self.modes:
+            if self.modes[-1] != "liger":
+                raise ConfigError("bench: the liger mode must come last (Liger patches the model in place)")
+            from medllava.train.common import liger_problem
+
+            problem = liger_problem()
+            if problem:
+                raise ConfigError(f"bench: mode liger: {problem}")
+
 
 @dataclass
 class ModeResult:
@@ -345,8 +359,7 @@ def run_mode(mode: str, s: BenchSettings, model: Any, processor: Any, samples: l
 
 def run_benchmark(s: BenchSettings) -> dict[str, Any]:
     """Build the model and data once, run every mode, return a JSON-ready report."""
-    if "liger" in s.modes and s.modes[-1] != "liger":
-        raise ConfigError("bench: the liger mode must come last (Liger patches the model in place)")
+    s.check()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = s.precision if s.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32

@@ -104,6 +104,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.gradient_checkpointing, precision=args.precision,
         attn_implementation=args.attn_implementation, seed=args.seed, profile_steps=args.profile_steps,
     )
+    settings.check()
     if not torch.cuda.is_available() and len(settings.modes) > 1:
         # On CPU the peak-memory figure is the process's high-water mark: one process per mode keeps it honest.
         reports = []

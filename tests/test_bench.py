@@ -46,3 +46,13 @@ def test_liger_mode_must_come_last() -> None:
 
     with pytest.raises(ConfigError, match="liger mode must come last"):
         run_benchmark(BenchSettings(preset="tiny", modes=("liger", "packed")))
+
+
+def test_liger_mode_where_it_cannot_run_is_an_error() -> None:
+    from medllava.config import ConfigError
+    from medllava.train.common import liger_problem
+
+    if liger_problem() is None:
+        pytest.skip("Liger can run here")
+    with pytest.raises(ConfigError, match="mode liger"):
+        run_benchmark(BenchSettings(preset="tiny", modes=("packed", "liger")))

@@ -189,15 +189,23 @@ def trainer_kwargs(cfg: StageConfig, precision: str) -> dict[str, Any]:
     )
 
 
+def liger_problem(use_cpu: bool = False) -> str | None:
+    """Why Liger's kernels cannot run here, or None when they can."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (pip install liger-kernel)"
+    if use_cpu or not torch.cuda.is_available():
+        return "Liger's kernels are Triton kernels and need a CUDA GPU"
+    return None
+
+
 def check_liger(cfg: StageConfig) -> bool:
     """optim.liger_kernel, after checking that the kernels can run here (installed, CUDA): an error, never a
     silent fallback."""
     if not cfg.optim.liger_kernel:
         return False
-    if importlib.util.find_spec("liger_kernel") is None:
-        raise ConfigError("optim.liger_kernel: liger-kernel is not installed (pip install liger-kernel)")
-    if cfg.run.use_cpu or not torch.cuda.is_available():
-        raise ConfigError("optim.liger_kernel: Liger's kernels are Triton kernels and need a CUDA GPU")
+    problem = liger_problem(cfg.run.use_cpu)
+    if problem:
+        raise ConfigError(f"optim.liger_kernel: {problem}")
     return True
 
 
