@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """A few GRPO steps of a real-size architecture (random init) in bf16, with step time split into generation
-and training; writes a JSON report. GPU only (a real-size model generating on CPU would take hours).
+and training; writes a JSON report. Meant for a GPU (a real-size model generating on CPU would take hours);
+`--cpu --preset tiny` is the smoke test the test suite runs.
 
     python3 benchmarks/grpo_real_size.py --preset clip-qwen2.5-1.5b --steps 6 --out results/gpu/grpo_real_size.json
 """
@@ -36,16 +37,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--completion-length", type=int, default=256)
+    parser.add_argument("--cpu", action="store_true", help="run on CPU in fp32 (smoke test with --preset tiny)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("grpo_real_size.py needs a CUDA GPU")
+    if not args.cpu and not torch.cuda.is_available():
+        raise SystemExit("grpo_real_size.py needs a CUDA GPU (or --cpu with --preset tiny)")
+    device = torch.device("cpu" if args.cpu else "cuda")
+    dtype, precision = (torch.float32, "fp32") if args.cpu else (torch.bfloat16, "bf16")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model, processor = build_bench_model(args.preset, torch.bfloat16, torch.device("cuda"))
+        model, processor = build_bench_model(args.preset, dtype, device)
         save_model(model, processor, tmp / "base")
         del model
-        torch.cuda.empty_cache()
+        if not args.cpu:
+            torch.cuda.empty_cache()
         size = processor.image_processor.size["height"]
         phantom.generate(tmp / "data", seed=0, n_train=64, n_test=4, size=size)
         cfg = {
@@ -58,24 +63,25 @@ def main(argv: list[str] | None = None) -> int:
                      "num_generations": args.generations, "max_completion_length": args.completion_length,
                      "temperature": 1.0, "log_completions_every": 0},
             "optim": {"lr": 1e-6, "max_steps": args.steps, "per_device_batch_size": args.generations, "warmup_ratio": 0.0},
-            "run": {"output_dir": str(tmp / "out"), "precision": "bf16", "gradient_checkpointing": True,
-                    "logging_steps": 1, "save_steps": 10**6},
+            "run": {"output_dir": str(tmp / "out"), "precision": precision, "gradient_checkpointing": not args.cpu,
+                    "logging_steps": 1, "save_steps": 10**6, "use_cpu": args.cpu},
         }
         (tmp / "grpo.yaml").write_text(yaml.safe_dump(cfg))
-        torch.cuda.reset_peak_memory_stats()
+        if not args.cpu:
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         out = run_grpo(config_from_dict(cfg))
         seconds = time.perf_counter() - start
         history = json.loads((out / "train_log.json").read_text())
     steps = [h for h in history if "timing/generation_s" in h]
     report = {
-        "preset": args.preset, "device": torch.cuda.get_device_name(), "steps": len(steps),
+        "preset": args.preset, "device": "CPU" if args.cpu else torch.cuda.get_device_name(), "steps": len(steps),
         "completions_per_step": args.generations, "max_completion_length": args.completion_length,
         "generation_s_per_step": statistics.mean(h["timing/generation_s"] for h in steps[1:] or steps),
         "train_s_per_step": statistics.mean(h["timing/train_s"] for h in steps[1:] or steps),
         "mean_completion_length": statistics.mean(h.get("completions/mean_length", 0) for h in steps),
         "losses": [h.get("loss") for h in steps], "wall_s": seconds,
-        "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_memory_gb": None if args.cpu else torch.cuda.max_memory_allocated() / 2**30,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

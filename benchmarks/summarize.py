@@ -22,7 +22,7 @@ def main(folder: str) -> int:
         parts.append(f"### GRPO, {g['preset']} on {g['device']}\n\n| steps | completions/step | generation s/step | "
                      f"training s/step | peak mem GB |\n|---:|---:|---:|---:|---:|\n| {g['steps']} | "
                      f"{g['completions_per_step']} | {g['generation_s_per_step']:.2f} | {g['train_s_per_step']:.2f} | "
-                     f"{g['peak_memory_gb']:.1f} |\n")
+                     f"{g['peak_memory_gb'] or 0:.1f} |\n")
     print("\n".join(parts) if parts else f"no results in {root}")
     return 0
 

@@ -56,3 +56,22 @@ def test_liger_mode_where_it_cannot_run_is_an_error() -> None:
         pytest.skip("Liger can run here")
     with pytest.raises(ConfigError, match="mode liger"):
         run_benchmark(BenchSettings(preset="tiny", modes=("packed", "liger")))
+
+
+@pytest.mark.slow
+def test_grpo_real_size_script_smoke_on_cpu(tmp_path: Path) -> None:
+    """The GPU script's logic, on the tiny preset: a report with the generation / training split per step."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "grpo_real_size.json"
+    result = subprocess.run([sys.executable, str(repo / "benchmarks/grpo_real_size.py"), "--cpu", "--preset", "tiny",
+                             "--steps", "2", "--generations", "2", "--completion-length", "8", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["steps"] == 2 and report["generation_s_per_step"] > 0 and report["train_s_per_step"] > 0
+    summary = subprocess.run([sys.executable, str(repo / "benchmarks/summarize.py"), str(tmp_path)],
+                             capture_output=True, text=True, timeout=120)
+    assert summary.returncode == 0 and "generation s/step" in summary.stdout, summary.stderr[-2000:]
