@@ -68,22 +68,33 @@ class SFTCollator:
         if self.pad_to_multiple_of:
             m = self.pad_to_multiple_of
             longest = (longest + m - 1) // m * m
-        batch_size = len(features)
-        input_ids = torch.full((batch_size, longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((batch_size, longest), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((batch_size, longest), dtype=torch.long)
+        input_ids, labels = pad_right(features, longest, self.pad_token_id)
+        attention_mask = torch.zeros_like(input_ids)
         for row, f in enumerate(features):
-            n = f["input_ids"].shape[0]
-            input_ids[row, :n] = f["input_ids"]
-            labels[row, :n] = f["labels"]
-            attention_mask[row, :n] = 1
+            attention_mask[row, : f["input_ids"].shape[0]] = 1
         batch: dict[str, Any] = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
             "sample_ids": [f["sample_id"] for f in features],
         }
-        pixels = [f["pixel_values"] for f in features if "pixel_values" in f]
-        if pixels:
-            batch["pixel_values"] = torch.cat(pixels, dim=0)
+        add_pixels(batch, features)
         return batch
+
+
+def pad_right(features: Sequence[dict[str, Any]], longest: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and labels of the features, right-padded to `longest` (pad token; ignored labels)."""
+    input_ids = torch.full((len(features), longest), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
+    for row, f in enumerate(features):
+        n = f["input_ids"].shape[0]
+        input_ids[row, :n] = f["input_ids"]
+        labels[row, :n] = f["labels"]
+    return input_ids, labels
+
+
+def add_pixels(batch: dict[str, Any], features: Sequence[dict[str, Any]]) -> None:
+    """The features' images, concatenated in order, as batch["pixel_values"] (when there are any)."""
+    pixels = [f["pixel_values"] for f in features if "pixel_values" in f]
+    if pixels:
+        batch["pixel_values"] = torch.cat(pixels, dim=0)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from medllava.data.collate import add_pixels, pad_right
 from medllava.data.render import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -106,14 +107,10 @@ class PackedCollator:
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         longest = max(r["input_ids"].shape[0] for r in rows)
-        batch = len(rows)
-        input_ids = torch.full((batch, longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long)
-        position_ids = torch.zeros((batch, longest), dtype=torch.long)
+        input_ids, labels = pad_right(rows, longest, self.pad_token_id)
+        position_ids = torch.zeros_like(input_ids)
         for k, r in enumerate(rows):
             n = r["input_ids"].shape[0]
-            input_ids[k, :n] = r["input_ids"]
-            labels[k, :n] = r["labels"]
             position_ids[k, :n] = r["position_ids"]
             position_ids[k, n:] = torch.arange(longest - n)  # padding is its own (ignored) sequence
         out: dict[str, Any] = {
@@ -123,9 +120,7 @@ class PackedCollator:
             "use_cache": False,  # a cache (or a 2D mask) turns off transformers' packed-sequence masking
             "sample_ids": [sid for r in rows for sid in r["sample_id"]],
         }
-        pixels = [r["pixel_values"] for r in rows if "pixel_values" in r]
-        if pixels:
-            out["pixel_values"] = torch.cat(pixels)
+        add_pixels(out, rows)
         return out
 
 
