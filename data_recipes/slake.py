@@ -10,7 +10,6 @@ counted. modality (CT / MRI / X-Ray) and location (organ) are kept for per-slice
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,16 +18,9 @@ from medllava.data import corpora  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--in", dest="inp", nargs="+", required=True, help="SLAKE split JSON file(s)")
-    parser.add_argument("--out", required=True, type=Path, help="VQA JSONL to write")
-    parser.add_argument("--image-folder", default=None, help="check that every image exists in this folder (imgs/)")
-    parser.add_argument("--instruct-out", type=Path, default=None, help="also write one-turn LLaVA conversations")
-    args = parser.parse_args(argv)
-    report = corpora.convert_vqa(args.inp, corpora.json_source, corpora.slake_row, args.out,
-                                 instruct_out=args.instruct_out, image_check=corpora.image_exists_in(args.image_folder))
-    corpora.finish(report, args.out)
-    return 0
+    return corpora.vqa_recipe_main(
+        argv, __doc__, corpora.json_source, corpora.slake_row,
+        in_help="SLAKE split JSON file(s)", image_help="check that every image exists in this folder (imgs/)")
 
 
 if __name__ == "__main__":

@@ -81,13 +81,14 @@ def save_embedded_image(image: Any, images_dir: Path, name: str) -> str:
     raise ValueError(f"unsupported embedded image {type(image).__name__}")
 
 
-def _rows(source: str | Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
-    """(line, object or None, error) for JSON/JSONL/datasets sources."""
+def json_source(source: str | Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    """(line, object or None, read error) for each record of a JSON/JSONL file or `datasets` source."""
     for raw in iter_raw(source):
         yield raw.line, raw.data, (raw.error.describe() if raw.error else None)
 
 
-def _csv_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+def csv_source(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    """(line, row, None) for each row of a CSV file; the line number counts the header as line 1."""
     with open(path, newline="", encoding="utf-8") as fh:
         for i, row in enumerate(csv.DictReader(fh), start=2):
             yield i, row, None
@@ -268,7 +269,7 @@ def convert_llava_med(source: str | Path, out: Path, *, kind: str, image_folder:
     writer = JsonlWriter(out, report)
     exists = image_exists_in(image_folder)
     try:
-        for line, data, error in _rows(source):
+        for line, data, error in json_source(source):
             report.read += 1
             where = f"{source}:{line}"
             if error is not None:
@@ -314,14 +315,23 @@ def convert_llava_med(source: str | Path, out: Path, *, kind: str, image_folder:
     return report
 
 
-def csv_source(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
-    """Rows of a CSV file; the line number counts the header as line 1."""
-    return _csv_rows(path)
+def vqa_recipe_main(argv: list[str] | None, description: str, reader: Reader,
+                    map_row: Callable[[int, dict[str, Any]], dict[str, Any] | str], *, in_help: str,
+                    image_help: str) -> int:
+    """The command line of a data recipe that converts published VQA files with `convert_vqa`:
+    --in FILE..., --out, --image-folder (check every image exists), --instruct-out."""
+    import argparse
 
-
-def json_source(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
-    """Objects of a JSON/JSONL file or `datasets` source, with read errors."""
-    return _rows(path)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--in", dest="inp", nargs="+", required=True, help=in_help)
+    parser.add_argument("--out", required=True, type=Path, help="VQA JSONL to write")
+    parser.add_argument("--image-folder", default=None, help=image_help)
+    parser.add_argument("--instruct-out", type=Path, default=None, help="also write one-turn LLaVA conversations")
+    args = parser.parse_args(argv)
+    report = convert_vqa(args.inp, reader, map_row, args.out, instruct_out=args.instruct_out,
+                         image_check=image_exists_in(args.image_folder))
+    finish(report, args.out)
+    return 0
 
 
 def finish(report: ConversionReport, out: Path) -> dict[str, Any]:
