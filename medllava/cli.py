@@ -88,8 +88,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import subprocess
-    import tempfile
+    import dataclasses
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
     import torch
 
@@ -106,20 +107,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     settings.check()
     if not torch.cuda.is_available() and len(settings.modes) > 1:
-        # On CPU the peak-memory figure is the process's high-water mark: one process per mode keeps it honest.
+        # On CPU the peak-memory figure is the process's high-water mark: one fresh process per mode keeps it honest.
         reports = []
         for mode in settings.modes:
-            with tempfile.TemporaryDirectory() as tmp:
-                options = {"preset": args.preset, "samples": args.samples, "steps": args.steps, "warmup": args.warmup,
-                           "batch-size": args.batch_size, "max-length": args.max_length, "trainable": args.trainable,
-                           "median-answer-tokens": args.median_answer_tokens, "precision": args.precision,
-                           "seed": args.seed, "modes": mode, "profile-steps": args.profile_steps,
-                           "out": f"{tmp}/r.json"}
-                cmd = [sys.executable, "-m", "medllava.cli", "bench"] + [f"--{k}={v}" for k, v in options.items()]
-                cmd += ["--gradient-checkpointing"] * args.gradient_checkpointing
-                cmd += [f"--attn-implementation={args.attn_implementation}"] if args.attn_implementation else []
-                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-                reports.append(json.loads(Path(tmp, "r.json").read_text(encoding="utf-8")))
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                reports.append(pool.submit(run_benchmark, dataclasses.replace(settings, modes=(mode,))).result())
         report = {**reports[0], "results": [r["results"][0] for r in reports]}
         report["settings"]["modes"] = list(settings.modes)
     else:

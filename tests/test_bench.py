@@ -75,3 +75,19 @@ def test_grpo_real_size_script_smoke_on_cpu(tmp_path: Path) -> None:
     summary = subprocess.run([sys.executable, str(repo / "benchmarks/summarize.py"), str(tmp_path)],
                              capture_output=True, text=True, timeout=120)
     assert summary.returncode == 0 and "generation s/step" in summary.stdout, summary.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_bench_command_runs_each_mode_in_its_own_process_on_cpu(tmp_path: Path) -> None:
+    """`medllava bench` on CPU: one fresh process per mode (so each peak-memory figure is its own), one report."""
+    from medllava.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--preset", "tiny", "--modes", "packed,padded", "--samples", "24", "--steps", "2",
+                 "--warmup", "1", "--batch-size", "4", "--max-length", "512", "--median-answer-tokens", "40",
+                 "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["mode"] for r in report["results"]] == ["packed", "padded"]
+    assert report["settings"]["modes"] == ["packed", "padded"]
+    assert all(r["tokens_per_s"] > 0 and r["peak_memory_gb"] > 0 for r in report["results"])
+    assert "| padded |" in out.with_suffix(".md").read_text()
