@@ -185,7 +185,7 @@ def trainer_kwargs(cfg: StageConfig, precision: str) -> dict[str, Any]:
         ddp_find_unused_parameters=False,
         logging_nan_inf_filter=False,  # a NaN loss is reported, never averaged away
         disable_tqdm=False,
-        use_liger_kernel=check_liger(cfg),
+        use_liger_kernel=cfg.optim.liger_kernel,  # checked by begin_stage, before the model loads
     )
 
 
@@ -198,15 +198,12 @@ def liger_problem(use_cpu: bool = False) -> str | None:
     return None
 
 
-def check_liger(cfg: StageConfig) -> bool:
-    """optim.liger_kernel, after checking that the kernels can run here (installed, CUDA): an error, never a
+def check_liger(cfg: StageConfig) -> None:
+    """optim.liger_kernel asked for where the kernels cannot run (not installed, no CUDA) is an error, never a
     silent fallback."""
-    if not cfg.optim.liger_kernel:
-        return False
-    problem = liger_problem(cfg.run.use_cpu)
+    problem = liger_problem(cfg.run.use_cpu) if cfg.optim.liger_kernel else None
     if problem:
         raise ConfigError(f"optim.liger_kernel: {problem}")
-    return True
 
 
 def cast_trainable(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> None:

@@ -47,27 +47,31 @@ def _grpo_trainer_class() -> type:
         """TRL's GRPOTrainer with medllava's optimizer groups, guard and strict resume; it also logs how much of
         each step goes to generating completions (timing/generation_s) versus the rest (timing/train_s)."""
 
+        # seconds and steps since the last log line (immutable defaults; each instance assigns its own)
+        _generation_seconds = 0.0
+        _step_seconds = 0.0
+        _timed_steps = 0
+
         def _generate(self, prompts: list[Any]) -> Any:
             start = time.perf_counter()
             try:
                 return super()._generate(prompts)
             finally:
-                self._generation_seconds = getattr(self, "_generation_seconds", 0.0) + time.perf_counter() - start
+                self._generation_seconds += time.perf_counter() - start
 
         def training_step(self, *args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
             try:
                 return super().training_step(*args, **kwargs)
             finally:
-                self._step_seconds = getattr(self, "_step_seconds", 0.0) + time.perf_counter() - start
-                self._timed_steps = getattr(self, "_timed_steps", 0) + 1
+                self._step_seconds += time.perf_counter() - start
+                self._timed_steps += 1
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-            steps = getattr(self, "_timed_steps", 0)
-            if steps and "loss" in logs:
-                generation = getattr(self, "_generation_seconds", 0.0) / steps
+            if self._timed_steps and "loss" in logs:
+                generation = self._generation_seconds / self._timed_steps
                 logs["timing/generation_s"] = generation
-                logs["timing/train_s"] = getattr(self, "_step_seconds", 0.0) / steps - generation
+                logs["timing/train_s"] = self._step_seconds / self._timed_steps - generation
                 self._generation_seconds = self._step_seconds = 0.0
                 self._timed_steps = 0
             super().log(logs, start_time)
