@@ -144,6 +144,35 @@ def test_pack_bins_first_fit_decreasing() -> None:
         pack_bins([4, 11], 10)
 
 
+def _first_fit_by_scan(lengths: list[int], capacity: int, order: list[int]) -> list[list[int]]:
+    """The plain first fit: scan every bin in order for the first with room."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+    return [sorted(b) for b in bins]
+
+
+@pytest.mark.parametrize("seed", [None, 0, 1])
+def test_pack_bins_tree_equals_first_fit_by_scan(seed: int | None) -> None:
+    """The segment-tree search picks exactly the bins a scan would (the fast path computes the same)."""
+    rng = torch.Generator().manual_seed(7)
+    for low, high, capacity in ((600, 1600, 2048), (20, 700, 4096), (1, 10, 10), (10, 10, 10)):
+        lengths = torch.randint(low, high + 1, (3000,), generator=rng).tolist()
+        if seed is None:
+            order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+        else:
+            order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+        assert pack_bins(lengths, capacity, seed) == _first_fit_by_scan(lengths, capacity, order)
+
+
 def test_runner_packs_by_default_and_respects_the_probe(tmp_path: Path, phantom: Path, base_models: dict,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     from medllava.config import ConfigError, config_from_dict

@@ -38,24 +38,50 @@ def pack_bins(lengths: Sequence[int], capacity: int, seed: int | None = None) ->
     else:
         order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
     bins: list[list[int]] = []
-    room: list[int] = []
+    room = FreeRoom(len(lengths))
     for i in order:
         if lengths[i] > capacity:
             raise ValueError(f"sample {i} has {lengths[i]} tokens, more than the packing capacity {capacity}")
-        for b, free in enumerate(room):
-            if lengths[i] <= free:
-                bins[b].append(i)
-                room[b] -= lengths[i]
-                break
-        else:
-            bins.append([i])
-            room.append(capacity - lengths[i])
+        b = room.first_fit(lengths[i])
+        if b is None:
+            b = len(bins)
+            bins.append([])
+            room.set(b, capacity)
+        bins[b].append(i)
+        room.set(b, room.get(b) - lengths[i])
     return [sorted(b) for b in bins]
+
+
+class FreeRoom:
+    """Free tokens per bin in a max segment tree, so first fit (the lowest-numbered bin with enough room) takes
+    O(log bins) instead of a scan over every bin: packing a 500k-sample alignment set stays a matter of seconds."""
+
+    def __init__(self, max_bins: int) -> None:
+        self.size = 1 << max(0, max_bins - 1).bit_length()
+        self.tree = [-1] * (2 * self.size)  # leaves: room of bin i at size + i (-1: bin not open)
+
+    def get(self, b: int) -> int:
+        return self.tree[self.size + b]
+
+    def set(self, b: int, free: int) -> None:
+        i = self.size + b
+        self.tree[i] = free
+        while i > 1:
+            i //= 2
+            self.tree[i] = max(self.tree[2 * i], self.tree[2 * i + 1])
+
+    def first_fit(self, need: int) -> int | None:
+        if self.tree[1] < need:
+            return None
+        i = 1
+        while i < self.size:
+            i = 2 * i if self.tree[2 * i] >= need else 2 * i + 1
+        return i - self.size
 
 
 def pack_items(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Concatenate dataset items into one packed row (positions restart, first label of each sample ignored)."""
-    ids, labels, positions, pixels, sample_ids = [], [], [], [], []
+    ids, labels, positions, sample_ids = [], [], [], []
     for item in items:
         n = item["input_ids"].shape[0]
         ids.append(item["input_ids"])
@@ -63,8 +89,6 @@ def pack_items(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         lab[0] = IGNORE_INDEX
         labels.append(lab)
         positions.append(torch.arange(n, dtype=torch.long))
-        if "pixel_values" in item:
-            pixels.append(item["pixel_values"])
         sample_ids.append(item["sample_id"])
     row: dict[str, Any] = {
         "input_ids": torch.cat(ids),
@@ -72,8 +96,7 @@ def pack_items(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "position_ids": torch.cat(positions),
         "sample_id": sample_ids,
     }
-    if pixels:
-        row["pixel_values"] = torch.cat(pixels)
+    add_pixels(row, items)
     return row
 
 
@@ -83,17 +106,15 @@ class PackedDataset(Dataset):
     def __init__(self, base: Any, capacity: int, seed: int | None = 0) -> None:
         self.base = base
         self.capacity = capacity
-        self.bins = pack_bins(base.lengths, capacity, seed)
+        sample_lengths = base.lengths
+        self.bins = pack_bins(sample_lengths, capacity, seed)
+        self.lengths = [sum(sample_lengths[i] for i in b) for b in self.bins]
         n, rows = len(base), len(self.bins)
-        fill = sum(base.lengths) / (rows * capacity) if rows else 0.0
+        fill = sum(self.lengths) / (rows * capacity) if rows else 0.0
         logger.info("packing: %d samples -> %d rows of <= %d tokens (%.1f%% full)", n, rows, capacity, 100 * fill)
 
     def __len__(self) -> int:
         return len(self.bins)
-
-    @property
-    def lengths(self) -> list[int]:
-        return [sum(self.base.lengths[i] for i in b) for b in self.bins]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return pack_items([self.base[i] for i in self.bins[index]])
