@@ -44,16 +44,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from medllava.evaluate import evaluate, markdown_table, update_summary
+    from medllava.evaluate import evaluate, markdown_table, stage_prompt_settings, update_summary
     from medllava.model import load_model, pick_device
 
     model, processor = load_model(args.model, allow_pickle=args.allow_pickle)
     model.to(pick_device())
     out_dir = args.out or str(Path(args.model) / "eval")
     title = args.stage or Path(args.model).name
+    prompt = stage_prompt_settings(args.model)  # the prompt mode and completion length the stage trained with
+    if args.prompt is not None:
+        prompt.mode = args.prompt
+    max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else prompt.max_new_tokens
     metrics = evaluate(
         model, processor, args.data, image_folder=args.image_folder, out_dir=out_dir, batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens, blind=args.blind, limit=args.limit, title=title,
+        max_new_tokens=max_new_tokens, blind=args.blind, limit=args.limit, title=title,
+        system_prompt=prompt.system_prompt, mode=prompt.mode, instruction=prompt.instruction,
     )
     print(markdown_table(metrics, title))
     if args.summary:
@@ -167,7 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-folder", default=".", help="images in the data file are relative to this folder")
     p.add_argument("--out", default=None, help="output folder (default: MODEL/eval)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: the stage's grpo.max_completion_length for a GRPO stage output, else 64")
+    p.add_argument("--prompt", choices=["plain", "answer", "think"], default=None,
+                   help="question form (default: what the stage trained with, from its medllava_stage.yaml)")
     p.add_argument("--blind", action="store_true", help="also answer with blank images and report the gap")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
     p.add_argument("--summary", default=None, help="merge headline figures into this JSON file")
@@ -231,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tiny", help="write a tiny random-init vision tower + LLM pair (tests, CPU demo)")
     p.add_argument("out", help="output folder (gets vision/ and llm/)")
     p.add_argument("--vision", choices=["clip", "siglip"], default="clip")
-    p.add_argument("--llm", choices=["llama", "qwen2"], default="llama")
+    p.add_argument("--llm", choices=["llama", "mistral", "qwen2"], default="llama")
     p.add_argument("--corpus", default=None, help="text file whose lines join the tokenizer's training corpus")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--patch-size", type=int, default=8)
@@ -251,13 +259,35 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from medllava.export import ExportError
     from medllava.imaging import ImageError
     from medllava.model import ModelLoadError
+    from medllava.train.ranks import OtherRankFailed
     from medllava.train.safety import DivergenceError
 
-    return (ConfigError, DataValidationError, ImageError, ModelLoadError, ExportError, DivergenceError, FileNotFoundError)
+    return (ConfigError, DataValidationError, ImageError, ModelLoadError, ExportError, DivergenceError, FileNotFoundError,
+            OtherRankFailed)
+
+
+def take_launcher_arguments(argv: list[str]) -> list[str]:
+    """Drop `--local_rank=N` / `--local-rank N` (the DeepSpeed launcher and torch.distributed.launch add it); the
+    rank is also in the environment, where medllava.train.ranks reads it."""
+    out: list[str] = []
+    skip_next = False
+    for i, arg in enumerate(argv):
+        if skip_next:
+            skip_next = False
+            continue
+        name, eq, value = arg.partition("=")
+        if name in ("--local_rank", "--local-rank"):
+            if not eq:
+                value = argv[i + 1] if i + 1 < len(argv) else ""
+                skip_next = True
+            os.environ.setdefault("LOCAL_RANK", value)
+            continue
+        out.append(arg)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = take_launcher_arguments(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     # `train CONFIG --section.key=value ...`: dotted options are config overrides, not argparse options.
     overrides = [a for a in argv if a.startswith("--") and "." in a.split("=", 1)[0]]

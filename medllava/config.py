@@ -69,14 +69,19 @@ class DataSection:
     allow_absolute_paths: bool = False
     """Allow absolute image paths in records (otherwise they must stay inside image_folder)."""
     packing: Literal["auto"] | bool = "auto"
-    """Several samples per row, attention isolated per sample. auto: on when a start-up probe shows packed
-    logits equal separate ones for this model (else padded, with a warning); true: the probe must pass."""
+    """Each micro-batch's samples packed into as few rows as fit, attention isolated per sample (no padding
+    between samples). auto: on when a start-up probe shows packed logits equal separate ones for this model
+    (else padded, with a warning); true: the probe must pass. Batch sizes count samples either way."""
     pack_length: int | None = None
-    """Tokens per packed row (default: max_length). With packing, per_device_batch_size counts rows."""
+    """Most tokens in one packed row (default: max_length)."""
     num_workers: int = 0
     """DataLoader worker processes."""
     max_samples: int | None = None
     """Use only the first N records of the training set (quick runs)."""
+    made_by: str | None = None
+    """The command that produces train_files (named in the error when they are missing)."""
+    cache_dir: str | None = None
+    """Where checked and rendered samples are cached, keyed by data version (default: OUTPUT/.data_cache)."""
 
 
 @dataclass
@@ -124,6 +129,10 @@ class OptimSection:
     """Positive: stop after this many optimizer steps (overrides epochs)."""
     per_device_batch_size: int = 4
     grad_accum: int = 1
+    """Micro-batches per optimizer step; leave at 1 when global_batch_size is set (it is then derived)."""
+    global_batch_size: int | None = None
+    """Samples per optimizer step over all ranks (GRPO: completions). Set, it holds on any number of GPUs:
+    grad_accum = global_batch_size / (per_device_batch_size x ranks), which must divide evenly."""
     max_grad_norm: float = 1.0
     liger_kernel: bool = False
     """Liger's Triton kernels on the LLM (RMSNorm, RoPE, SwiGLU; in SFT also the fused linear cross-entropy,
@@ -156,6 +165,21 @@ class RunSection:
 
 
 @dataclass
+class PassRateFilterSection:
+    """How `data_recipes/pass_rate_filter.py --stage` makes a GRPO stage's data.train_files[0]: it samples the
+    starting model on `source` with this stage's prompt, generations, temperature and completion length, and
+    keeps the questions whose pass rate lies strictly between the bounds. `./train.sh stages/<family>` runs it
+    before the stage."""
+
+    source: list[str] = field(default_factory=list)
+    """The unfiltered VQA files (JSON / JSONL / datasets sources); images relative to data.image_folder."""
+    min_rate: float = 0.0
+    max_rate: float = 1.0
+    batch_size: int = 32
+    """Questions per generation batch."""
+
+
+@dataclass
 class GRPOSection:
     """Group Relative Policy Optimization (TRL's GRPOTrainer) with verifiable rewards (medllava.rewards)."""
 
@@ -183,6 +207,7 @@ class GRPOSection:
     log_completions_every: int = 50
     """Write sampled completions (question, answer, completion, reward) to completions.jsonl every N steps."""
     use_vllm: bool = False
+    pass_rate_filter: PassRateFilterSection = field(default_factory=PassRateFilterSection)
 
 
 @dataclass
@@ -217,10 +242,11 @@ class StageConfig:
             g = self.grpo
             if g.num_generations < 2:
                 raise ConfigError("grpo.num_generations must be at least 2 (advantages compare completions)")
-            batch = self.optim.per_device_batch_size * self.optim.grad_accum
+            batch = self.optim.global_batch_size or self.optim.per_device_batch_size * self.optim.grad_accum
             if batch % g.num_generations:
+                what = "global_batch_size" if self.optim.global_batch_size else "per_device_batch_size x grad_accum"
                 raise ConfigError(
-                    f"grpo: per_device_batch_size x grad_accum ({batch}) must be a multiple of num_generations "
+                    f"grpo: {what} ({batch}) must be a multiple of num_generations "
                     f"({g.num_generations}); the batch counts completions"
                 )
             if not g.rewards:
@@ -229,9 +255,32 @@ class StageConfig:
             raise ConfigError("data.max_length must be positive")
         if self.optim.per_device_batch_size <= 0 or self.optim.grad_accum <= 0:
             raise ConfigError("optim: batch size and grad_accum must be positive")
+        if self.optim.global_batch_size is not None:
+            if self.optim.global_batch_size <= 0:
+                raise ConfigError("optim.global_batch_size must be positive")
+            if self.optim.grad_accum != 1:
+                raise ConfigError("optim: set global_batch_size or grad_accum, not both (accumulation is derived "
+                                  "from the global batch, the per-device batch and the number of ranks)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def accumulation(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on `world_size` ranks (the global batch, when set, holds)."""
+        o = self.optim
+        if o.global_batch_size is None:
+            return o.grad_accum
+        per_step = o.per_device_batch_size * world_size
+        if o.global_batch_size % per_step:
+            raise ConfigError(
+                f"optim.global_batch_size {o.global_batch_size} is not a multiple of per_device_batch_size "
+                f"{o.per_device_batch_size} x {world_size} rank(s) = {per_step}; change one so that it divides"
+            )
+        return o.global_batch_size // per_step
+
+    def global_batch(self, world_size: int) -> int:
+        """Samples (GRPO: completions) per optimizer step on `world_size` ranks."""
+        return self.optim.per_device_batch_size * world_size * self.accumulation(world_size)
 
 
 def _type_name(tp: Any) -> str:

@@ -2,6 +2,12 @@
 
 The batch is exactly what `LlavaForConditionalGeneration.forward` takes (input_ids, attention_mask, labels,
 pixel_values), plus `sample_ids` for error messages, which the trainer removes before the forward pass.
+
+A micro-batch without any image (text-only records) gets one filler sample: a blank image's tokens, every label
+ignored. Every rank then runs the vision tower and projector in every step, in the model's own order: under
+ZeRO-3 a rank that skips the tower leaves the others waiting in its parameter all-gather (the hang LLaVA-family
+trainers are known for), and under DDP the projector would get no gradient there. The filler adds nothing to
+the loss or its normalisation (no supervised token), and rows never attend to each other.
 """
 
 from __future__ import annotations
@@ -15,6 +21,19 @@ from torch.utils.data import Dataset
 
 from medllava.data.render import IGNORE_INDEX, Rendered
 from medllava.imaging import load_image
+
+FILLER_ID = "<image filler>"
+
+
+def with_image(features: list[dict[str, Any]], filler: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The features, plus the image filler when none of them has an image."""
+    if filler is None or any("pixel_values" in f for f in features):
+        return features
+    return [*features, filler]
+
+
+def real_ids(features: Sequence[dict[str, Any]]) -> list[str]:
+    return [f["sample_id"] for f in features if f["sample_id"] != FILLER_ID]
 
 
 def expand_image_tokens(ids: np.ndarray, labels: np.ndarray, image_token_id: int, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -40,7 +59,17 @@ class SFTDataset(Dataset):
 
     @property
     def lengths(self) -> list[int]:
-        return [s.length for s in self.samples]
+        stored = getattr(self.samples, "lengths", None)  # a CachedSamples keeps them as one array
+        return list(stored) if stored is not None else [s.length for s in self.samples]
+
+    def image_filler(self) -> dict[str, Any]:
+        """A blank image's tokens with every label ignored (see the module docstring)."""
+        from PIL import Image
+
+        ids = np.full(self.tokens_per_image, self.image_token_id, dtype=np.int64)
+        pixels = self.image_processor(images=[Image.new("RGB", (32, 32))], return_tensors="pt")["pixel_values"]
+        return {"input_ids": torch.from_numpy(ids), "labels": torch.full((len(ids),), IGNORE_INDEX, dtype=torch.long),
+                "sample_id": FILLER_ID, "pixel_values": pixels}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
@@ -59,11 +88,14 @@ class SFTDataset(Dataset):
 class SFTCollator:
     """Right-pad ids (pad token) and labels (-100); concatenate the images of the batch in order."""
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None,
+                 filler: dict[str, Any] | None = None):
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.filler = filler
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        features = with_image(features, self.filler)
         longest = max(f["input_ids"].shape[0] for f in features)
         if self.pad_to_multiple_of:
             m = self.pad_to_multiple_of
@@ -76,7 +108,7 @@ class SFTCollator:
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
-            "sample_ids": [f["sample_id"] for f in features],
+            "sample_ids": real_ids(features),
         }
         add_pixels(batch, features)
         return batch

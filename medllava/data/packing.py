@@ -1,5 +1,11 @@
 """Padding-free multimodal packing: several samples per row, each attending only to itself.
 
+Training packs each micro-batch (`SamplePackingCollator`): the per-device batch is a number of samples, as
+without packing, and its samples go into as few rows of at most `pack_length` tokens as first fit finds. So
+the samples per optimizer step are what the stage says whatever the packing, and bins differ every epoch
+(they follow the sampler's shuffled order). `PackedDataset` (fixed bins over the whole set, rows counted
+per batch) remains for the throughput benchmark's token-budget mode.
+
 A packed row concatenates samples; `position_ids` restart at 0 for each sample, the row carries no
 `attention_mask`, and the KV cache is off. From restarting positions transformers builds a block-diagonal
 causal mask (SDPA, eager, flex) or variable-length flash-attention calls, so samples never see each other.
@@ -20,7 +26,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from medllava.data.collate import add_pixels, pad_right
+from medllava.data.collate import FILLER_ID, add_pixels, pad_right, with_image
 from medllava.data.render import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -139,10 +145,24 @@ class PackedCollator:
             "labels": labels,
             "position_ids": position_ids,
             "use_cache": False,  # a cache (or a 2D mask) turns off transformers' packed-sequence masking
-            "sample_ids": [sid for r in rows for sid in r["sample_id"]],
+            "sample_ids": [sid for r in rows for sid in r["sample_id"] if sid != FILLER_ID],
         }
         add_pixels(out, rows)
         return out
+
+
+class SamplePackingCollator:
+    """A micro-batch of samples -> packed rows of at most `capacity` tokens (first fit decreasing)."""
+
+    def __init__(self, pad_token_id: int, capacity: int, filler: dict[str, Any] | None = None) -> None:
+        self.rows = PackedCollator(pad_token_id)
+        self.capacity = capacity
+        self.filler = filler  # a blank image for micro-batches without one (medllava.data.collate)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        features = with_image(features, self.filler)
+        bins = pack_bins([f["input_ids"].shape[0] for f in features], self.capacity)
+        return self.rows([pack_items([features[i] for i in b]) for b in bins])
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ from medllava.model import (
     save_model,
 )
 from medllava.processor import set_image_aspect, wrap_chat_template
+from medllava.train import ranks
 from medllava.train.safety import (
     CHECKPOINT_RE,
     STAGING,
@@ -55,6 +56,7 @@ class MedLlavaTrainerMixin:
         self._staging = False
         self.guard = DivergenceGuard(on_nonfinite, max_nonfinite_skips)
         super().__init__(*args, **kwargs)
+        self.guard.deepspeed_engine = lambda: self.model_wrapped if self.is_deepspeed_enabled else None
         self.add_callback(self.guard)
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
@@ -151,13 +153,18 @@ def checkpointing_arguments(enabled: bool) -> dict[str, Any]:
     return {"gradient_checkpointing": enabled, "gradient_checkpointing_kwargs": kwargs}
 
 
+def on_cpu(cfg: StageConfig) -> bool:
+    """A stage runs on the CPU when asked to or when no GPU is visible (then several ranks are one gloo job)."""
+    return cfg.run.use_cpu or not torch.cuda.is_available()
+
+
 def trainer_kwargs(cfg: StageConfig, precision: str) -> dict[str, Any]:
     """TrainingArguments fields shared by the SFT and GRPO stages (one place, so every knob is visible)."""
     o, r = cfg.optim, cfg.run
     return dict(
         output_dir=r.output_dir,
         per_device_train_batch_size=o.per_device_batch_size,
-        gradient_accumulation_steps=o.grad_accum,
+        gradient_accumulation_steps=cfg.accumulation(ranks.world_size()),
         num_train_epochs=o.epochs,
         max_steps=o.max_steps,
         learning_rate=o.lr,
@@ -178,7 +185,7 @@ def trainer_kwargs(cfg: StageConfig, precision: str) -> dict[str, Any]:
         save_total_limit=r.save_total_limit,
         seed=r.seed,
         data_seed=r.seed,
-        use_cpu=r.use_cpu,
+        use_cpu=on_cpu(cfg),
         dataloader_num_workers=cfg.data.num_workers,
         dataloader_pin_memory=torch.cuda.is_available() and not r.use_cpu,
         remove_unused_columns=False,
@@ -220,15 +227,68 @@ def cast_trainable_to_fp32(model: torch.nn.Module, precision: str, deepspeed: st
 
 
 def begin_stage(cfg: StageConfig) -> tuple[Path, str, Any, LlavaProcessor, str | None]:
-    """Create the output folder, seed everything, resolve precision, load the starting model."""
+    """Check the inputs, join the ranks, seed everything, resolve precision, load the starting model."""
     check_liger(cfg)  # before the (possibly long) model load
+    check_inputs(cfg)
+    world = ranks.world_size()
+    accumulation = cfg.accumulation(world)  # a global batch that does not divide fails here, not after loading
+    ranks.ensure_process_group()
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.run.seed)
-    precision = resolve_precision(cfg.run.precision, cfg.run.use_cpu)
+    precision = resolve_precision(cfg.run.precision, on_cpu(cfg))
+    unit = "completions" if cfg.kind == "grpo" else "samples"
     logger.info("stage %s (%s): precision %s, output %s", cfg.name, cfg.kind, precision, out)
+    logger.info("global batch: %d %s per optimizer step = %d per device x %d rank(s) x %d accumulation",
+                cfg.global_batch(world), unit, cfg.optim.per_device_batch_size, world, accumulation)
     model, processor, base_ref = load_stage_model(cfg, precision)
     return out, precision, model, processor, base_ref
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_deepspeed_file(path: str) -> str:
+    """A DeepSpeed JSON path as given, or (relative and absent here) the one shipped in the repository."""
+    if Path(path).is_file():
+        return path
+    shipped = REPO_ROOT / path
+    if not Path(path).is_absolute() and shipped.is_file():
+        return str(shipped)
+    raise ConfigError(f"run.deepspeed: {path} does not exist")
+
+
+def check_inputs(cfg: StageConfig) -> None:
+    """Fail before any model is downloaded or loaded: data files, image folder and DeepSpeed file must exist.
+
+    The message names what is missing and the command that makes it (data.made_by, or for a GRPO stage with a
+    pass-rate filter, the filter command).
+    """
+    d = cfg.data
+    missing = [f for f in d.train_files if not f.startswith("hf:") and not Path(f).exists()]
+    problems = []
+    if missing:
+        f = cfg.grpo.pass_rate_filter
+        if cfg.kind == "grpo" and f.source and missing == d.train_files[:1]:
+            absent = [s for s in f.source if not s.startswith("hf:") and not Path(s).exists()]
+            hint = (f"made by `python data_recipes/pass_rate_filter.py --stage THIS_STAGE.yaml --model "
+                    f"{cfg.model.init_from or 'PREVIOUS_STAGE'}` from {f.source}"
+                    + (f", of which {absent} are missing too" + (f" ({d.made_by})" if d.made_by else "") if absent else "")
+                    + "; ./train.sh stages/<family> runs it before the stage")
+        else:
+            hint = f"made by: {d.made_by}" if d.made_by else "see data_recipes/ for the converters of public corpora"
+        problems.append(f"data.train_files: {', '.join(missing)} not found ({hint})")
+    if not Path(d.image_folder).is_dir():
+        problems.append(f"data.image_folder: {d.image_folder} is not a folder"
+                        + (f" (made by: {d.made_by})" if d.made_by else ""))
+    tracker = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(cfg.run.report_to)
+    if tracker and importlib.util.find_spec(tracker) is None:
+        problems.append(f"run.report_to: {cfg.run.report_to} is not installed (pip install 'medllava[tracking]', or "
+                        "--run.report_to=none)")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    if cfg.run.deepspeed:
+        cfg.run.deepspeed = resolve_deepspeed_file(cfg.run.deepspeed)
 
 
 @dataclass
@@ -285,9 +345,14 @@ def load_stage_model(cfg: StageConfig, precision: str) -> tuple[Any, LlavaProces
             # A LoRA stage output: merge it into its base. A quantized stage needs the merged weights on disk.
             if quant is not None:
                 merged = Path(cfg.run.output_dir) / "init_merged"
-                if not (merged / "config.json").is_file():
-                    logger.info("merging adapter %s into its base -> %s (for quantized loading)", source, merged)
-                    merge_adapter_to_folder(source, merged, dtype=dtype, allow_pickle=m.allow_pickle)
+                def merge() -> None:
+                    if not (merged / "config.json").is_file():
+                        logger.info("merging adapter %s into its base -> %s (for quantized loading)", source, merged)
+                        staging = merged.with_name(merged.name + ".staging")
+                        merge_adapter_to_folder(source, staging, dtype=dtype, allow_pickle=m.allow_pickle)
+                        os.replace(staging, merged)
+
+                ranks.on_writer(merge, "merging the starting adapter")
                 source = str(merged)
                 model, processor = load_model(source, dtype=dtype, quantization=quant, **common)
                 base_ref = source
@@ -334,9 +399,19 @@ def save_base_if_needed(cfg: StageConfig, model: Any, processor: LlavaProcessor,
     if not (uses_lora(cfg) or needed) or base_ref is not None:
         return base_ref
     base_dir = Path(cfg.run.output_dir) / "base"
-    if not (base_dir / "config.json").is_file():
-        logger.info("saving the in-memory base model to %s (the adapter refers to it)", base_dir)
-        save_model(model, processor, base_dir)
+
+    def save() -> None:
+        if not (base_dir / "config.json").is_file():
+            logger.info("saving the in-memory base model to %s (the adapter refers to it)", base_dir)
+            staging = base_dir.with_name("base.staging")
+            if staging.exists():
+                shutil.rmtree(staging)
+            save_model(model, processor, staging)
+            if base_dir.exists():
+                shutil.rmtree(base_dir)
+            os.replace(staging, base_dir)
+
+    ranks.on_writer(save, "saving the base model")
     return str(base_dir)
 
 
@@ -346,7 +421,9 @@ def resume_checkpoint(cfg: StageConfig) -> str | None:
     if resume == "never":
         return None
     if resume == "auto":
-        return last_complete_checkpoint(Path(cfg.run.output_dir), quarantine=int(os.environ.get("RANK", "0")) == 0)
+        # The writer sets incomplete checkpoints aside; then every rank picks the same newest complete one.
+        ranks.on_writer(lambda: last_complete_checkpoint(Path(cfg.run.output_dir), quarantine=True), "scanning checkpoints")
+        return last_complete_checkpoint(Path(cfg.run.output_dir))
     if not Path(resume).is_dir():
         raise ConfigError(f"run.resume: checkpoint {resume} does not exist")
     if not is_complete_checkpoint(Path(resume)):

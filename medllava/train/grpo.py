@@ -19,9 +19,12 @@ from typing import Any
 import torch
 
 from medllava.config import ConfigError, StageConfig
+from medllava.data.cache import cache_key, tokenizer_fingerprint
 from medllava.data.rl import build_rl_rows, rl_dataset
+from medllava.data.validate import REPORT_NAME
 from medllava.model import apply_trainable
 from medllava.rewards import REWARDS, completion_text, grade
+from medllava.train import ranks
 from medllava.train.common import (
     MedLlavaTrainerMixin,
     StageRun,
@@ -157,15 +160,44 @@ def grpo_arguments(cfg: StageConfig, precision: str, weights: list[float]) -> An
     )
 
 
+def prepared_rows(cfg: StageConfig, processor: Any, out: Path) -> list[dict[str, Any]]:
+    """The checked RL rows, built once per data version by the writer (cached as JSONL) and read by every rank."""
+    d, g = cfg.data, cfg.grpo
+    key = cache_key(d.train_files, image_folder=str(Path(d.image_folder).resolve()), prompt=g.prompt,
+                    instruction=g.instruction, system_prompt=d.system_prompt, max_length=d.max_length,
+                    skip_invalid=d.skip_invalid, allow_absolute_paths=d.allow_absolute_paths, max_samples=d.max_samples,
+                    tokenizer=tokenizer_fingerprint(processor.tokenizer))
+    folder = Path(d.cache_dir or out / ".data_cache") / f"rl-{key}"
+
+    def build() -> None:
+        if (folder / "rows.jsonl").is_file():
+            logger.info("data: reusing the checked RL rows in %s", folder)
+            (out / REPORT_NAME).write_bytes((folder / REPORT_NAME).read_bytes())
+            return
+        rows, _report = build_rl_rows(
+            d.train_files, processor, image_folder=d.image_folder, mode=g.prompt, instruction=g.instruction,
+            system_prompt=d.system_prompt, max_prompt_length=d.max_length, skip_invalid=d.skip_invalid,
+            allow_absolute_paths=d.allow_absolute_paths, max_samples=d.max_samples, report_dir=out,
+        )
+        staging = folder.with_name(folder.name + ".staging")
+        staging.mkdir(parents=True, exist_ok=True)
+        with (staging / "rows.jsonl").open("w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        (staging / REPORT_NAME).write_bytes((out / REPORT_NAME).read_bytes())
+        staging.replace(folder)
+
+    ranks.on_writer(build, "checking the RL data")
+    with (folder / "rows.jsonl").open(encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh]
+    logger.info("data: %d RL questions (checked once, cached in %s)", len(rows), folder)
+    return rows
+
+
 def prepare_grpo(cfg: StageConfig) -> StageRun:
     """Load the model, build the RL dataset and rewards, apply the trainable spec, and build the trainer."""
     out, precision, model, processor, base_ref = begin_stage(cfg)
-    rows, _report = build_rl_rows(
-        cfg.data.train_files, processor, image_folder=cfg.data.image_folder, mode=cfg.grpo.prompt,
-        instruction=cfg.grpo.instruction, system_prompt=cfg.data.system_prompt, max_prompt_length=cfg.data.max_length,
-        skip_invalid=cfg.data.skip_invalid, allow_absolute_paths=cfg.data.allow_absolute_paths,
-        max_samples=cfg.data.max_samples, report_dir=out,
-    )
+    rows = prepared_rows(cfg, processor, out)
     # A full-model run with a KL term rebuilds its reference from the model's folder: it must exist on disk.
     needs_folder = cfg.grpo.beta > 0 and "lora" not in (cfg.trainable.vision, cfg.trainable.llm)
     base_ref = save_base_if_needed(cfg, model, processor, base_ref, needed=needs_folder)

@@ -6,13 +6,19 @@ divergence guard.
 - The final model is written to OUTPUT/.staging/final and its files are moved into OUTPUT with config.json
   (or adapter_config.json) and the stage marker last: a folder is loadable only once it is whole.
 - A non-finite loss or gradient stops the run with the step and the sample ids, or (on_nonfinite: skip)
-  drops that batch's update; skips are counted in the logs and listed in nonfinite.json.
+  drops that batch's update; skips are counted in the logs and listed in nonfinite.json. With several ranks
+  the finite flag is agreed over all of them first, so every rank stops (or skips) together. Under DeepSpeed
+  the engine owns the gradients (param.grad is empty) and steps inside backward: the guard reads the engine's
+  overflow flag and global gradient norm after the step. Under fp16 an overflow is the loss scaler's routine
+  (ignored, counted); under bf16/fp32 it means non-finite gradients whose update DeepSpeed dropped (stop, or
+  counted as a skip); a non-finite norm without that flag stops the run (the update is applied already).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -21,6 +27,8 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
+
+from medllava.train import ranks
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +127,8 @@ class DivergenceGuard(TrainerCallback):
         self.events: list[dict[str, Any]] = []
         self.last_ids: list[str] | None = None
         self.output_dir: str | None = None
+        self.deepspeed_engine: Any = lambda: None  # set by the trainer: returns its DeepSpeed engine, if any
+        self.scaler_skips = 0
 
     def _handle(self, kind: str, step: int, detail: str) -> None:
         ids = self.last_ids
@@ -133,20 +143,44 @@ class DivergenceGuard(TrainerCallback):
 
     def loss_ok(self, loss: torch.Tensor, step: int, sample_ids: list[str] | None) -> bool:
         self.last_ids = list(sample_ids) if sample_ids else None
-        if torch.isfinite(loss.detach()).all():
+        local = bool(torch.isfinite(loss.detach()).all())
+        if ranks.all_ranks_true(local):
             return True
-        self._handle("loss", step, f"loss={loss.detach().float().mean().item()}")
+        if local:
+            detail = "on another rank"
+        else:
+            detail = f"loss={loss.detach().float().mean().item()}" + (f" on rank {ranks.rank()}" if ranks.world_size() > 1 else "")
+        self._handle("loss", step, detail)
         return False
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        if model is None:
+        if model is None or self.deepspeed_engine() is not None:
             return
         bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
-        if not bad:
+        if ranks.all_ranks_true(not bad):
             return
-        self._handle("gradient", state.global_step + 1, f"{len(bad)} tensors, e.g. {bad[0]}")
+        self._handle("gradient", state.global_step + 1, f"{len(bad)} tensors, e.g. {bad[0]}" if bad else "on another rank")
         for p in model.parameters():  # skip: no gradient, so the optimizer leaves every weight as it is
             p.grad = None
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        engine = self.deepspeed_engine()
+        if engine is None:
+            return
+        step = state.global_step + 1
+        if getattr(getattr(engine, "optimizer", None), "overflow", False):
+            if engine.fp16_enabled():  # the loss scaler's routine: it skipped the step and lowers the scale
+                self.scaler_skips += 1
+                logger.info("step %d: the fp16 loss scaler skipped an overflowing step (%d so far)", step, self.scaler_skips)
+                return
+            # bf16/fp32 have no loss scale: the gradients really were non-finite (DeepSpeed dropped the update)
+            self._handle("gradient", step, "DeepSpeed found non-finite gradients and skipped the update")
+            return
+        norm = engine.get_global_grad_norm()
+        value = float(norm.item() if torch.is_tensor(norm) else norm) if norm is not None else 0.0
+        if not math.isfinite(value):
+            self.mode = "stop"  # the update is applied already (inside backward): nothing left to skip
+            self._handle("gradient", step, f"global gradient norm {value} under DeepSpeed")
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.events and state.is_world_process_zero:

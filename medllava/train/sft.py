@@ -7,19 +7,23 @@ The Trainer customisations (projector learning rate, strict resume) live in trai
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from transformers import Trainer, TrainingArguments
 
 from medllava.config import ConfigError, StageConfig
+from medllava.data.cache import CachedSamples, cache_key, is_complete, save_samples, tokenizer_fingerprint
 from medllava.data.collate import SFTCollator, SFTDataset
-from medllava.data.packing import PackedCollator, PackedDataset, packing_isolates
-from medllava.data.render import Renderer
-from medllava.data.validate import prepare_samples
+from medllava.data.packing import SamplePackingCollator, packing_isolates
+from medllava.data.render import Rendered, Renderer
+from medllava.data.validate import REPORT_NAME, prepare_samples
 from medllava.model import apply_trainable
 from medllava.processor import num_image_tokens
+from medllava.train import ranks
 from medllava.train.common import (
     MedLlavaTrainerMixin,
     StageRun,
@@ -47,8 +51,9 @@ def training_arguments(cfg: StageConfig, precision: str) -> TrainingArguments:
 def batching(cfg: StageConfig, model: Any, processor: Any, dataset: SFTDataset) -> tuple[Any, Any]:
     """Packed rows when packing is asked for and isolates samples on this model; padded batches otherwise."""
     pad = processor.tokenizer.pad_token_id
+    filler = dataset.image_filler()
     if cfg.data.packing is False:
-        return dataset, SFTCollator(pad)
+        return dataset, SFTCollator(pad, filler=filler)
     isolated, diff, leak = packing_isolates(model, len(processor.tokenizer))
     if not isolated:
         message = (f"packed samples are not isolated on this model (max |logit diff| {diff:.2e} vs {leak:.2e} when "
@@ -56,24 +61,47 @@ def batching(cfg: StageConfig, model: Any, processor: Any, dataset: SFTDataset) 
         if cfg.data.packing is True:
             raise ConfigError(f"data.packing: {message}")
         logger.warning("packing off: %s", message)
-        return dataset, SFTCollator(pad)
+        return dataset, SFTCollator(pad, filler=filler)
     logger.info("packing on: isolation checked (max |logit diff| %.2e, leak would be %.2e)", diff, leak)
-    return PackedDataset(dataset, cfg.data.pack_length or cfg.data.max_length, seed=cfg.run.seed), PackedCollator(pad)
+    return dataset, SamplePackingCollator(pad, cfg.data.pack_length or cfg.data.max_length, filler=filler)
+
+
+def prepared_samples(cfg: StageConfig, renderer: Renderer, out: Path) -> Sequence[Rendered]:
+    """Checked and rendered samples, prepared once per data version by the writer and read by every rank.
+
+    The cache (medllava.data.cache) is keyed by the data files' identity and everything the rendering reads;
+    the data report of the preparation is copied into the output folder.
+    """
+    d = cfg.data
+    key = cache_key(d.train_files, image_folder=str(Path(d.image_folder).resolve()), format=d.format,
+                    max_length=d.max_length, system_prompt=d.system_prompt, skip_invalid=d.skip_invalid,
+                    allow_absolute_paths=d.allow_absolute_paths, max_samples=d.max_samples,
+                    tokenizer=tokenizer_fingerprint(renderer.tokenizer), tokens_per_image=renderer.tokens_per_image)
+    folder = Path(d.cache_dir or out / ".data_cache") / f"sft-{key}"
+
+    def build() -> None:
+        if is_complete(folder):
+            logger.info("data: reusing the checked and rendered samples in %s", folder)
+            (out / REPORT_NAME).write_text(json.dumps(CachedSamples(folder).report(), indent=2, ensure_ascii=False),
+                                           encoding="utf-8")
+            return
+        # The report goes beside the run (also when bad records stop it), and into the cache with the samples.
+        samples, report = prepare_samples(d.train_files, renderer, image_folder=d.image_folder,
+                                          allow_absolute_paths=d.allow_absolute_paths, skip_invalid=d.skip_invalid,
+                                          report_dir=out, max_samples=d.max_samples)
+        save_samples(samples, folder, report.to_dict())
+
+    ranks.on_writer(build, "checking and rendering the data")
+    samples = CachedSamples(folder)
+    logger.info("data: %d samples (rendered once, cached in %s)", len(samples), folder)
+    return samples
 
 
 def prepare_sft(cfg: StageConfig) -> StageRun:
     """Load the model, check and render the data, apply the trainable spec, and build the trainer."""
     out, precision, model, processor, base_ref = begin_stage(cfg)
     renderer = Renderer(processor, cfg.data.format, cfg.data.max_length, cfg.data.system_prompt)
-    samples, _report = prepare_samples(
-        cfg.data.train_files,
-        renderer,
-        image_folder=cfg.data.image_folder,
-        allow_absolute_paths=cfg.data.allow_absolute_paths,
-        skip_invalid=cfg.data.skip_invalid,
-        report_dir=out,
-        max_samples=cfg.data.max_samples,
-    )
+    samples = prepared_samples(cfg, renderer, out)
     base_ref = save_base_if_needed(cfg, model, processor, base_ref)
     model = apply_trainable(model, cfg.trainable, cfg.lora, gradient_checkpointing=cfg.run.gradient_checkpointing)
     cast_trainable_to_fp32(model, precision, cfg.run.deepspeed)

@@ -1,0 +1,134 @@
+"""Checked and rendered samples on disk, prepared once per data version and read by every rank.
+
+The key covers what the rendering depends on: each data file's identity (path, size, modification time), the
+image folder, the tokenizer and chat template, the rendering format, max_length, system prompt and the
+invalid-record policy. A changed key is a new folder (rebuilt); a complete folder is reused. The stored form is
+flat: token ids and labels as two memory-mapped arrays with offsets, so DataLoader workers share pages instead
+of copying Python objects. In-memory images (embedded in a `datasets` source) are written as PNG files.
+
+    <cache>/<key>/ids.npy labels.npy offsets.npy lengths.npy meta.jsonl data_report.json COMPLETE
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medllava.data.render import Rendered
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+COMPLETE = "COMPLETE"
+
+
+def file_identity(spec: str) -> dict[str, Any]:
+    """What identifies a data source's version: size and mtime of a file (every file of a folder)."""
+    path = Path(spec)
+    if path.is_file():
+        st = path.stat()
+        return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return {"path": str(path.resolve()), "files": [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
+                                                       for p in files]}
+    return {"path": spec}  # hf:NAME: the datasets library versions it
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of the tokenizer's vocabulary, merges, special tokens and chat template."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps([str(tokenizer.chat_template), tokenizer.all_special_tokens], sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def cache_key(files: Sequence[str], **settings: Any) -> str:
+    blob = json.dumps({"version": CACHE_VERSION, "files": [file_identity(f) for f in files], **settings},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / COMPLETE).is_file()
+
+
+def _image_ref(ref: Any, staging: Path, final: Path, name: str) -> str:
+    """A path as is; an in-memory image written as PNG under staging/images (its path once renamed to final)."""
+    if isinstance(ref, (str, Path)):
+        return str(ref)
+    from medllava.imaging import load_image
+
+    (staging / "images").mkdir(parents=True, exist_ok=True)
+    load_image(ref).save(staging / "images" / f"{name}.png")
+    return str((final / "images" / f"{name}.png").resolve())
+
+
+def save_samples(samples: Sequence[Rendered], folder: Path, report: dict[str, Any] | None = None) -> Path:
+    """Write samples under folder (staged in a sibling, then renamed, so readers never see half a cache)."""
+    staging = folder.with_name(folder.name + ".staging")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    lengths = np.asarray([len(s.input_ids) for s in samples], dtype=np.int64)
+    offsets = np.zeros(len(samples) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    ids = np.concatenate([s.input_ids for s in samples]) if samples else np.zeros(0, dtype=np.int64)
+    labels = np.concatenate([s.labels for s in samples]) if samples else np.zeros(0, dtype=np.int64)
+    np.save(staging / "ids.npy", ids.astype(np.int32))
+    np.save(staging / "labels.npy", labels.astype(np.int32))
+    np.save(staging / "offsets.npy", offsets)
+    np.save(staging / "lengths.npy", np.asarray([s.length for s in samples], dtype=np.int64))
+    with (staging / "meta.jsonl").open("w", encoding="utf-8") as fh:
+        for i, s in enumerate(samples):
+            images = [_image_ref(ref, staging, folder, f"{i}_{k}") for k, ref in enumerate(s.images)]
+            fh.write(json.dumps({"id": s.id, "images": images, "source": s.source, "line": s.line},
+                                ensure_ascii=False) + "\n")
+    if report is not None:
+        (staging / "data_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    (staging / COMPLETE).write_text("ok\n", encoding="utf-8")
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(staging, folder)
+    return folder
+
+
+class CachedSamples(Sequence[Rendered]):
+    """Read-only samples over a cache folder; ids and labels are memory-mapped, rows are built on access."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self._ids = np.load(self.folder / "ids.npy", mmap_mode="r")
+        self._labels = np.load(self.folder / "labels.npy", mmap_mode="r")
+        self._offsets = np.load(self.folder / "offsets.npy")
+        self.lengths = np.load(self.folder / "lengths.npy").tolist()
+        self._meta = [json.loads(line) for line in (self.folder / "meta.jsonl").read_text(encoding="utf-8").splitlines()]
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+    def __getitem__(self, index: int) -> Rendered:  # type: ignore[override]
+        if index < 0:
+            index += len(self)
+        lo, hi = int(self._offsets[index]), int(self._offsets[index + 1])
+        meta = self._meta[index]
+        return Rendered(id=meta["id"], input_ids=np.asarray(self._ids[lo:hi], dtype=np.int64),
+                        labels=np.asarray(self._labels[lo:hi], dtype=np.int64), images=list(meta["images"]),
+                        length=int(self.lengths[index]), source=meta["source"], line=int(meta["line"]))
+
+    def __iter__(self) -> Iterator[Rendered]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def report(self) -> dict[str, Any] | None:
+        path = self.folder / "data_report.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
