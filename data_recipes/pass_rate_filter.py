@@ -9,6 +9,9 @@ dropped id with its reason) goes beside the output as OUT.report.json.
 
     python data_recipes/pass_rate_filter.py --model runs/demo/instruct --data data/phantom/rl.jsonl \\
         --image-folder data/phantom/images --out data/phantom/rl_filtered.jsonl --n 8
+    python data_recipes/pass_rate_filter.py --stage stages/llava_med_v15/grpo.yaml --model runs/llava_med_v15/instruct
+
+With --stage, everything but the model comes from the GRPO stage (what `./train.sh stages/<family>` runs).
 """
 
 from __future__ import annotations
@@ -49,12 +52,49 @@ def pass_rates(model, processor, rows: list[dict], *, n: int, temperature: float
     return rates
 
 
+def filter_settings(args: argparse.Namespace, overrides: list[str]) -> argparse.Namespace:
+    """With --stage: data, image folder, output, prompt and sampling settings come from the GRPO stage config
+    (its grpo.pass_rate_filter section), so the filter samples exactly as the stage will train."""
+    if args.stage is None:
+        if overrides:
+            raise SystemExit(f"config overrides need --stage: {overrides}")
+        missing = [name for name in ("data", "out") if getattr(args, name) in (None, [])]
+        if missing:
+            raise SystemExit(f"--{' and --'.join(missing)} required (or --stage GRPO_STAGE.yaml)")
+        return args
+    from medllava.config import load_config
+
+    cfg = load_config(args.stage, overrides)
+    if cfg.kind != "grpo":
+        raise SystemExit(f"--stage {args.stage}: not a GRPO stage (kind: {cfg.kind})")
+    f, g = cfg.grpo.pass_rate_filter, cfg.grpo
+    if not f.source:
+        raise SystemExit(f"--stage {args.stage}: grpo.pass_rate_filter.source is empty (which questions to filter?)")
+    args.data = args.data or f.source
+    args.image_folder = cfg.data.image_folder
+    args.out = args.out or Path(cfg.data.train_files[0])
+    args.prompt, args.instruction, args.system_prompt = g.prompt, g.instruction, cfg.data.system_prompt
+    args.n, args.temperature, args.max_new_tokens = g.num_generations, g.temperature, g.max_completion_length
+    args.min_rate, args.max_rate, args.batch_size, args.seed = f.min_rate, f.max_rate, f.batch_size, cfg.run.seed
+    return args
+
+
+def original_rows(sources: list[str]) -> dict[tuple[str, int], dict]:
+    """Every input row as read, by (source, line), so kept questions are written out unchanged."""
+    from medllava.data.records import iter_raw
+
+    return {(raw.source, raw.line): raw.data for src in sources for raw in iter_raw(src) if raw.data is not None}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="stage output to sample with (the GRPO starting point)")
-    parser.add_argument("--data", required=True, help="RL/VQA file: id, image, question, answer, qtype, options?")
+    parser.add_argument("--stage", default=None,
+                        help="GRPO stage YAML: take data (grpo.pass_rate_filter.source), output (data.train_files[0]), "
+                             "prompt and sampling settings from it; --section.key=value overrides apply to it")
+    parser.add_argument("--data", nargs="+", default=None, help="RL/VQA files: id, image, question, answer, qtype, options?")
     parser.add_argument("--image-folder", default=".")
-    parser.add_argument("--out", required=True, type=Path, help="filtered JSONL to write")
+    parser.add_argument("--out", type=Path, default=None, help="filtered JSONL to write")
     parser.add_argument("--prompt", choices=["plain", "answer", "think"], default="plain", help="as in the GRPO config")
     parser.add_argument("--n", type=int, default=8, help="samples per question (GRPO's num_generations)")
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -64,33 +104,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-rate", type=float, default=1.0, help="keep questions with pass rate < this")
     parser.add_argument("--max-records", type=int, default=None, help="only the first N questions")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a for a in argv if a.startswith("--") and "." in a.split("=", 1)[0]]
+    args = parser.parse_args([a for a in argv if a not in overrides])
+    args.instruction = args.system_prompt = None
+    args = filter_settings(args, overrides)
 
     torch.manual_seed(args.seed)
-    model, processor = load_model(args.model)
+    use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    model, processor = load_model(args.model, dtype=torch.bfloat16 if use_bf16 else torch.float32)
     model.to(pick_device()).eval()
-    rows, report = build_rl_rows([args.data], processor, image_folder=args.image_folder, mode=args.prompt,
-                                 skip_invalid=True, max_samples=args.max_records, max_prompt_length=10**9)
+    rows, report = build_rl_rows(args.data, processor, image_folder=args.image_folder, mode=args.prompt,
+                                 instruction=args.instruction, system_prompt=args.system_prompt, skip_invalid=True,
+                                 max_samples=args.max_records, max_prompt_length=10**9, with_location=True)
     rates = pass_rates(model, processor, rows, n=args.n, temperature=args.temperature,
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    originals = {}
-    for line in Path(args.data).read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            obj = json.loads(line)
-            originals[str(obj.get("id"))] = obj
+    originals = original_rows(args.data)
     kept, dropped = [], []
     for row, rate in zip(rows, rates):
         if args.min_rate < rate < args.max_rate:
-            kept.append({**originals.get(row["id"], {}), "pass_rate": rate})
+            kept.append({**originals[(row["source"], row["line"])], "pass_rate": rate})
         else:
             dropped.append({"id": row["id"], "pass_rate": rate, "reason": "all right" if rate >= args.max_rate else "all wrong"})
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w", encoding="utf-8") as fh:
+    staging = args.out.with_name(args.out.name + ".partial")
+    with staging.open("w", encoding="utf-8") as fh:
         for obj in kept:
             fh.write(json.dumps(obj, ensure_ascii=False) + "\n")
     histogram = Counter(f"{r:.3f}" for r in rates)
     summary = {
         "model": args.model, "data": args.data, "n": args.n, "temperature": args.temperature,
+        "prompt": args.prompt, "max_new_tokens": args.max_new_tokens, "min_rate": args.min_rate, "max_rate": args.max_rate,
         "read": report.total, "invalid": len(report.errors), "invalid_counts": report.counts(),
         "sampled": len(rows), "kept": len(kept),
         "dropped_all_right": sum(1 for d in dropped if d["reason"] == "all right"),
@@ -101,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     report_path = args.out.with_suffix(".report.json")
     report_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(json.dumps({k: v for k, v in summary.items() if k not in ("dropped", "pass_rate_histogram")}))
+    if not kept:
+        staging.unlink()
+        print(f"pass_rate_filter: no question kept (pass rates outside ({args.min_rate}, {args.max_rate})); nothing "
+              f"written to {args.out}; see {report_path}", file=sys.stderr)
+        return 2
+    staging.replace(args.out)  # whole or absent: a later run never reads half a file
     return 0
 
 

@@ -39,12 +39,44 @@ class EvalItem:
     prompt: str
 
 
-def build_prompt(processor: Any, record: VQARecord, system_prompt: str | None = None) -> str:
+@dataclass
+class PromptSettings:
+    """How questions are put to a model: what its last stage trained with (see `stage_prompt_settings`)."""
+
+    mode: str = "plain"
+    """'plain' (instruction-data wording), 'answer' or 'think' (the GRPO prompts, medllava.data.rl)."""
+    instruction: str | None = None
+    system_prompt: str | None = None
+    max_new_tokens: int = 64
+
+
+def stage_prompt_settings(model_dir: str | Path) -> PromptSettings:
+    """The prompt a stage output was trained with, read from its medllava_stage.yaml: a GRPO stage's prompt mode,
+    instruction and completion length; an SFT stage's system prompt. Plain settings when there is no such file."""
+    import yaml
+
+    path = Path(model_dir) / "medllava_stage.yaml"
+    if not path.is_file():
+        return PromptSettings()
+    stage = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    system_prompt = (stage.get("data") or {}).get("system_prompt")
+    if stage.get("kind") == "grpo":
+        g = stage.get("grpo") or {}
+        return PromptSettings(mode=g.get("prompt", "plain"), instruction=g.get("instruction"), system_prompt=system_prompt,
+                              max_new_tokens=int(g.get("max_completion_length", 64)))
+    return PromptSettings(system_prompt=system_prompt)
+
+
+def build_prompt(processor: Any, record: VQARecord, system_prompt: str | None = None, mode: str = "plain",
+                 instruction: str | None = None) -> str:
     """The chat-template prompt for one question (the same wording as the instruction data and GRPO)."""
+    from medllava.data.rl import prompt_text
+
     messages = []
     if system_prompt:
         messages.append({"role": "system", "content": system_prompt})
-    messages.append({"role": "user", "content": format_question(record.question, record.options)})
+    text = format_question(record.question, record.options) if mode == "plain" else f"<image>\n{prompt_text(record, mode, instruction)}"
+    messages.append({"role": "user", "content": text})
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
@@ -71,7 +103,8 @@ def generate_batch(model: Any, processor: Any, prompts: Sequence[str], images: S
 
 
 def load_items(data: str | Path, processor: Any, image_folder: str | Path, *, limit: int | None = None,
-               system_prompt: str | None = None) -> tuple[list[EvalItem], list[RecordError]]:
+               system_prompt: str | None = None, mode: str = "plain",
+               instruction: str | None = None) -> tuple[list[EvalItem], list[RecordError]]:
     """Read the VQA set; bad records (and unreadable images) are returned as errors, never dropped silently."""
     items: list[EvalItem] = []
     errors: list[RecordError] = []
@@ -90,7 +123,7 @@ def load_items(data: str | Path, processor: Any, image_folder: str | Path, *, li
         except ImageError as err:
             errors.append(RecordError(err.kind, err.reason, source=rec.source, line=rec.line, record_id=rec.id))
             continue
-        items.append(EvalItem(rec, image, build_prompt(processor, rec, system_prompt)))
+        items.append(EvalItem(rec, image, build_prompt(processor, rec, system_prompt, mode, instruction)))
     return items, errors
 
 
@@ -206,12 +239,18 @@ def evaluate(
     blind: bool = False,
     limit: int | None = None,
     system_prompt: str | None = None,
+    mode: str = "plain",
+    instruction: str | None = None,
     title: str = "",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate a loaded model on a VQA file; write outputs to out_dir when given; return the metrics."""
+    """Evaluate a loaded model on a VQA file; write outputs to out_dir when given; return the metrics.
+
+    `mode`/`instruction`: the prompt form (plain, or a GRPO stage's answer/think prompt) and `max_new_tokens`
+    the completion length; `stage_prompt_settings` reads both from a stage output."""
     model.eval()
-    items, errors = load_items(data, processor, image_folder, limit=limit, system_prompt=system_prompt)
+    items, errors = load_items(data, processor, image_folder, limit=limit, system_prompt=system_prompt, mode=mode,
+                               instruction=instruction)
     if errors:
         logger.warning("eval: skipped %d bad record(s): %s", len(errors), "; ".join(e.describe() for e in errors[:5]))
     if not items:
@@ -230,6 +269,7 @@ def evaluate(
             for row, ans in zip(rows[start:start + batch_size], answers):
                 row[key] = ans
     metrics = score(rows)
+    metrics["prompt"] = {"mode": mode, "max_new_tokens": max_new_tokens, "decoding": "greedy"}
     metrics["chance"] = _mean([chance_level(it.record) for it in items if it.record.qtype in CLOSED_QTYPES])
     if blind:
         metrics["blind"] = score(rows, key="blind_prediction")

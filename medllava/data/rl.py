@@ -71,8 +71,10 @@ def build_rl_rows(
     max_samples: int | None = None,
     report_dir: str | Path | None = None,
     progress: bool = True,
+    with_location: bool = False,
 ) -> tuple[list[dict[str, Any]], ValidationReport]:
-    """Read, check and format RL records. Returns the rows (image as a resolved path) and the report."""
+    """Read, check and format RL records. Returns the rows (image as a resolved path) and the report.
+    `with_location` adds each record's source and line to its row (tools that map rows back to their input)."""
     records: list[VQARecord] = []
     errors: list[RecordError] = []
     too_long: list[RecordError] = []
@@ -106,7 +108,8 @@ def build_rl_rows(
                                         source=rec.source, line=rec.line, record_id=rec.id))
             continue
         rows.append({"id": rec.id, "prompt": messages, "image": str(rec.image), "answer": rec.answer,
-                     "qtype": rec.qtype, "options": rec.options})
+                     "qtype": rec.qtype, "options": rec.options,
+                     **({"source": rec.source, "line": rec.line} if with_location else {})})
     report = finish_report(total, len(rows), errors, skip_invalid=skip_invalid, report_dir=report_dir,
                            always_skipped=too_long)
     return rows, report
