@@ -4,7 +4,7 @@
 #   ./train.sh                    the tiny CPU demo: phantom data -> align -> instruct -> grpo, each evaluated
 #                                 on held-out closed questions; summary in runs/demo/summary.json
 #                                 (SEED=1 DEMO_RUNS=runs/demo-1 DEMO_DATA=data/phantom-1 for another seed)
-#   ./train.sh stages/<family>    a real recipe family: align -> instruct -> grpo (the stages that exist)
+#   ./train.sh stages/<family>    a real recipe family: align -> instruct -> [pass-rate filter] -> grpo -> export
 #
 # Environment for real recipes:
 #   NPROC=8                 processes (GPUs); default: every visible GPU
@@ -12,13 +12,21 @@
 #   INSTRUCT=instruct_lora  which instruction recipe to run (instruct | instruct_lora | instruct_qlora)
 #   GRPO=grpo_lora          which RL recipe to run (grpo | grpo_lora)
 #   STAGES="align instruct" which stages to run, in order
-#   EVAL_DATA=FILE EVAL_IMAGES=DIR   evaluate every stage output on a VQA set
+#   EVAL_DATA=FILE EVAL_IMAGES=DIR   evaluate every stage output on a VQA set (with the stage's own prompt)
+#   VISION_TOWER=ID LLM=ID  another encoder + LLM pair for the first stage (hub ids or local folders)
+#   TRAIN_ARGS="--optim.lr=1e-5 ..."  overrides for every stage (and for the pass-rate filter)
+#   WORKDIR=DIR             where the recipes' relative data/ and runs/ paths resolve (default: this folder)
+#   EXPORT=0                skip the export of the last stage
+# A stage whose output folder is complete is skipped, so re-running a family after a crash resumes the
+# unfinished stage (from its newest checkpoint) and never retrains a finished one.
 set -euo pipefail
-cd "$(dirname "$0")"
-scripts/setup_venv.sh
+repo=$(cd "$(dirname "$0")" && pwd)
+"$repo/scripts/setup_venv.sh"
 # shellcheck disable=SC1091
-source .venv/bin/activate
+source "$repo/.venv/bin/activate"
 export TOKENIZERS_PARALLELISM=false HF_HUB_DISABLE_TELEMETRY=1
+recipe_dir=${1:+$(cd "$1" 2>/dev/null && pwd || echo "$1")}
+cd "${WORKDIR:-$repo}"
 
 demo() {
   # SEED changes the phantom data, the tiny models' init and every stage's seed; DEMO_RUNS where runs go.
@@ -27,7 +35,7 @@ demo() {
   start=$(date +%s)
   rm -rf "$runs"
   echo "== phantom data (seed $seed)"
-  python data_recipes/phantom.py --out "$data" --train 2000 --test 100 --seed "$seed"
+  python "$repo/data_recipes/phantom.py" --out "$data" --train 2000 --test 100 --seed "$seed"
   echo "== tiny vision tower + LLM (random init, tokenizer trained on the demo texts)"
   medllava tiny "$runs/base" --corpus "$data/corpus.txt" --vision clip --llm llama \
     --vision-hidden 64 --llm-hidden 128 --llm-layers 4 --seed "$seed"
@@ -35,17 +43,17 @@ demo() {
   for stage in align instruct grpo; do
     if [ "$stage" = grpo ]; then
       echo "== pass-rate filter: keep RL questions the instruct model sometimes gets right"
-      python data_recipes/pass_rate_filter.py --model "$runs/instruct" --data "$data/rl.jsonl" \
+      python "$repo/data_recipes/pass_rate_filter.py" --model "$runs/instruct" --data "$data/rl.jsonl" \
         --image-folder "$data/images" --out "$runs/rl_filtered.jsonl" --n 4 --max-new-tokens 8 --seed "$seed"
     fi
     echo "== stage: $stage"
     case $stage in
-      align)    medllava train stages/demo/align.yaml "${paths[@]}" --run.output_dir="$runs/align" \
+      align)    medllava train "$repo"/stages/demo/align.yaml "${paths[@]}" --run.output_dir="$runs/align" \
                   --model.vision_tower="$runs/base/vision" --model.llm="$runs/base/llm" \
                   --data.train_files="[$data/align.jsonl]" ;;
-      instruct) medllava train stages/demo/instruct.yaml "${paths[@]}" --run.output_dir="$runs/instruct" \
+      instruct) medllava train "$repo"/stages/demo/instruct.yaml "${paths[@]}" --run.output_dir="$runs/instruct" \
                   --model.init_from="$runs/align" --data.train_files="[$data/instruct.jsonl]" ;;
-      grpo)     medllava train stages/demo/grpo.yaml "${paths[@]}" --run.output_dir="$runs/grpo" \
+      grpo)     medllava train "$repo"/stages/demo/grpo.yaml "${paths[@]}" --run.output_dir="$runs/grpo" \
                   --model.init_from="$runs/instruct" --data.train_files="[$runs/rl_filtered.jsonl]" ;;
     esac
     medllava eval "$runs/$stage" --data "$data/test.jsonl" --image-folder "$data/images" --blind \
@@ -73,28 +81,75 @@ launch() {
   [ "$nproc" -ge 1 ] || nproc=1
   case "${LAUNCHER:-torchrun}" in
     torchrun)   torchrun --standalone --nproc_per_node="$nproc" -m medllava.cli "$@" ;;
-    accelerate) accelerate launch --num_processes "$nproc" -m medllava.cli "$@" ;;
-    deepspeed)  deepspeed --num_gpus "$nproc" --module medllava.cli "$@" ;;
+    # accelerate's --multi_gpu is its multi-process launcher (torch's elastic agent); on a machine without GPUs
+    # the ranks join over gloo (its --cpu would start a single process). Precision comes from the stage.
+    accelerate) local multi=(); [ "$nproc" -gt 1 ] && multi=(--multi_gpu)
+                accelerate launch "${multi[@]}" --num_processes "$nproc" --num_machines 1 --mixed_precision no \
+                  --dynamo_backend no --main_process_port "${MASTER_PORT:-29500}" -m medllava.cli "$@" ;;
+    deepspeed)  deepspeed --num_gpus "$nproc" --master_port "${MASTER_PORT:-29500}" --module medllava.cli "$@" ;;
     *) echo "unknown LAUNCHER=${LAUNCHER}" >&2; exit 2 ;;
   esac
 }
 
+stage_field() {  # stage_field RECIPE EXPRESSION [overrides...]: a field of the resolved stage config
+  local recipe=$1 expr=$2; shift 2
+  python - "$recipe" "$expr" "$@" <<'PY'
+import sys
+from medllava.config import load_config
+cfg = load_config(sys.argv[1], sys.argv[3:])
+print(eval(sys.argv[2], {"cfg": cfg}))
+PY
+}
+
 family() {
-  local dir=${1%/} stage recipe out prev=""
+  local dir=$1 stage recipe out prev="" args filtered
   [ -d "$dir" ] || { echo "no such recipe folder: $dir" >&2; exit 2; }
+  # shellcheck disable=SC2206
+  local extra=(${TRAIN_ARGS:-})
   for stage in ${STAGES:-align ${INSTRUCT:-instruct} ${GRPO:-grpo}}; do
     recipe="$dir/$stage.yaml"
     [ -f "$recipe" ] || { echo "== skip $stage (no $recipe)"; continue; }
-    echo "== stage: $recipe"
-    # Each stage after the first starts from the previous stage's output.
-    if [ -n "$prev" ]; then launch train "$recipe" --model.init_from="$prev"; else launch train "$recipe"; fi
-    out=$(python -c "from medllava.config import load_config; print(load_config('$recipe').run.output_dir)")
+    # Each stage after the first starts from the previous stage's output; the first may get another pair.
+    args=()
+    if [ -n "$prev" ]; then
+      args+=(--model.init_from="$prev")
+    else
+      [ -z "${VISION_TOWER:-}" ] || args+=(--model.vision_tower="$VISION_TOWER")
+      [ -z "${LLM:-}" ] || args+=(--model.llm="$LLM")
+    fi
+    args+=("${extra[@]}")
+    out=$(stage_field "$recipe" "cfg.run.output_dir" "${args[@]}")
+    if [ -f "$out/medllava_stage.yaml" ]; then
+      echo "== stage: $recipe (complete in $out; skipped)"
+    else
+      if [ "$(stage_field "$recipe" "cfg.kind == 'grpo' and bool(cfg.grpo.pass_rate_filter.source)" "${args[@]}")" = True ]; then
+        filtered=$(stage_field "$recipe" "cfg.data.train_files[0]" "${args[@]}")
+        if [ -f "$filtered" ] && [ "$filtered" -nt "$prev/medllava_stage.yaml" ]; then
+          echo "== pass-rate filter: $filtered is newer than $prev (kept)"
+        else
+          echo "== pass-rate filter: questions $prev sometimes gets right -> $filtered"
+          python "$repo/data_recipes/pass_rate_filter.py" --stage "$recipe" --model "$prev" "${extra[@]}"
+        fi
+      fi
+      echo "== stage: $recipe -> $out"
+      launch train "$recipe" "${args[@]}"
+    fi
     prev=$out
-    if [ -n "${EVAL_DATA:-}" ]; then
+    if [ -n "${EVAL_DATA:-}" ] && [ ! -f "$out/eval/metrics.json" ]; then
       medllava eval "$out" --data "$EVAL_DATA" --image-folder "${EVAL_IMAGES:-.}" --blind \
         --summary "$(dirname "$out")/summary.json" --stage "$stage"
     fi
   done
+  if [ -n "$prev" ] && [ "${EXPORT:-1}" != 0 ]; then
+    local exported
+    exported="$(dirname "$prev")/export"
+    if [ -f "$exported/config.json" ] && [ "$exported/config.json" -nt "$prev/medllava_stage.yaml" ]; then
+      echo "== export: $exported is up to date"
+    else
+      echo "== export: $prev -> $exported (merged, verified with plain transformers)"
+      medllava export "$prev" --out "$exported"
+    fi
+  fi
 }
 
-if [ $# -eq 0 ]; then demo; else family "$1"; fi
+if [ $# -eq 0 ]; then demo; else family "$recipe_dir"; fi

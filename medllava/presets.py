@@ -21,6 +21,8 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     LlamaTokenizer,
+    MistralConfig,
+    MistralForCausalLM,
     PreTrainedTokenizerBase,
     Qwen2Config,
     Qwen2ForCausalLM,
@@ -31,7 +33,7 @@ from transformers import (
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 VisionKind = Literal["clip", "siglip"]
-LLMKind = Literal["llama", "qwen2"]
+LLMKind = Literal["llama", "mistral", "qwen2"]
 
 # Mistral-Instruct-v0.2 style (the LLaVA-Med v1.5 family): [INST] ... [/INST] answer</s>
 LLAMA_CHAT_TEMPLATE = (
@@ -73,7 +75,7 @@ def tiny_corpus(extra: Iterable[str] = ()) -> list[str]:
 def train_tokenizer(kind: LLMKind, corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerBase:
     """Train a BPE tokenizer of the LLM family's own class (sentencepiece-style Llama, byte-level Qwen2)."""
     texts = list(corpus)
-    if kind == "llama":
+    if kind in ("llama", "mistral"):
         tok = LlamaTokenizer()
         special = ["<unk>", "<s>", "</s>"]
         alphabet: list[str] = []
@@ -87,7 +89,7 @@ def train_tokenizer(kind: LLMKind, corpus: Iterable[str], vocab_size: int = 512)
         vocab_size=vocab_size, special_tokens=special, initial_alphabet=alphabet, show_progress=False
     )
     tok._tokenizer.train_from_iterator(texts, trainer=trainer)
-    tok.chat_template = LLAMA_CHAT_TEMPLATE if kind == "llama" else QWEN2_CHAT_TEMPLATE
+    tok.chat_template = QWEN2_CHAT_TEMPLATE if kind == "qwen2" else LLAMA_CHAT_TEMPLATE
     # The in-memory object keeps the special-token ids it had before training; a save/load round-trip
     # gives the consistent tokenizer that every later `from_pretrained` sees.
     with tempfile.TemporaryDirectory() as tmp:
@@ -149,7 +151,8 @@ def make_tiny_llm(
     num_heads: int = 4,
     seed: int = 0,
 ) -> Path:
-    """Save a random-init Llama-like or Qwen2-like causal LM with an in-process trained tokenizer."""
+    """Save a random-init Llama-, Mistral- or Qwen2-like causal LM with an in-process trained tokenizer (Mistral:
+    the Llama tokenizer and Mistral-Instruct's [INST] template, as Mistral-7B-Instruct-v0.2 ships)."""
     torch.manual_seed(seed)
     tok = train_tokenizer(kind, corpus if corpus is not None else tiny_corpus(), vocab_size=vocab_size)
     common = {
@@ -166,6 +169,8 @@ def make_tiny_llm(
     }
     if kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **common))
+    elif kind == "mistral":
+        model = MistralForCausalLM(MistralConfig(tie_word_embeddings=False, sliding_window=None, **common))
     else:
         model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=True, **common))
     out = Path(out_dir)

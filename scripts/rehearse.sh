@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Rehearse a real recipe family on CPU before anyone rents GPUs for it:
+#
+#   scripts/rehearse.sh llava_med_v15 [WORKDIR]      (or siglip_qwen25)
+#
+# It runs ./train.sh stages/<family> as a user would -- the same YAML files, stage order, launcher, pass-rate
+# filter, per-stage evaluation and export -- with two swaps made through train.sh's ordinary environment:
+#   - the models: tiny random-init models of the family's architectures (VISION_TOWER, LLM):
+#       llava_med_v15 -> CLIP-like tower + Mistral-like LLM;  siglip_qwen25 -> SigLIP-like tower + Qwen2-like LLM
+#   - the data: small fixtures in the corpora's published layouts (LLaVA-Med JSON, VQA-RAD JSON, SLAKE JSON,
+#     PMC-VQA CSV, PathVQA parquet), converted by data_recipes/ into the paths the recipes name (WORKDIR).
+# Two overrides go to every stage (TRAIN_ARGS): the pass-rate filter keeps every question
+# (--grpo.pass_rate_filter.min_rate=-1), since a random-init model never answers right and would leave GRPO
+# nothing to train on; and completions stop at 32 tokens (--grpo.max_completion_length=32): a random-init model
+# rarely ends a completion, and 512 tokens x 256 completions per step is most of an hour on 2 CPU cores.
+# Everything else -- batch sizes, learning rates, precision, DeepSpeed files, LoRA and QLoRA settings, prompts,
+# rewards, generations per question -- is the recipe's own.
+#
+# Environment: NPROC (default 2 processes), LAUNCHER (torchrun | accelerate | deepspeed; default torchrun),
+# STAGES (default: every variant, chained: align instruct instruct_lora instruct_qlora grpo grpo_lora).
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+family=${1:?usage: scripts/rehearse.sh FAMILY [WORKDIR]}
+family=$(basename "${family%/}")
+work=${2:-$repo/runs/rehearsal/$family-${LAUNCHER:-torchrun}}
+case $family in
+  llava_med_v15) vision=clip; llm=mistral ;;
+  siglip_qwen25) vision=siglip; llm=qwen2 ;;
+  *) echo "no rehearsal models for family $family (known: llava_med_v15, siglip_qwen25)" >&2; exit 2 ;;
+esac
+"$repo/scripts/setup_venv.sh"
+# shellcheck disable=SC1091
+source "$repo/.venv/bin/activate"
+mkdir -p "$work"
+work=$(cd "$work" && pwd)
+start=$(date +%s)
+[ -f "$work/data/corpus.txt" ] || python "$repo/scripts/rehearsal_data.py" "$work"
+[ -f "$work/base/llm/config.json" ] || medllava tiny "$work/base" --corpus "$work/data/corpus.txt" --vision "$vision" \
+  --llm "$llm" --vision-hidden 32 --llm-hidden 64 --llm-layers 2 >/dev/null
+
+export WORKDIR=$work VISION_TOWER=$work/base/vision LLM=$work/base/llm
+export NPROC=${NPROC:-2} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
+export EVAL_DATA=data/vqa/vqa_rad_test.jsonl EVAL_IMAGES=data/vqa/images
+export STAGES=${STAGES:-align instruct instruct_lora instruct_qlora grpo grpo_lora}
+export TRAIN_ARGS="--grpo.pass_rate_filter.min_rate=-1 --grpo.max_completion_length=32 ${TRAIN_ARGS:-}"
+echo "== rehearsal of stages/$family on $NPROC CPU processes (${LAUNCHER:-torchrun}) in $work: $STAGES"
+"$repo/train.sh" "$repo/stages/$family"
+echo "{\"family\": \"$family\", \"launcher\": \"${LAUNCHER:-torchrun}\", \"nproc\": $NPROC, \"stages\": \"$STAGES\", \"seconds\": $(( $(date +%s) - start ))}" \
+  >"$work/rehearsal.json"
+echo "== rehearsal of stages/$family done in $(( $(date +%s) - start )) s"
