@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from medllava.data.collate import SFTCollator, SFTDataset
-from medllava.data.packing import PackedCollator, PackedDataset, pack_bins, pack_items, packing_isolates
+from medllava.data.packing import (
+    PackedCollator,
+    PackedDataset,
+    SamplePackingCollator,
+    pack_bins,
+    pack_items,
+    packing_isolates,
+)
 from medllava.data.render import IGNORE_INDEX, Renderer
 from medllava.data.validate import prepare_samples
 from medllava.model import build_model
@@ -91,6 +98,49 @@ def test_two_packed_rows_with_padding_equal_per_sample(setup: tuple) -> None:
     torch.testing.assert_close(out.logits[1, :lengths[2]], ref_logits[2], atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(out.logits[2, :lengths[3]], ref_logits[3], atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(out.loss, ref_loss, atol=1e-6, rtol=1e-6)
+
+
+def test_micro_batch_packing_equals_per_sample_with_and_without_the_image_filler(setup: tuple) -> None:
+    """The training path: a micro-batch of samples packed into rows of at most `capacity` tokens. Loss and
+    gradients equal per-sample training; a text-only micro-batch's blank-image filler adds exactly nothing."""
+    model, processor, dataset = setup
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    ref_logits, ref_loss = _per_sample(model, dataset)
+    ref_loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    lengths = sorted(lg.shape[0] for lg in ref_logits)
+    capacity = max(lengths[-1], lengths[0] + lengths[1])  # the two shortest share a row, the longest fits alone
+    collate = SamplePackingCollator(processor.tokenizer.pad_token_id, capacity, filler=dataset.image_filler())
+    batch = collate([dataset[i] for i in range(len(dataset))])
+    assert 1 < batch["input_ids"].shape[0] < len(dataset) and batch["input_ids"].shape[1] <= capacity
+    assert len(batch["sample_ids"]) == len(dataset) and batch["pixel_values"].shape[0] == len(dataset)  # no filler
+    out = _forward(model, batch)
+    torch.testing.assert_close(out.loss, ref_loss.detach(), atol=1e-6, rtol=1e-6)
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        if name in ref_grads:
+            torch.testing.assert_close(p.grad, ref_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+    model.zero_grad(set_to_none=True)
+
+    # text only: the same samples without their images (and placeholders) -> the filler brings one blank image
+    text = [dict(dataset[i]) for i in range(2)]
+    for item in text:
+        keep = item["input_ids"] != dataset.image_token_id
+        item["input_ids"], item["labels"] = item["input_ids"][keep], item["labels"][keep]
+        del item["pixel_values"]
+    with torch.no_grad():
+        plain = _forward(model, PackedCollator(processor.tokenizer.pad_token_id)([pack_items(text)]))
+        filled_batch = collate(text)
+        filled = _forward(model, filled_batch)
+    assert filled_batch["pixel_values"].shape[0] == 1 and len(filled_batch["sample_ids"]) == 2
+    torch.testing.assert_close(filled.loss, plain.loss, atol=1e-6, rtol=1e-6)
+    padded = SFTCollator(processor.tokenizer.pad_token_id, filler=dataset.image_filler())(text)
+    assert padded["pixel_values"].shape[0] == 1 and padded["input_ids"].shape[0] == 3
+    with torch.no_grad():
+        torch.testing.assert_close(_forward(model, padded).loss, plain.loss, atol=1e-6, rtol=1e-6)
 
 
 def test_padded_batches_equal_per_sample(setup: tuple) -> None:
@@ -182,9 +232,9 @@ def test_runner_packs_by_default_and_respects_the_probe(tmp_path: Path, phantom:
 
     cfg = stage_dict(tmp_path, phantom, init_from=base_models[("clip", "llama")])
     run = sft.prepare_sft(config_from_dict(cfg))
-    assert isinstance(run.trainer.train_dataset, PackedDataset)
-    assert isinstance(run.trainer.data_collator, PackedCollator)
-    run.trainer.train()  # packed rows train end to end
+    assert isinstance(run.trainer.train_dataset, SFTDataset)  # batches count samples; each is packed
+    assert isinstance(run.trainer.data_collator, SamplePackingCollator)
+    run.trainer.train()  # packed micro-batches train end to end
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in run.trainer.state.log_history if "loss" in h)
 
     monkeypatch.setattr(sft, "packing_isolates", lambda model, vocab: (False, 0.9, 1.0))  # a model that leaks

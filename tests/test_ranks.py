@@ -1,0 +1,322 @@
+"""Many ranks on one CPU machine (gloo): one job, own shards, same weights as one rank, exact resume after a kill,
+no ZeRO-3 hang on text-only batches, files written once, and a divergence guard every rank agrees with.
+
+Each multi-process test runs `tests/rank_driver.py` (a stage as `medllava train` runs it) under torchrun or the
+DeepSpeed launcher with OMP_NUM_THREADS=1, so two ranks fit on two cores. A hang fails on the timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from medllava.cli import take_launcher_arguments
+from medllava.config import ConfigError, config_from_dict
+
+from .conftest import REPO, stage_dict, write_jsonl
+
+DRIVER = Path(__file__).with_name("rank_driver.py")
+TIMEOUT = 420  # a hung collective fails the test instead of hanging CI
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+
+
+def launch_cmd(n: int, config: Path, *extra: str, launcher: str = "torchrun") -> list[str]:
+    if launcher == "deepspeed":
+        return ["deepspeed", "--num_gpus", str(n), "--master_port", str(free_port()), str(DRIVER), str(config), *extra]
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={n}",
+            f"--master_port={free_port()}", str(DRIVER), str(config), *extra]
+
+
+def run_ranks(n: int, config: Path, *extra: str, launcher: str = "torchrun", cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(launch_cmd(n, config, *extra, launcher=launcher), capture_output=True, text=True, env=env(),
+                          cwd=cwd, timeout=TIMEOUT)
+
+
+def write_cfg(tmp: Path, name: str, cfg: dict) -> Path:
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path, atol: float) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], atol=atol, rtol=0, msg=key)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fast checks of the pieces
+
+
+def test_deepspeed_launcher_local_rank_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert take_launcher_arguments(["--local_rank=1", "train", "x.yaml", "--optim.lr=1"]) == ["train", "x.yaml", "--optim.lr=1"]
+    assert os.environ["LOCAL_RANK"] == "1"
+    assert take_launcher_arguments(["train", "--local-rank", "0", "x.yaml"]) == ["train", "x.yaml"]
+
+
+def test_cli_under_the_deepspeed_launcher_arguments(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "medllava.cli", "--local_rank=0", "train", "missing.yaml"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and "no such config file" in result.stderr
+    assert "unrecognized arguments" not in result.stderr
+
+
+def test_global_batch_holds_on_any_number_of_ranks(tmp_path: Path, phantom: Path) -> None:
+    cfg = config_from_dict(stage_dict(tmp_path, phantom, vision=tmp_path, llm=tmp_path,
+                                      optim={"per_device_batch_size": 4, "global_batch_size": 128}))
+    assert [cfg.accumulation(w) for w in (1, 2, 8)] == [32, 16, 4]
+    assert {cfg.global_batch(w) for w in (1, 2, 8)} == {128}
+    with pytest.raises(ConfigError, match="not a multiple of per_device_batch_size 4 x 3 rank"):
+        cfg.accumulation(3)
+    with pytest.raises(ConfigError, match="global_batch_size or grad_accum, not both"):
+        config_from_dict(stage_dict(tmp_path, phantom, vision=tmp_path, llm=tmp_path,
+                                    optim={"global_batch_size": 128, "grad_accum": 4}))
+
+
+@pytest.mark.parametrize("family", ["llava_med_v15", "siglip_qwen25"])
+def test_recipes_state_the_published_global_batch(family: str) -> None:
+    from medllava.config import load_config
+
+    for path in sorted((REPO / "stages" / family).glob("*.yaml")):
+        cfg = load_config(path)
+        expected = 256 if cfg.kind == "grpo" else 128  # GRPO: 32 questions x 8 completions
+        assert cfg.optim.global_batch_size == expected, path.name
+        assert {cfg.global_batch(w) for w in (1, 2, 8)} == {expected}, path.name
+
+
+def test_packing_keeps_the_samples_per_batch(tmp_path: Path, phantom: Path, base_models: dict) -> None:
+    """With packing the per-device batch counts samples: every sample of the micro-batch is in the packed rows."""
+    from medllava.data.collate import SFTDataset
+    from medllava.data.packing import SamplePackingCollator
+    from medllava.data.render import Renderer
+    from medllava.data.validate import prepare_samples
+    from medllava.model import load_model
+    from medllava.processor import num_image_tokens
+
+    _, processor = load_model(base_models[("clip", "llama")])
+    renderer = Renderer(processor, "chat", 256)
+    samples, _ = prepare_samples([str(phantom / "instruct.jsonl")], renderer, image_folder=phantom / "images",
+                                 progress=False)
+    dataset = SFTDataset(samples, processor.image_processor, renderer.image_token_id, num_image_tokens(processor))
+    features = [dataset[i] for i in range(6)]
+    batch = SamplePackingCollator(processor.tokenizer.pad_token_id, capacity=256)(features)
+    assert sorted(batch["sample_ids"]) == sorted(f["sample_id"] for f in features)
+    assert batch["input_ids"].shape[0] < 6  # fewer rows than samples: they were packed
+    assert int((batch["labels"] != -100).sum()) == sum(int((f["labels"][1:] != -100).sum()) for f in features)
+
+
+def test_missing_data_fails_before_the_model_loads(tmp_path: Path, phantom: Path) -> None:
+    from medllava.train.sft import prepare_sft
+
+    cfg = stage_dict(tmp_path, phantom, vision=tmp_path / "no-tower", llm=tmp_path / "no-llm",
+                     data={"train_files": [str(tmp_path / "data/llava_med/align.jsonl")], "made_by": "python data_recipes/llava_med.py ..."})
+    with pytest.raises(ConfigError, match=r"align\.jsonl not found \(made by: python data_recipes/llava_med\.py"):
+        prepare_sft(config_from_dict(cfg))
+    cfg["data"] = {**cfg["data"], "train_files": [str(phantom / "instruct.jsonl")], "image_folder": str(tmp_path / "imgs")}
+    with pytest.raises(ConfigError, match="image_folder: .*imgs is not a folder"):
+        prepare_sft(config_from_dict(cfg))
+
+
+def test_missing_filtered_grpo_data_names_the_filter_command(tmp_path: Path, phantom: Path) -> None:
+    from medllava.train.grpo import prepare_grpo
+
+    cfg = stage_dict(tmp_path, phantom, init_from=tmp_path / "runs/instruct",
+                     grpo={"num_generations": 4, "pass_rate_filter": {"source": [str(phantom / "rl.jsonl")]}})
+    cfg["kind"] = "grpo"
+    cfg["data"]["train_files"] = [str(tmp_path / "rl_filtered.jsonl")]
+    with pytest.raises(ConfigError, match=r"rl_filtered\.jsonl not found \(made by `python data_recipes/pass_rate_filter\.py --stage"):
+        prepare_grpo(config_from_dict(cfg))
+
+
+def test_missing_tracker_fails_before_the_model_loads(tmp_path: Path, phantom: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from medllava.train.sft import prepare_sft
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    cfg = stage_dict(tmp_path, phantom, vision=tmp_path / "no-tower", llm=tmp_path / "no-llm", run={"report_to": "wandb"})
+    with pytest.raises(ConfigError, match="run.report_to: wandb is not installed"):
+        prepare_sft(config_from_dict(cfg))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Two processes
+
+
+def sft_cfg(tmp: Path, phantom: Path, base: Path, name: str, **sections: dict) -> Path:
+    cfg = stage_dict(tmp / name, phantom, init_from=base, **sections)
+    cfg["run"].pop("use_cpu")  # a CPU-only machine must be enough: no GPU is visible here
+    return write_cfg(tmp, name, cfg)
+
+
+@pytest.mark.slow
+def test_two_ranks_train_as_one_job_each_on_its_own_shard_and_write_once(tmp_path: Path, phantom: Path,
+                                                                         tiny_pair_dirs: dict) -> None:
+    """LoRA from an encoder + LLM pair: the in-memory base is saved once, the data prepared once, the final folder
+    published once; the ranks are one DDP job and share out the samples."""
+    vision, llm = tiny_pair_dirs[("clip", "llama")]
+    cfg = stage_dict(tmp_path / "lora", phantom, vision=vision, llm=llm,
+                     trainable={"vision": "frozen", "projector": "full", "llm": "lora"},
+                     optim={"max_steps": -1, "epochs": 1, "per_device_batch_size": 3, "global_batch_size": 6})
+    cfg["run"].pop("use_cpu")
+    result = run_ranks(2, write_cfg(tmp_path, "lora", cfg), "--record", str(tmp_path / "rec"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    log = result.stderr
+    assert "parallel_mode != ParallelMode.DISTRIBUTED" not in log
+    ranks = [json.loads((tmp_path / "rec" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and all("DISTRIBUTED" in r["parallel_mode"] for r in ranks)
+    assert [r["process_zero"] for r in ranks] == [True, False]
+    seen = [{sid for batch in r["batches"] for sid in batch} for r in ranks]
+    assert seen[0] and seen[1] and not seen[0] & seen[1], "each rank sees its own shard"
+    assert len(seen[0] | seen[1]) == 24  # one epoch of the 24 records, split between the ranks
+    assert log.count("saving the in-memory base model") == 1
+    assert log.count("data: 24 records ready") == 1, "data checked and rendered once, not once per rank"
+    assert log.count("global batch: 6 samples per optimizer step = 3 per device x 2 rank(s) x 1 accumulation") == 2
+    out = tmp_path / "lora" / "out"
+    assert (out / "adapter_config.json").is_file() and (out / "base" / "config.json").is_file()
+    assert json.loads((out / "data_report.json").read_text())["valid"] == 24
+
+
+@pytest.mark.slow
+def test_two_ranks_end_with_the_weights_of_one_rank(tmp_path: Path, phantom: Path, base_models: dict) -> None:
+    base = base_models[("clip", "llama")]
+    optim = {"max_steps": 3, "per_device_batch_size": 2, "global_batch_size": 8, "lr": 5e-3}
+    one = sft_cfg(tmp_path, phantom, base, "one", optim=optim)
+    two = sft_cfg(tmp_path, phantom, base, "two", optim=optim)
+    for n, cfg in ((1, one), (2, two)):
+        result = run_ranks(n, cfg, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-4000:]
+    # 1 rank: 4 micro-batches of 2 per step; 2 ranks: 2 each, gradients averaged by DDP. The same 8 samples make
+    # each step, so only the order of float32 additions differs (~1e-7 relative per step); after 3 Adam steps at
+    # lr 5e-3 that stays far below 1e-5, while one sample more or less per step moves weights by ~1e-3.
+    assert_same_weights(tmp_path / "one" / "out", tmp_path / "two" / "out", atol=1e-5)
+
+
+def kill_when(proc: subprocess.Popen, ready: Path, deadline_s: float = 300) -> None:
+    deadline = time.time() + deadline_s
+    while time.time() < deadline and not ready.is_dir() and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job: launcher and both ranks
+    proc.wait()
+
+
+def grpo_cfg(tmp: Path, phantom: Path, base: Path, name: str) -> Path:
+    cfg = stage_dict(tmp / name, phantom, init_from=base,
+                     optim={"max_steps": 6, "per_device_batch_size": 4, "global_batch_size": 8, "lr": 1e-3},
+                     run={"save_steps": 2, "save_total_limit": 3})
+    cfg["run"].pop("use_cpu")
+    cfg["kind"] = "grpo"
+    cfg["data"]["train_files"] = [str(phantom / "rl.jsonl")]
+    cfg["grpo"] = {"prompt": "plain", "rewards": {"accuracy": 1.0}, "num_generations": 4, "max_completion_length": 6,
+                   "log_completions_every": 0}
+    return write_cfg(tmp, name, cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sft", "grpo"])
+def test_sigkill_of_a_two_rank_job_then_rerun_ends_with_the_uninterrupted_weights(kind: str, tmp_path: Path,
+                                                                                  phantom: Path, base_models: dict) -> None:
+    base = base_models[("clip", "llama")]
+    if kind == "sft":
+        make = lambda name: sft_cfg(tmp_path, phantom, base, name,  # noqa: E731
+                                    optim={"max_steps": 8, "per_device_batch_size": 2, "global_batch_size": 4},
+                                    run={"save_steps": 2, "save_total_limit": 3})
+    else:
+        make = lambda name: grpo_cfg(tmp_path, phantom, base, name)  # noqa: E731
+    straight, killed = make("straight"), make("killed")
+    result = run_ranks(2, straight, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    proc = subprocess.Popen(launch_cmd(2, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(),
+                            cwd=tmp_path, start_new_session=True)
+    out = tmp_path / "killed" / "out"
+    kill_when(proc, out / "checkpoint-4")
+    assert not (out / "medllava_stage.yaml").exists(), "the kill should land before the stage ends"
+    result = run_ranks(2, killed, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "resuming from" in result.stderr
+    assert_same_weights(out, tmp_path / "straight" / "out", atol=1e-6)
+
+
+@pytest.mark.slow
+def test_zero3_with_a_text_only_rank_does_not_hang(tmp_path: Path, phantom: Path, base_models: dict) -> None:
+    """Per-device batch 1 over one text-only and one image record: in every step one rank has no image. Without
+    the idle vision pass the image rank waits forever in ZeRO-3's parameter all-gather."""
+    pytest.importorskip("deepspeed")
+    rows = [json.loads(line) for line in (phantom / "instruct.jsonl").read_text().splitlines()]
+    text_only = {"id": "text-only", "conversations": [{"from": "human", "value": "What does CT stand for?"},
+                                                      {"from": "gpt", "value": "Computed tomography."}]}
+    data = write_jsonl(tmp_path / "mixed.jsonl", [rows[0], text_only])
+    cfg = stage_dict(tmp_path / "z3", phantom, init_from=base_models[("clip", "llama")],
+                     optim={"max_steps": 3, "per_device_batch_size": 1, "global_batch_size": 2, "epochs": 3},
+                     run={"deepspeed": str(REPO / "deepspeed_configs/zero3.json")})
+    cfg["run"].pop("use_cpu")
+    cfg["data"]["train_files"] = [str(data)]
+    result = run_ranks(2, write_cfg(tmp_path, "z3", cfg), "--record", str(tmp_path / "rec"), launcher="deepspeed",
+                       cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    batches = [json.loads((tmp_path / "rec" / f"rank{r}.json").read_text())["batches"] for r in (0, 1)]
+    assert any(("text-only" in a) != ("text-only" in b) for a, b in zip(*batches)), "a step with one text-only rank"
+    assert (tmp_path / "z3" / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_guard_decides_the_same_on_every_rank(mode: str, tmp_path: Path, phantom: Path, base_models: dict) -> None:
+    """Rank 1's loss turns NaN at step 2 while rank 0's stays finite: both stop together (no rank left waiting
+    in an all-reduce), or both skip that batch and finish."""
+    cfg = sft_cfg(tmp_path, phantom, base_models[("clip", "llama")], mode,
+                  optim={"max_steps": 4, "per_device_batch_size": 2, "global_batch_size": 4},
+                  run={"on_nonfinite": mode})
+    result = run_ranks(2, cfg, "--nan-loss-rank", "1", "--nan-step", "2", cwd=tmp_path)
+    out = tmp_path / mode / "out"
+    if mode == "stop":
+        assert result.returncode != 0
+        assert "rank 0: DivergenceError: non-finite loss (on another rank) at step 2" in result.stderr
+        assert "rank 1: DivergenceError: non-finite loss (loss=nan on rank 1) at step 2" in result.stderr
+        assert not (out / "model.safetensors").exists()
+    else:
+        assert result.returncode == 0, result.stderr[-4000:]
+        report = json.loads((out / "nonfinite.json").read_text())
+        assert report["skipped"] == 1 and report["events"][0]["step"] == 2
+
+
+@pytest.mark.slow
+def test_guard_sees_nonfinite_gradients_under_deepspeed(tmp_path: Path, phantom: Path, base_models: dict) -> None:
+    """Under DeepSpeed param.grad is empty and the optimizer steps inside backward: the guard reads the engine's
+    gradient norm and stops at the step whose gradient was NaN, although every loss was finite."""
+    pytest.importorskip("deepspeed")
+    cfg = sft_cfg(tmp_path, phantom, base_models[("clip", "llama")], "ds",
+                  optim={"max_steps": 4, "per_device_batch_size": 2, "global_batch_size": 4},
+                  run={"deepspeed": str(REPO / "deepspeed_configs/zero2.json")})
+    result = run_ranks(2, cfg, "--nan-grad-step", "2", launcher="deepspeed", cwd=tmp_path)
+    assert result.returncode != 0
+    assert ("DivergenceError: non-finite gradient (DeepSpeed found non-finite gradients and skipped the update) at "
+            "step 2") in result.stderr
