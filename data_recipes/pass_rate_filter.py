@@ -28,13 +28,13 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from medllava.data.rl import build_rl_rows  # noqa: E402
 from medllava.evaluate import generate_batch  # noqa: E402
-from medllava.imaging import load_image  # noqa: E402
+from medllava.imaging import Window, load_image  # noqa: E402
 from medllava.model import load_model, pick_device  # noqa: E402
 from medllava.rewards import grade  # noqa: E402
 
 
 def pass_rates(model, processor, rows: list[dict], *, n: int, temperature: float, max_new_tokens: int,
-               batch_size: int, progress: bool = True) -> list[float]:
+               batch_size: int, progress: bool = True, window: Window | None = None) -> list[float]:
     """The share of n sampled answers that grade correct, per row."""
     rates: list[float] = []
     for start in tqdm(range(0, len(rows), batch_size), desc="sampling", disable=not progress):
@@ -44,7 +44,7 @@ def pass_rates(model, processor, rows: list[dict], *, n: int, temperature: float
             messages = [dict(m) for m in row["prompt"]]
             messages[-1] = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": messages[-1]["content"]}]}
             prompts.append(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
-        images = [load_image(row["image"]) for row in chunk]
+        images = [load_image(row["image"], window=window) for row in chunk]
         answers = generate_batch(model, processor, prompts, images, max_new_tokens, num_samples=n, temperature=temperature)
         for i, row in enumerate(chunk):
             samples = answers[i * n:(i + 1) * n]
@@ -76,6 +76,7 @@ def filter_settings(args: argparse.Namespace, overrides: list[str]) -> argparse.
     args.prompt, args.instruction, args.system_prompt = g.prompt, g.instruction, cfg.data.system_prompt
     args.n, args.temperature, args.max_new_tokens = g.num_generations, g.temperature, g.max_completion_length
     args.min_rate, args.max_rate, args.batch_size, args.seed = f.min_rate, f.max_rate, f.batch_size, cfg.run.seed
+    args.window = args.window or cfg.data.window
     return args
 
 
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-rate", type=float, default=1.0, help="keep questions with pass rate < this")
     parser.add_argument("--max-records", type=int, default=None, help="only the first N questions")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--window", default=None, help="DICOM window: preset (lung, bone, ...) or CENTER,WIDTH")
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides = [a for a in argv if a.startswith("--") and "." in a.split("=", 1)[0]]
     args = parser.parse_args([a for a in argv if a not in overrides])
@@ -118,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                                  instruction=args.instruction, system_prompt=args.system_prompt, skip_invalid=True,
                                  max_samples=args.max_records, max_prompt_length=10**9, with_location=True)
     rates = pass_rates(model, processor, rows, n=args.n, temperature=args.temperature,
-                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                       window=Window.parse(args.window) if args.window else None)
     originals = original_rows(args.data)
     kept, dropped = [], []
     for row, rate in zip(rows, rates):

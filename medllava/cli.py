@@ -45,6 +45,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from medllava.evaluate import evaluate, markdown_table, stage_prompt_settings, update_summary
+    from medllava.imaging import Window
     from medllava.model import load_model, pick_device
 
     model, processor = load_model(args.model, allow_pickle=args.allow_pickle)
@@ -55,10 +56,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.prompt is not None:
         prompt.mode = args.prompt
     max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else prompt.max_new_tokens
+    window_text = args.window or prompt.window
+    try:
+        window = Window.parse(window_text) if window_text else None
+    except ValueError as err:
+        raise ConfigError(f"--window: {err}") from None
     metrics = evaluate(
         model, processor, args.data, image_folder=args.image_folder, out_dir=out_dir, batch_size=args.batch_size,
         max_new_tokens=max_new_tokens, blind=args.blind, limit=args.limit, title=title,
-        system_prompt=prompt.system_prompt, mode=prompt.mode, instruction=prompt.instruction,
+        system_prompt=prompt.system_prompt, mode=prompt.mode, instruction=prompt.instruction, window=window,
     )
     print(markdown_table(metrics, title))
     if args.summary:
@@ -176,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: the stage's grpo.max_completion_length for a GRPO stage output, else 64")
     p.add_argument("--prompt", choices=["plain", "answer", "think"], default=None,
                    help="question form (default: what the stage trained with, from its medllava_stage.yaml)")
+    p.add_argument("--window", default=None,
+                   help="DICOM window: preset (lung, mediastinum, bone, brain, abdomen, ...) or CENTER,WIDTH "
+                        "(default: the stage's data.window, else the file's own)")
     p.add_argument("--blind", action="store_true", help="also answer with blank images and report the gap")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
     p.add_argument("--summary", default=None, help="merge headline figures into this JSON file")
@@ -194,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     bits = p.add_mutually_exclusive_group()
     bits.add_argument("--load-in-4bit", action="store_true", help="4-bit NF4 weights (bitsandbytes)")
     bits.add_argument("--load-in-8bit", action="store_true", help="8-bit weights (bitsandbytes)")
-    p.add_argument("--window", default=None, help="DICOM window CENTER,WIDTH (default: the file's own)")
+    p.add_argument("--window", default=None,
+                   help="DICOM window: preset (lung, mediastinum, bone, brain, abdomen, ...) or CENTER,WIDTH "
+                        "(default: the file's own)")
     p.add_argument("--frame", type=int, default=None, help="frame of a multi-frame DICOM (default: the middle one)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading non-safetensors weights")
     p.set_defaults(func=cmd_chat)

@@ -80,6 +80,9 @@ class DataSection:
     """Use only the first N records of the training set (quick runs)."""
     made_by: str | None = None
     """The command that produces train_files (named in the error when they are missing)."""
+    window: str | None = None
+    """DICOM display window for every image: a preset (lung, mediastinum, bone, brain, abdomen, ...) or
+    'CENTER,WIDTH'. None: the file's own VOI LUT / window, else min-max (see medllava.imaging)."""
     cache_dir: str | None = None
     """Where checked and rendered samples are cached, keyed by data version (default: OUTPUT/.data_cache)."""
 
@@ -151,7 +154,9 @@ class RunSection:
     """A DeepSpeed JSON file, e.g. deepspeed_configs/zero2.json."""
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
     resume: str = "auto"
-    """'auto': continue from the newest complete checkpoint in output_dir if any; 'never'; or a checkpoint path."""
+    """'auto': continue from the newest complete checkpoint in output_dir if any (refused, naming the changed keys,
+    when the stage config differs from the one that wrote it); 'force': the same even if the config changed;
+    'never'; or a checkpoint path."""
     seed: int = 42
     logging_steps: int = 10
     save_steps: int = 500
@@ -253,6 +258,13 @@ class StageConfig:
                 raise ConfigError("grpo.rewards: at least one reward")
         if self.data.max_length <= 0:
             raise ConfigError("data.max_length must be positive")
+        if self.data.window is not None:
+            from medllava.imaging import Window
+
+            try:
+                Window.parse(self.data.window)
+            except ValueError as err:
+                raise ConfigError(f"data.window: {err}") from None
         if self.optim.per_device_batch_size <= 0 or self.optim.grad_accum <= 0:
             raise ConfigError("optim: batch size and grad_accum must be positive")
         if self.optim.global_batch_size is not None:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from medllava.data.records import RecordError
 from medllava.data.validate import resolve_image
 from medllava.data.vqa import VQARecord, format_question, read_vqa
-from medllava.imaging import ImageError, blank_like, load_image
+from medllava.imaging import ImageError, Window, blank_like, load_image
 from medllava.rewards import grade
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ class PromptSettings:
     instruction: str | None = None
     system_prompt: str | None = None
     max_new_tokens: int = 64
+    window: str | None = None
+    """The stage's DICOM display window (data.window), so a model is evaluated on the images it trained on."""
 
 
 def stage_prompt_settings(model_dir: str | Path) -> PromptSettings:
@@ -59,12 +61,13 @@ def stage_prompt_settings(model_dir: str | Path) -> PromptSettings:
     if not path.is_file():
         return PromptSettings()
     stage = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    system_prompt = (stage.get("data") or {}).get("system_prompt")
+    data = stage.get("data") or {}
+    system_prompt, window = data.get("system_prompt"), data.get("window")
     if stage.get("kind") == "grpo":
         g = stage.get("grpo") or {}
         return PromptSettings(mode=g.get("prompt", "plain"), instruction=g.get("instruction"), system_prompt=system_prompt,
-                              max_new_tokens=int(g.get("max_completion_length", 64)))
-    return PromptSettings(system_prompt=system_prompt)
+                              max_new_tokens=int(g.get("max_completion_length", 64)), window=window)
+    return PromptSettings(system_prompt=system_prompt, window=window)
 
 
 def build_prompt(processor: Any, record: VQARecord, system_prompt: str | None = None, mode: str = "plain",
@@ -103,8 +106,8 @@ def generate_batch(model: Any, processor: Any, prompts: Sequence[str], images: S
 
 
 def load_items(data: str | Path, processor: Any, image_folder: str | Path, *, limit: int | None = None,
-               system_prompt: str | None = None, mode: str = "plain",
-               instruction: str | None = None) -> tuple[list[EvalItem], list[RecordError]]:
+               system_prompt: str | None = None, mode: str = "plain", instruction: str | None = None,
+               window: Window | None = None) -> tuple[list[EvalItem], list[RecordError]]:
     """Read the VQA set; bad records (and unreadable images) are returned as errors, never dropped silently."""
     items: list[EvalItem] = []
     errors: list[RecordError] = []
@@ -116,7 +119,7 @@ def load_items(data: str | Path, processor: Any, image_folder: str | Path, *, li
             continue
         try:
             ref = resolve_image(rec.image, image_folder)
-            image = load_image(ref)
+            image = load_image(ref, window=window)
         except RecordError as err:
             errors.append(err.located(rec.source, rec.line, rec.id))
             continue
@@ -241,6 +244,7 @@ def evaluate(
     system_prompt: str | None = None,
     mode: str = "plain",
     instruction: str | None = None,
+    window: Window | None = None,
     title: str = "",
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -250,7 +254,7 @@ def evaluate(
     the completion length; `stage_prompt_settings` reads both from a stage output."""
     model.eval()
     items, errors = load_items(data, processor, image_folder, limit=limit, system_prompt=system_prompt, mode=mode,
-                               instruction=instruction)
+                               instruction=instruction, window=window)
     if errors:
         logger.warning("eval: skipped %d bad record(s): %s", len(errors), "; ".join(e.describe() for e in errors[:5]))
     if not items:

@@ -31,7 +31,7 @@ import yaml
 from PIL import Image
 
 from medllava.model import ModelLoadError, adapter_base_path, is_adapter_dir, load_model, save_model
-from medllava.train.common import STAGE_CONFIG_NAME
+from medllava.train.common import RUN_FACTS, STAGE_CONFIG_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,8 @@ class StageInfo:
     folder: str
     config: dict[str, Any]
     metrics: dict[str, Any] | None = None
+    facts: dict[str, Any] | None = None
+    """medllava_run.json: ranks, the batch they made, packing, data files with record counts and hashes."""
 
 
 @dataclass
@@ -95,7 +97,9 @@ def stage_lineage(run_dir: str | Path, limit: int = 16) -> Lineage:
         cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
         metrics_path = folder / "eval" / "metrics.json"
         metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else None
-        lineage.stages.insert(0, StageInfo(str(folder), cfg, metrics))
+        facts_path = folder / RUN_FACTS
+        facts = json.loads(facts_path.read_text(encoding="utf-8")) if facts_path.is_file() else None
+        lineage.stages.insert(0, StageInfo(str(folder), cfg, metrics, facts))
         model = cfg.get("model", {})
         if model.get("vision_tower"):
             lineage.vision_tower, lineage.llm = model["vision_tower"], model["llm"]
@@ -114,6 +118,57 @@ def _stage_row(stage: StageInfo) -> str:
     length = f"{o.get('max_steps')} steps" if (o.get("max_steps") or -1) > 0 else f"{o.get('epochs')} epochs"
     data = ", ".join(Path(f).name for f in c.get("data", {}).get("train_files", []))
     return f"| {c.get('name')} | {c.get('kind')} | {data} | {mode} | {lr} | {length} | {c.get('run', {}).get('precision')} |"
+
+
+def _reproduction(stage: StageInfo) -> list[str]:
+    """Every setting that reproduces one stage, as a short list (from its resolved config and run facts)."""
+    c, f = stage.config, stage.facts or {}
+    o, r, d, t = c.get("optim", {}), c.get("run", {}), c.get("data", {}), c.get("trainable", {})
+    lines = [f"### {c.get('name')} ({c.get('kind')})", ""]
+    unit = f.get("batch_unit", "samples")
+    if f:
+        batch = (f"{f['global_batch']} {unit} per optimizer step = {o.get('per_device_batch_size')} per device x "
+                 f"{f['world_size']} rank(s) x {f['accumulation']} accumulation")
+    else:
+        batch = f"{o.get('per_device_batch_size')} per device x {o.get('grad_accum')} accumulation per rank"
+    lines.append(f"- global batch: {batch}" + (f" (stated: {o['global_batch_size']})" if o.get("global_batch_size") else ""))
+    if c.get("kind") != "grpo":
+        packing = f.get("packing")
+        lines.append(f"- packing: {'on' if packing else 'off' if packing is False else d.get('packing')} "
+                     f"(at most {d.get('pack_length') or d.get('max_length')} tokens per row); max_length {d.get('max_length')}, "
+                     f"rendering {d.get('format')}")
+    length = f"{o.get('max_steps')} steps" if (o.get("max_steps") or -1) > 0 else f"{o.get('epochs')} epochs"
+    lr = f"{o.get('lr')}" + (f", projector {o['projector_lr']}" if o.get("projector_lr") else "")
+    lines.append(f"- optimizer: {o.get('optimizer')}, learning rate {lr}, weight decay {o.get('weight_decay')}, "
+                 f"schedule {o.get('scheduler')}, warm-up {o.get('warmup_ratio')} of the steps, {length}, "
+                 f"gradient clipping {o.get('max_grad_norm')}")
+    lines.append("- trainable: " + ", ".join(f"{k} {v}" for k, v in t.items()))
+    if "lora" in t.values():
+        lo = c.get("lora", {})
+        targets = lo.get("target_modules")
+        lines.append(f"- LoRA: r {lo.get('r')}, alpha {lo.get('alpha')}, dropout {lo.get('dropout')}, targets "
+                     f"{', '.join(targets) if isinstance(targets, list) else targets}")
+    q = c.get("quantization", {})
+    lines.append(f"- quantization: {q['bits']}-bit {q.get('quant_type')}" + (" with double quantization" if q.get("double_quant") else "")
+                 if q.get("bits") else "- quantization: none")
+    if c.get("kind") == "grpo":
+        g = c.get("grpo", {})
+        rewards = ", ".join(f"{k} {v}" for k, v in (g.get("rewards") or {}).items())
+        lines.append(f"- GRPO: {g.get('num_generations')} generations per question, completion length "
+                     f"{g.get('max_completion_length')}, temperature {g.get('temperature')}, top-p {g.get('top_p')}, "
+                     f"beta (KL) {g.get('beta')}, epsilon {g.get('epsilon')}, prompt {g.get('prompt')}, rewards "
+                     f"{rewards}" + (" (accuracy gated on format)" if g.get("gate_accuracy_on_format") else ""))
+    lines.append(f"- precision {r.get('precision')}, seed {r.get('seed')}, DeepSpeed {r.get('deepspeed') or 'none'}, "
+                 f"gradient checkpointing {r.get('gradient_checkpointing')}"
+                 + (f", DICOM window {d['window']}" if d.get("window") else ""))
+    files = f.get("data_files") or [{"file": x} for x in d.get("train_files", [])]
+    for entry in files:
+        detail = [f"{entry['records']} records" if entry.get("records") is not None else None,
+                  f"sha256 {entry['sha256']}" if entry.get("sha256") else None]
+        lines.append(f"- data: `{entry['file']}`" + (f" ({', '.join(x for x in detail if x)})" if any(detail) else ""))
+    if f.get("valid_records") is not None:
+        lines.append(f"- records used: {f['valid_records']} (see the stage's data_report.json for any skipped)")
+    return lines + [""]
 
 
 def model_card(lineage: Lineage, *, license_id: str, repo_id: str | None, verification: dict[str, Any]) -> str:
@@ -141,15 +196,23 @@ def model_card(lineage: Lineage, *, license_id: str, repo_id: str | None, verifi
                   "|---|---|---|---|---|---|---|"]
         lines += [_stage_row(s) for s in lineage.stages]
         lines.append("")
+        lines += ["## Reproducing the run", "", "Each stage's settings, from its `medllava_stage.yaml` (the resolved "
+                  "config) and `medllava_run.json` (ranks, batch, packing and data as the run had them).", ""]
+        for s in lineage.stages:
+            lines += _reproduction(s)
     evaluated = [s for s in lineage.stages if s.metrics]
     if evaluated:
-        lines += ["## Evaluation", "", "Held-out closed questions, greedy decoding (medllava eval).", "",
-                  "| after stage | n | accuracy | chance | blank-image accuracy |", "|---|---:|---:|---:|---:|"]
+        lines += ["## Evaluation", "", "Held-out closed questions (medllava eval); decoding as listed, greedy unless "
+                  "stated.", "",
+                  "| after stage | n | accuracy | chance | blank-image accuracy | decoding |", "|---|---:|---:|---:|---:|---|"]
         for s in evaluated:
             m = s.metrics or {}
             blind = (m.get("blind") or {}).get("accuracy")
+            p = m.get("prompt") or {}
+            decoding = (f"{p.get('decoding', 'greedy')}, {p.get('mode', 'plain')} prompt, at most "
+                        f"{p.get('max_new_tokens', 64)} new tokens") if p else "greedy"
             lines.append(f"| {s.config.get('name')} | {m.get('n_closed')} | {m.get('accuracy', 0):.3f} | "
-                         f"{m.get('chance', 0):.3f} | {'-' if blind is None else f'{blind:.3f}'} |")
+                         f"{m.get('chance', 0):.3f} | {'-' if blind is None else f'{blind:.3f}'} | {decoding} |")
         lines.append("")
     lines += [
         "## Usage", "", "```python",

@@ -1,8 +1,10 @@
 """Load medical images as 8-bit RGB PIL images: PNG, JPEG, TIFF, and DICOM through pydicom.
 
-One loader for training, evaluation and chat. DICOM: rescale slope/intercept (modality LUT), window
-centre/width from the file or the caller, MONOCHROME1 inversion, multi-frame volumes (middle frame by
-default). High-bit-depth PNG/TIFF are mapped to 8 bits by min-max (or a window). Every failure is an
+One loader for training, evaluation and chat. DICOM: rescale slope/intercept (modality LUT); then the
+caller's window (centre/width, or a named preset: lung, mediastinum, bone, brain, abdomen, ...), else the
+file's VOI LUT Sequence or non-linear VOILUTFunction applied by pydicom's `apply_voi_lut`, else the file's
+linear window, else min-max; MONOCHROME1 inversion; multi-frame volumes (middle frame by default, decoded alone
+where the transfer syntax allows). The pixel limit is checked from the header, before any pixel is decoded. High-bit-depth PNG/TIFF are mapped to 8 bits by min-max (or a window). Every failure is an
 `ImageError` whose `kind` names what went wrong, so callers can report and count it.
 """
 
@@ -32,6 +34,20 @@ class ImageError(ValueError):
         self.reason = reason
 
 
+# Common CT display windows (centre, width) in Hounsfield units.
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "lung": (-600, 1500),
+    "mediastinum": (50, 350),
+    "bone": (400, 1800),
+    "brain": (40, 80),
+    "subdural": (75, 215),
+    "stroke": (40, 40),
+    "abdomen": (40, 400),
+    "soft_tissue": (40, 400),
+    "liver": (60, 160),
+}
+
+
 @dataclass(frozen=True)
 class Window:
     """A display window (DICOM VOI): values outside [center - width/2, center + width/2] saturate."""
@@ -41,11 +57,15 @@ class Window:
 
     @classmethod
     def parse(cls, text: str) -> Window:
-        """Parse 'CENTER,WIDTH' (e.g. '40,400' for a CT soft-tissue window)."""
+        """Parse a preset name (lung, mediastinum, bone, brain, abdomen, ...) or 'CENTER,WIDTH' (e.g. '40,400')."""
+        preset = WINDOW_PRESETS.get(text.strip().lower())
+        if preset is not None:
+            return cls(*preset)
         try:
             center, width = (float(x) for x in text.split(","))
         except ValueError:
-            raise ValueError(f"window {text!r}: expected CENTER,WIDTH such as 40,400") from None
+            raise ValueError(f"window {text!r}: expected CENTER,WIDTH such as 40,400, or one of "
+                             f"{', '.join(WINDOW_PRESETS)}") from None
         if width <= 0:
             raise ValueError(f"window {text!r}: width must be positive")
         return cls(center, width)
@@ -88,11 +108,39 @@ def _first_value(value: Any) -> float:
     return float(value)
 
 
-def load_dicom(path: Path, *, window: Window | None = None, frame: int | None = None) -> Image.Image:
+def voi_output_range(ds: Any) -> tuple[float, float]:
+    """The range of pydicom's `apply_voi_lut` output for this file: a VOI LUT's entry range, or for a window the
+    range PS3.3 C.11.2.1.2 defines (stored bits, through the modality rescale)."""
+    if "VOILUTSequence" in ds:
+        return 0.0, float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)
+    bits = int(ds.BitsStored)
+    if ds.get("ModalityLUTSequence"):
+        y_min, y_max = 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
+    elif int(getattr(ds, "PixelRepresentation", 0)) == 0:
+        y_min, y_max = 0.0, float(2**bits - 1)
+    else:
+        y_min, y_max = float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+    if ds.get("RescaleSlope") is not None and ds.get("RescaleIntercept") is not None:
+        slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+        y_min, y_max = y_min * slope + intercept, y_max * slope + intercept
+    return y_min, y_max
+
+
+def _uses_pydicom_voi(ds: Any) -> bool:
+    """A VOI LUT Sequence, or a window with a non-linear VOILUTFunction: pydicom applies both by the standard."""
+    if "VOILUTSequence" in ds:
+        return True
+    function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
+    return function != "LINEAR" and "WindowCenter" in ds and "WindowWidth" in ds
+
+
+def load_dicom(path: Path, *, window: Window | None = None, frame: int | None = None,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode a DICOM file to 8-bit RGB (see module docstring for the steps)."""
     try:
         import pydicom
-        from pydicom.pixels import apply_modality_lut
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+        from pydicom.pixels import pixel_array as decode_pixels
     except ImportError:
         raise ImageError("unsupported_format", str(path), "DICOM needs pydicom: pip install 'medllava[dicom]'") from None
     try:
@@ -101,20 +149,21 @@ def load_dicom(path: Path, *, window: Window | None = None, frame: int | None = 
         raise ImageError("unreadable_image", str(path), f"not a readable DICOM file ({err})") from None
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageError("no_pixel_data", str(path), "DICOM file has no pixel data")
-    try:
-        pixels = ds.pixel_array
-    except (ValueError, RuntimeError, NotImplementedError, AttributeError) as err:
-        raise ImageError("unreadable_image", str(path), f"cannot decode DICOM pixel data ({err})") from None
+    _check_size((int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0)), str(path), max_pixels)  # header only
 
     samples = int(getattr(ds, "SamplesPerPixel", 1))
     n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    index = None
     if n_frames > 1:
         index = n_frames // 2 if frame is None else frame
         if not 0 <= index < n_frames:
             raise ImageError("bad_frame", str(path), f"frame {index} out of range (file has {n_frames} frames)")
-        pixels = pixels[index]
     elif frame not in (None, 0):
         raise ImageError("bad_frame", str(path), f"frame {frame} out of range (file has 1 frame)")
+    try:  # a volume decodes only the frame it uses (pydicom reads that frame's bytes where the syntax allows)
+        pixels = decode_pixels(ds, index=index) if index is not None else ds.pixel_array
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError, KeyError) as err:
+        raise ImageError("unreadable_image", str(path), f"cannot decode DICOM pixel data ({err})") from None
 
     photometric = str(getattr(ds, "PhotometricInterpretation", ""))
     if photometric == "PALETTE COLOR":
@@ -130,6 +179,13 @@ def load_dicom(path: Path, *, window: Window | None = None, frame: int | None = 
         return Image.fromarray(np.ascontiguousarray(pixels))
 
     values = apply_modality_lut(pixels, ds).astype(np.float64)
+    if window is None and _uses_pydicom_voi(ds):
+        lo, hi = voi_output_range(ds)
+        out = apply_voi_lut(values, ds).astype(np.float64)
+        gray = np.clip((out - lo) / (hi - lo) * 255.0, 0, 255).round().astype(np.uint8)
+        if photometric == "MONOCHROME1":
+            gray = 255 - gray
+        return Image.fromarray(gray).convert("RGB")
     if window is None and "WindowCenter" in ds and "WindowWidth" in ds:
         window = Window(_first_value(ds.WindowCenter), _first_value(ds.WindowWidth))
     gray = apply_window(values, window) if window is not None else minmax_to_uint8(values)
@@ -184,9 +240,7 @@ def load_image(
         if path.stat().st_size == 0:
             raise ImageError("empty_file", name, "image file is empty (0 bytes)")
         if is_dicom(path):
-            img = load_dicom(path, window=window, frame=frame)
-            _check_size(img.size, name, max_pixels)
-            return img
+            return load_dicom(path, window=window, frame=frame, max_pixels=max_pixels)
         opener = lambda: path.open("rb")  # noqa: E731
 
     try:

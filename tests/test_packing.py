@@ -54,12 +54,8 @@ def _per_sample(model: torch.nn.Module, dataset: SFTDataset) -> tuple[list[torch
     return logits, total / count
 
 
-def _forward(model: torch.nn.Module, batch: dict) -> object:
-    return model(**{k: v for k, v in batch.items() if k != "sample_ids"})
-
-
-def test_packed_logits_loss_and_gradients_equal_per_sample(setup: tuple) -> None:
-    model, processor, dataset = setup
+def _reference(model: torch.nn.Module, dataset: SFTDataset) -> tuple[list[torch.Tensor], torch.Tensor, dict]:
+    """Per-sample logits, the token-weighted loss (detached) and its gradients, every weight trainable."""
     model.train()
     for p in model.parameters():
         p.requires_grad_(True)
@@ -67,6 +63,16 @@ def test_packed_logits_loss_and_gradients_equal_per_sample(setup: tuple) -> None
     ref_loss.backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
+    return ref_logits, ref_loss.detach(), ref_grads
+
+
+def _forward(model: torch.nn.Module, batch: dict) -> object:
+    return model(**{k: v for k, v in batch.items() if k != "sample_ids"})
+
+
+def test_packed_logits_loss_and_gradients_equal_per_sample(setup: tuple) -> None:
+    model, processor, dataset = setup
+    ref_logits, ref_loss, ref_grads = _reference(model, dataset)
 
     batch = PackedCollator(processor.tokenizer.pad_token_id)([pack_items([dataset[i] for i in range(len(dataset))])])
     assert "attention_mask" not in batch and batch["use_cache"] is False
@@ -104,13 +110,7 @@ def test_micro_batch_packing_equals_per_sample_with_and_without_the_image_filler
     """The training path: a micro-batch of samples packed into rows of at most `capacity` tokens. Loss and
     gradients equal per-sample training; a text-only micro-batch's blank-image filler adds exactly nothing."""
     model, processor, dataset = setup
-    model.train()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    ref_logits, ref_loss = _per_sample(model, dataset)
-    ref_loss.backward()
-    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
+    ref_logits, ref_loss, ref_grads = _reference(model, dataset)
     lengths = sorted(lg.shape[0] for lg in ref_logits)
     capacity = max(lengths[-1], lengths[0] + lengths[1])  # the two shortest share a row, the longest fits alone
     collate = SamplePackingCollator(processor.tokenizer.pad_token_id, capacity, filler=dataset.image_filler())

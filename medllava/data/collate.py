@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from medllava.data.render import IGNORE_INDEX, Rendered
-from medllava.imaging import load_image
+from medllava.imaging import Window, load_image
 
 FILLER_ID = "<image filler>"
 
@@ -48,8 +48,10 @@ def expand_image_tokens(ids: np.ndarray, labels: np.ndarray, image_token_id: int
 class SFTDataset(Dataset):
     """Rendered samples -> tensors; images are decoded and preprocessed on access (in DataLoader workers)."""
 
-    def __init__(self, samples: Sequence[Rendered], image_processor: Any, image_token_id: int, tokens_per_image: int):
+    def __init__(self, samples: Sequence[Rendered], image_processor: Any, image_token_id: int, tokens_per_image: int,
+                 window: Window | None = None):
         self.samples = samples
+        self.window = window  # DICOM display window for every image (data.window)
         self.image_processor = image_processor
         self.image_token_id = image_token_id
         self.tokens_per_image = tokens_per_image
@@ -80,7 +82,7 @@ class SFTDataset(Dataset):
             "sample_id": sample.id,
         }
         if sample.images:
-            images = [load_image(ref) for ref in sample.images]
+            images = [load_image(ref, window=self.window) for ref in sample.images]
             item["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         return item
 

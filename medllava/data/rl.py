@@ -8,6 +8,7 @@ and counted, never truncated; other bad records follow `skip_invalid` like the S
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 from medllava.data.records import RecordError
 from medllava.data.validate import ValidationReport, check_images, finish_report, resolve_image
 from medllava.data.vqa import VQARecord, format_question, read_vqa
-from medllava.imaging import load_image
+from medllava.imaging import Window, load_image
 from medllava.processor import IMAGE_TOKEN, num_image_tokens
 
 logger = logging.getLogger(__name__)
@@ -78,12 +79,14 @@ def build_rl_rows(
     records: list[VQARecord] = []
     errors: list[RecordError] = []
     too_long: list[RecordError] = []
+    sources: dict[str, int] = {}
     total = 0
     for file in files:
         for item in read_vqa(file):
             if max_samples is not None and total >= max_samples:
                 break
             total += 1
+            sources[str(file)] = sources.get(str(file), 0) + 1
             if isinstance(item, RecordError):
                 errors.append(item)
                 continue
@@ -110,23 +113,23 @@ def build_rl_rows(
         rows.append({"id": rec.id, "prompt": messages, "image": str(rec.image), "answer": rec.answer,
                      "qtype": rec.qtype, "options": rec.options,
                      **({"source": rec.source, "line": rec.line} if with_location else {})})
-    report = finish_report(total, len(rows), errors, skip_invalid=skip_invalid, report_dir=report_dir,
+    report = finish_report(total, len(rows), errors, skip_invalid=skip_invalid, report_dir=report_dir, sources=sources,
                            always_skipped=too_long)
     return rows, report
 
 
-def load_images_transform(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-    """`datasets` transform: image paths become RGB PIL images on access."""
+def load_images_transform(batch: dict[str, list[Any]], window: Window | None = None) -> dict[str, list[Any]]:
+    """`datasets` transform: image paths become RGB PIL images on access (through the DICOM window, if any)."""
     batch = dict(batch)
-    batch["image"] = [load_image(path) for path in batch["image"]]
+    batch["image"] = [load_image(path, window=window) for path in batch["image"]]
     return batch
 
 
-def rl_dataset(rows: list[dict[str, Any]]) -> Any:
+def rl_dataset(rows: list[dict[str, Any]], window: Window | None = None) -> Any:
     """A `datasets.Dataset` of RL rows whose images load lazily."""
     import datasets
 
-    return datasets.Dataset.from_list(rows).with_transform(load_images_transform)
+    return datasets.Dataset.from_list(rows).with_transform(functools.partial(load_images_transform, window=window))
 
 
 def from_llava_conversation(data: dict[str, Any]) -> list[dict[str, Any]]:

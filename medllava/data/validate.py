@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +52,8 @@ class ValidationReport:
     valid: int = 0
     errors: list[RecordError] = field(default_factory=list)
     skipped: bool = False
+    sources: dict[str, int] = field(default_factory=dict)
+    """Records read per data source (file or datasets spec)."""
 
     def counts(self) -> dict[str, int]:
         return dict(Counter(e.kind for e in self.errors))
@@ -64,6 +67,7 @@ class ValidationReport:
             "valid": self.valid,
             "invalid": len(self.errors),
             "skipped_invalid": self.skipped,
+            "sources": self.sources,
             "counts": self.counts(),
             "errors": [e.to_dict() for e in self.errors],
         }
@@ -110,17 +114,20 @@ def check_structure(record: Record) -> None:
 def resolve_image(ref: Any, image_folder: str | Path, *, allow_absolute: bool = False) -> Any:
     """A record's image reference as a path inside the image folder (or an in-memory image as is).
 
+    Containment is judged on the path as written, not on where symlinks lead: a link the data owner placed in
+    the folder (a Hugging Face snapshot's links into ../blobs, DVC, git-annex, a folder of links to a shared
+    store) is theirs to place, while a `..` that climbs out of the folder is refused.
     Raises RecordError(image_outside_root) for `..` escapes and for absolute paths unless allowed.
     """
     if not isinstance(ref, (str, Path)):
         return ref  # datasets Image feature, PIL image, bytes
-    root = Path(image_folder).resolve()
+    root = Path(os.path.abspath(image_folder))
     path = Path(ref)
     if path.is_absolute():
         if not allow_absolute:
             raise RecordError("image_outside_root", f"absolute image path {ref!r} (set data.allow_absolute_paths: true to allow)")
         return path
-    full = (root / path).resolve()
+    full = Path(os.path.normpath(root / path))
     if not full.is_relative_to(root):
         raise RecordError("image_outside_root", f"image path {ref!r} escapes the image folder {root}")
     return full
@@ -151,8 +158,11 @@ def check_images(refs: Iterable[Any], *, workers: int = 8, progress: bool = True
     return failures
 
 
-def load_records(files: Iterable[str], *, max_samples: int | None = None) -> tuple[list[Record], list[RecordError], int]:
-    """Read and normalise every record of the files; returns (records, errors, total seen)."""
+def load_records(files: Iterable[str], *, max_samples: int | None = None,
+                 counts: dict[str, int] | None = None) -> tuple[list[Record], list[RecordError], int]:
+    """Read and normalise every record of the files; returns (records, errors, total seen). `counts`, when
+    given, receives the number of records read per file."""
+    counts = {} if counts is None else counts
     records: list[Record] = []
     errors: list[RecordError] = []
     total = 0
@@ -161,6 +171,7 @@ def load_records(files: Iterable[str], *, max_samples: int | None = None) -> tup
             if max_samples is not None and total >= max_samples:
                 break
             total += 1
+            counts[str(file)] = counts.get(str(file), 0) + 1
             if raw.error is not None:
                 errors.append(raw.error)
                 continue
@@ -184,7 +195,8 @@ def prepare_samples(
     progress: bool = True,
 ) -> tuple[list[Rendered], ValidationReport]:
     """Read, check and render every record; raise DataValidationError on bad records unless skipping."""
-    records, errors, total = load_records(files, max_samples=max_samples)
+    sources: dict[str, int] = {}
+    records, errors, total = load_records(files, max_samples=max_samples, counts=sources)
     staged: list[Record] = []
     for record in records:
         try:
@@ -207,17 +219,18 @@ def prepare_samples(
         except RecordError as err:
             errors.append(err)
 
-    report = finish_report(total, len(samples), errors, skip_invalid=skip_invalid, report_dir=report_dir)
+    report = finish_report(total, len(samples), errors, skip_invalid=skip_invalid, report_dir=report_dir, sources=sources)
     logger.info("data: %d records ready (%d skipped)", len(samples), len(errors))
     return samples, report
 
 
 def finish_report(total: int, valid: int, errors: list[RecordError], *, skip_invalid: bool,
-                  report_dir: str | Path | None, always_skipped: list[RecordError] | None = None) -> ValidationReport:
+                  report_dir: str | Path | None, always_skipped: list[RecordError] | None = None,
+                  sources: dict[str, int] | None = None) -> ValidationReport:
     """Write the report; stop on bad records unless skipping. `always_skipped` errors (e.g. over-long RL
     prompts) are filtered whatever `skip_invalid` says, and counted like the rest."""
     filtered = always_skipped or []
-    report = ValidationReport(total=total, valid=valid, skipped=skip_invalid,
+    report = ValidationReport(total=total, valid=valid, skipped=skip_invalid, sources=dict(sources or {}),
                               errors=sorted(errors + filtered, key=lambda e: (e.source, e.line)))
     report_path = report.write(report_dir) if report_dir is not None else None
     if errors and not skip_invalid:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import logging
@@ -43,6 +44,15 @@ logger = logging.getLogger(__name__)
 
 STAGE_CONFIG_NAME = "medllava_stage.yaml"
 LOG_HISTORY_NAME = "train_log.json"
+RESUME_INFO = "medllava_resume.json"
+RUN_FACTS = "medllava_run.json"  # what the config alone does not say: ranks, batch used, packing, data hashes
+# Fields that may change between a run and its resume (where the run logs, how often it saves, how it reads):
+# everything else in the resolved config must match the checkpoint's, unless run.resume is 'force'.
+RESUMABLE_CHANGES = frozenset({
+    "name", "run.output_dir", "run.logging_steps", "run.report_to", "run.resume", "run.save_steps",
+    "run.save_total_limit", "run.on_nonfinite", "run.max_nonfinite_skips", "data.num_workers", "data.cache_dir",
+    "data.made_by", "grpo.log_completions_every",
+})
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -51,8 +61,9 @@ class MedLlavaTrainerMixin:
     strict resume of full-model checkpoints."""
 
     def __init__(self, *args: Any, projector_lr: float | None = None, on_nonfinite: str = "stop",
-                 max_nonfinite_skips: int = 20, **kwargs: Any) -> None:
+                 max_nonfinite_skips: int = 20, stage_config: dict[str, Any] | None = None, **kwargs: Any) -> None:
         self.projector_lr = projector_lr
+        self.stage_config = stage_config
         self._staging = False
         self.guard = DivergenceGuard(on_nonfinite, max_nonfinite_skips)
         super().__init__(*args, **kwargs)
@@ -95,6 +106,9 @@ class MedLlavaTrainerMixin:
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             staged, target = real / STAGING / name, real / name
+            if self.stage_config is not None:  # what a resume must match (see resume_checkpoint)
+                (staged / RESUME_INFO).write_text(json.dumps(resume_info(self.stage_config), indent=1, default=str),
+                                                  encoding="utf-8")
             fsync_tree(staged)
             if target.exists():  # an incomplete leftover of an interrupted run
                 shutil.rmtree(target)
@@ -305,7 +319,47 @@ class StageRun:
 def guard_kwargs(cfg: StageConfig) -> dict[str, Any]:
     """The MedLlavaTrainerMixin arguments a stage config sets."""
     return {"projector_lr": cfg.optim.projector_lr, "on_nonfinite": cfg.run.on_nonfinite,
-            "max_nonfinite_skips": cfg.run.max_nonfinite_skips}
+            "max_nonfinite_skips": cfg.run.max_nonfinite_skips, "stage_config": cfg.to_dict()}
+
+
+def flat_config(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config mapping as {"section.key": value}."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value) and name != "grpo.rewards":
+            out.update(flat_config(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def resume_info(config: dict[str, Any]) -> dict[str, Any]:
+    """The resolved config fields a resume must match, and their hash."""
+    fields = {k: v for k, v in flat_config(config).items() if k not in RESUMABLE_CHANGES}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+    return {"config_hash": digest, "fields": fields}
+
+
+def check_resume_config(cfg: StageConfig, checkpoint: str) -> None:
+    """Refuse to resume from a checkpoint written under another config (naming the changed keys), unless
+    run.resume is 'force'. Checkpoints from before medllava recorded its config are resumed with a warning."""
+    path = Path(checkpoint) / RESUME_INFO
+    if not path.is_file():
+        logger.warning("%s records no stage config; resuming without checking that the config is unchanged", checkpoint)
+        return
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    now = resume_info(cfg.to_dict())
+    if saved.get("config_hash") == now["config_hash"]:
+        return
+    old, new = saved.get("fields", {}), now["fields"]
+    changed = sorted(k for k in set(old) | set(new) if json.dumps(old.get(k), default=str) != json.dumps(new.get(k), default=str))
+    detail = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed[:8]) + (" ..." if len(changed) > 8 else "")
+    if cfg.run.resume == "force":
+        logger.warning("resuming from %s although the config changed: %s (run.resume: force)", checkpoint, detail)
+        return
+    raise ConfigError(f"the stage config changed since {checkpoint} was written: {', '.join(changed)} "
+                      f"[{detail}]; undo the change, start a new output_dir, or set run.resume: force to resume anyway")
 
 
 def train_and_save(run: StageRun) -> Path:
@@ -314,6 +368,35 @@ def train_and_save(run: StageRun) -> Path:
         logger.info("resuming from %s", run.checkpoint)
     run.trainer.train(resume_from_checkpoint=run.checkpoint)
     return save_stage_output(run.cfg, run.trainer, run.processor, run.base_ref)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_facts(cfg: StageConfig, trainer: Any, out: Path) -> dict[str, Any]:
+    """What reproducing the run needs beyond its config: ranks and the batch they made, packing as it ran, and
+    each data file with its record count and content hash (for the model card)."""
+    world = ranks.world_size()
+    report_path = out / "data_report.json"
+    report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else {}
+    counts = report.get("sources") or {}
+    files = []
+    for spec in cfg.data.train_files:
+        path = Path(spec)
+        entry: dict[str, Any] = {"file": spec, "records": counts.get(spec)}
+        if path.is_file():
+            entry.update(bytes=path.stat().st_size, sha256=file_sha256(path))
+        files.append(entry)
+    collator = type(getattr(trainer, "data_collator", None)).__name__
+    return {"world_size": world, "accumulation": cfg.accumulation(world), "global_batch": cfg.global_batch(world),
+            "batch_unit": "completions" if cfg.kind == "grpo" else "samples",
+            "packing": None if cfg.kind == "grpo" else collator == "SamplePackingCollator",
+            "valid_records": report.get("valid"), "data_files": files}
 
 
 def resolve_precision(precision: str, use_cpu: bool = False) -> str:
@@ -416,19 +499,24 @@ def save_base_if_needed(cfg: StageConfig, model: Any, processor: LlavaProcessor,
 
 
 def resume_checkpoint(cfg: StageConfig) -> str | None:
-    """'auto' -> newest complete checkpoint in output_dir (or None), 'never' -> None, else the given path."""
+    """'auto' -> newest complete checkpoint in output_dir (or None), 'never' -> None, 'force' -> as auto even if
+    the config changed, else the given path. The checkpoint's recorded config must match (check_resume_config)."""
     resume = cfg.run.resume
     if resume == "never":
         return None
-    if resume == "auto":
+    if resume in ("auto", "force"):
         # The writer sets incomplete checkpoints aside; then every rank picks the same newest complete one.
         ranks.on_writer(lambda: last_complete_checkpoint(Path(cfg.run.output_dir), quarantine=True), "scanning checkpoints")
-        return last_complete_checkpoint(Path(cfg.run.output_dir))
-    if not Path(resume).is_dir():
-        raise ConfigError(f"run.resume: checkpoint {resume} does not exist")
-    if not is_complete_checkpoint(Path(resume)):
-        raise ConfigError(f"run.resume: {resume} is incomplete (no trainer_state.json)")
-    return resume
+        checkpoint = last_complete_checkpoint(Path(cfg.run.output_dir))
+    else:
+        if not Path(resume).is_dir():
+            raise ConfigError(f"run.resume: checkpoint {resume} does not exist")
+        if not is_complete_checkpoint(Path(resume)):
+            raise ConfigError(f"run.resume: {resume} is incomplete (no trainer_state.json)")
+        checkpoint = resume
+    if checkpoint is not None:
+        check_resume_config(cfg, checkpoint)
+    return checkpoint
 
 
 def save_stage_output(cfg: StageConfig, trainer: Any, processor: LlavaProcessor, base_ref: str | None) -> Path:
@@ -463,6 +551,7 @@ def save_stage_output(cfg: StageConfig, trainer: Any, processor: LlavaProcessor,
             raise RuntimeError("text_config.architectures is unset; the saved model would not reload")
         processor.save_pretrained(staging)
         save_config(cfg, staging / STAGE_CONFIG_NAME)
+        (staging / RUN_FACTS).write_text(json.dumps(run_facts(cfg, trainer, out), indent=2), encoding="utf-8")
         history = trainer.state.log_history
         (staging / LOG_HISTORY_NAME).write_text(json.dumps(history, indent=1), encoding="utf-8")
         plot_training_curves(history, staging / "training_curves.png", title=cfg.name)

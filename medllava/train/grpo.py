@@ -22,6 +22,7 @@ from medllava.config import ConfigError, StageConfig
 from medllava.data.cache import cache_key, tokenizer_fingerprint
 from medllava.data.rl import build_rl_rows, rl_dataset
 from medllava.data.validate import REPORT_NAME
+from medllava.imaging import Window
 from medllava.model import apply_trainable
 from medllava.rewards import REWARDS, completion_text, grade
 from medllava.train import ranks
@@ -210,7 +211,7 @@ def prepare_grpo(cfg: StageConfig) -> StageRun:
         model=model,
         reward_funcs=funcs,
         args=grpo_arguments(cfg, precision, weights),
-        train_dataset=rl_dataset(rows),
+        train_dataset=rl_dataset(rows, Window.parse(cfg.data.window) if cfg.data.window else None),
         processing_class=processor,
         **guard_kwargs(cfg),
     )

@@ -21,6 +21,7 @@ from medllava.data.collate import SFTCollator, SFTDataset
 from medllava.data.packing import SamplePackingCollator, packing_isolates
 from medllava.data.render import Rendered, Renderer
 from medllava.data.validate import REPORT_NAME, prepare_samples
+from medllava.imaging import Window
 from medllava.model import apply_trainable
 from medllava.processor import num_image_tokens
 from medllava.train import ranks
@@ -106,7 +107,9 @@ def prepare_sft(cfg: StageConfig) -> StageRun:
     model = apply_trainable(model, cfg.trainable, cfg.lora, gradient_checkpointing=cfg.run.gradient_checkpointing)
     cast_trainable_to_fp32(model, precision, cfg.run.deepspeed)
 
-    dataset = SFTDataset(samples, processor.image_processor, renderer.image_token_id, num_image_tokens(processor))
+    window = Window.parse(cfg.data.window) if cfg.data.window else None
+    dataset = SFTDataset(samples, processor.image_processor, renderer.image_token_id, num_image_tokens(processor),
+                         window=window)
     dataset, collator = batching(cfg, model, processor, dataset)
     trainer = MedLlavaTrainer(
         model=model,
