@@ -3,9 +3,13 @@
 
 Input: JSON/JSONL of {"id", "image", "caption", "mentions"?} or LLaVA-Med alignment records (the caption is
 the last gpt turn). Output: LLaVA-form JSONL, one line per generated record, appended as each finishes; a
-re-run skips ids already present (kill it any time and start it again). Alongside: OUT.failures.jsonl (ids
-and reasons) and OUT.report.json (done, failed, tokens used). The API key is read from the environment
-variable named by --api-key-env and never printed.
+re-run skips ids already present (kill it any time and start it again). Alongside, appended as they happen:
+OUT.failures.jsonl (ids and reasons) and OUT.usage.jsonl (one line per answered request, with its tokens);
+OUT.report.json sums every run of the same output. Ctrl-C or SIGTERM stops submitting, cancels what has not
+started, lets in-flight requests finish for --grace seconds, writes the report and exits non-zero (a second
+Ctrl-C exits at once; output lines stay whole). --max-requests / --max-tokens stop the same way once that much
+has been spent on this output over every run. The API key is read from the environment variable named by
+--api-key-env and never printed.
 
     OPENAI_API_KEY=... python data_recipes/self_instruct.py --in data/llava_med/align.jsonl \\
         --out data/llava_med/self_instruct.jsonl --base-url https://api.example.com/v1 --model gpt-4o-mini
@@ -16,11 +20,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from medllava.data.self_instruct import GeneratorSettings, build_messages, load_inputs, run_generation  # noqa: E402
+from medllava.data.self_instruct import (  # noqa: E402
+    GeneratorSettings,
+    SpendingLimits,
+    build_messages,
+    load_inputs,
+    run_generation,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,9 +49,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     parser.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds (doubles)")
     parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--max-tokens", type=int, default=1024)
+    parser.add_argument("--max-answer-tokens", type=int, default=1024,
+                        help="completion length per request (the API's max_tokens)")
     parser.add_argument("--shots", type=int, default=2, help="few-shot examples per request (0-5)")
     parser.add_argument("--limit", type=int, default=None, help="process at most N records this run")
+    parser.add_argument("--max-requests", type=int, default=None,
+                        help="stop once this many requests were sent for this output (every run counted)")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="stop once this many total tokens were spent for this output (every run counted)")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="also retry records that failed in earlier runs (by default a re-run continues where the "
+                             "last one stopped and pays for no failure twice)")
+    parser.add_argument("--grace", type=float, default=3.0,
+                        help="seconds in-flight requests may finish after Ctrl-C / SIGTERM before they are abandoned")
     parser.add_argument("--dry-run", action="store_true", help="print the prompts of the first records, call nothing")
     args = parser.parse_args(argv)
 
@@ -52,11 +75,33 @@ def main(argv: list[str] | None = None) -> int:
     settings = GeneratorSettings(
         base_url=args.base_url, model=args.model, api_key_env=args.api_key_env, concurrency=args.concurrency,
         max_attempts=args.max_attempts, max_malformed=args.max_malformed, timeout=args.timeout,
-        backoff_base=args.backoff, temperature=args.temperature, max_tokens=args.max_tokens, shots=args.shots,
+        backoff_base=args.backoff, temperature=args.temperature, max_tokens=args.max_answer_tokens, shots=args.shots,
     )
-    report = run_generation(args.inp, args.out, settings, limit=args.limit)
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if received:  # the second one: leave now (every output line is one write, so none is cut)
+            os._exit(128 + signum)
+        received.append(signum)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    report = run_generation(args.inp, args.out, settings, limit=args.limit, stop=stop, grace=args.grace,
+                            retry_failed=args.retry_failed,
+                            limits=SpendingLimits(args.max_requests, args.max_tokens))
     print(json.dumps(report))
-    return 0
+    if report["stopped"] is None:
+        return 0
+    where = f"{report['total_in_output']} records in {args.out}, {report['requests']} requests spent"
+    if received:
+        print(f"self_instruct: stopped by {signal.Signals(received[0]).name} ({where}); run the same command again "
+              "to resume", file=sys.stderr)
+        return 128 + received[0]
+    print(f"self_instruct: spending limit: {report['stopped']} ({where}); raise the limit and run the same command "
+          "again to resume", file=sys.stderr)
+    return 3
 
 
 if __name__ == "__main__":

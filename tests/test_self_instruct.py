@@ -242,3 +242,149 @@ def test_completed_ids_discards_a_half_line(tmp_path: Path) -> None:
     path.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c", "ima')
     assert completed_ids(path) == {"a", "b"}
     assert path.read_text() == '{"id": "a"}\n{"id": "b"}\n'
+
+
+# -- stop means stop, nothing learned is lost (interruptions, spending guard, bounded submission) ------------------
+
+
+def _cmd(src: Path, out: Path, url: str, *extra: str) -> list[str]:
+    return [sys.executable, str(REPO / "data_recipes/self_instruct.py"), "--in", str(src), "--out", str(out),
+            "--base-url", url, "--model", "m", "--concurrency", "2", "--backoff", "0.01", "--timeout", "30", *extra]
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _wait_for(out: Path, k: int, proc: subprocess.Popen, seconds: float = 60) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline and len(_lines(out)) < k and proc.poll() is None:
+        time.sleep(0.02)
+
+
+def _uninterrupted(tmp_path: Path, ids: list[str], script: dict, env: dict) -> dict:
+    src = _captions(tmp_path / "ref_captions.jsonl", ids)
+    with FaultyServer(script, delay=0.05) as server:
+        result = subprocess.run(_cmd(src, tmp_path / "ref.jsonl", server.url), env=env, capture_output=True, text=True,
+                                timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_stops_within_seconds_pays_for_nothing_more_and_resumes(sig: int, tmp_path: Path) -> None:
+    ids = [f"s{i:03d}" for i in range(60)]
+    script = {"s007": ["500", "ok"], "s013": ["malformed_answer"] * 5}  # a retry and a failure before the signal
+    env = {**os.environ, "OPENAI_API_KEY": KEY}
+    reference = _uninterrupted(tmp_path, ids, script, env)
+    src = _captions(tmp_path / "captions.jsonl", ids)
+    out = tmp_path / "conv.jsonl"
+    with FaultyServer(script, delay=0.3) as server:
+        proc = subprocess.Popen(_cmd(src, out, server.url), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        _wait_for(out, 20, proc)  # s007 and s013 (3 attempts) are finished by then
+        k = len(_lines(out))
+        sent_at_signal = sum(server.attempts.values())
+        started = time.time()
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=30)
+        elapsed = time.time() - started
+        sent = sum(server.attempts.values())
+        window = 2 * 2  # --concurrency 2: at most 4 requests submitted and not yet finished
+        assert proc.returncode != 0 and elapsed < 5, (proc.returncode, elapsed)
+        # k records finished: k requests, + s007's retry and s013's three attempts; then at most the window
+        assert sent <= sent_at_signal + window and sent <= k + 4 + window
+        message = [line for line in stderr.splitlines() if "run the same command again" in line]
+        assert len(message) == 1, stderr[-2000:]
+        rows = _lines(out)
+        usage = _lines(out.with_suffix(".usage.jsonl"))
+        assert len({r["id"] for r in rows}) == len(rows) >= k  # whole lines; what finished in the grace period kept
+        assert sum(u["event"] == "sent" for u in usage) == sent  # every request the server got is on disk
+        assert sum(u["event"] == "answer" for u in usage) == sent  # ... and its answer, with its tokens
+        report = json.loads(out.with_suffix(".report.json").read_text())
+        assert report["stopped"] == "interrupted" and report["total_in_output"] == len(rows)
+
+        result = subprocess.run(_cmd(src, out, server.url), env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    final = json.loads(result.stdout.strip().splitlines()[-1])
+    got = [r["id"] for r in _lines(out)]
+    assert len(got) == len(set(got)) and set(got) == set(ids) - {"s013"}
+    for key in ("total_in_output", "failed", "requests"):
+        assert final[key] == reference[key], key
+    assert final["tokens"] == reference["tokens"] and final["failure_reasons"] == reference["failure_reasons"]
+
+
+def test_sigkill_leaves_whole_lines_and_the_spending_on_disk(tmp_path: Path) -> None:
+    ids = [f"x{i:03d}" for i in range(40)]
+    src = _captions(tmp_path / "captions.jsonl", ids)
+    out = tmp_path / "conv.jsonl"
+    env = {**os.environ, "OPENAI_API_KEY": KEY}
+    with FaultyServer({"x003": ["400"]}, delay=0.2) as server:
+        proc = subprocess.Popen(_cmd(src, out, server.url), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for(out, 10, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        rows = _lines(out)  # every line parses
+        usage = _lines(out.with_suffix(".usage.jsonl"))
+        failures = _lines(out.with_suffix(".failures.jsonl"))
+        assert len(rows) >= 10 and {u["id"] for u in usage} >= {r["id"] for r in rows}
+        assert sum(u.get("tokens", {}).get("total_tokens", 0) for u in usage) >= 140 * len(rows)
+        # each request is logged before it leaves: the kill can add at most the ones just logged, never hide one
+        assert 0 <= sum(u["event"] == "sent" for u in usage) - sum(server.attempts.values()) <= 2
+        assert [f["id"] for f in failures] == ["x003"] and failures[0]["reason"] == "HTTP 400"
+        result = subprocess.run(_cmd(src, out, server.url), env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    got = [r["id"] for r in _lines(out)]
+    assert len(got) == len(set(got)) and set(got) == set(ids) - {"x003"}
+    final = json.loads(result.stdout.strip().splitlines()[-1])
+    assert 0 <= final["requests"] - sum(server.attempts.values()) <= 2  # summed over both runs
+    assert final["failed"] == 1 and server.attempts["x003"] == 1  # x003 not paid for twice
+    with FaultyServer({}) as server:  # asked to, a run retries what failed before
+        retry = subprocess.run(_cmd(src, out, server.url, "--retry-failed"), env=env, capture_output=True, text=True,
+                               timeout=120)
+    assert retry.returncode == 0 and json.loads(retry.stdout.strip().splitlines()[-1])["failed"] == 0
+    assert len(_lines(out)) == len(ids)
+
+
+def test_spending_guard_counts_across_resumed_runs(tmp_path: Path) -> None:
+    ids = [f"b{i:02d}" for i in range(12)]
+    src = _captions(tmp_path / "captions.jsonl", ids)
+    out = tmp_path / "conv.jsonl"
+    env = {**os.environ, "OPENAI_API_KEY": KEY}
+    with FaultyServer({}) as server:
+        first = subprocess.run(_cmd(src, out, server.url, "--max-requests", "5"), env=env, capture_output=True,
+                               text=True, timeout=120)
+        assert first.returncode != 0 and "spending limit" in first.stderr and "--max-requests" in first.stderr
+        assert sum(server.attempts.values()) == 5 and len(_lines(out)) == 5
+        again = subprocess.run(_cmd(src, out, server.url, "--max-requests", "8"), env=env, capture_output=True,
+                               text=True, timeout=120)
+        assert again.returncode != 0 and sum(server.attempts.values()) == 8  # 5 earlier + 3 now
+        tokens = subprocess.run(_cmd(src, out, server.url, "--max-tokens", str(140 * 10)), env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert tokens.returncode != 0 and "--max-tokens" in tokens.stderr
+        assert len(_lines(out)) == 10 and sum(server.attempts.values()) == 10
+        done = subprocess.run(_cmd(src, out, server.url), env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and len(_lines(out)) == 12
+    assert json.loads(done.stdout.strip().splitlines()[-1])["requests"] == 12
+
+
+def test_inputs_stream_through_a_bounded_window(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At no moment are more than concurrency x 2 inputs taken from the source and not yet finished."""
+    from medllava.data import self_instruct as si
+
+    taken = {"n": 0, "max_open": 0}
+    finished = {"n": 0}
+    real = si.iter_inputs
+
+    def counting(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        for item in real(*a, **k):
+            taken["n"] += 1
+            taken["max_open"] = max(taken["max_open"], taken["n"] - finished["n"])
+            yield item
+
+    monkeypatch.setattr(si, "iter_inputs", counting)
+    src = _captions(tmp_path / "captions.jsonl", [f"w{i:03d}" for i in range(50)])
+    with FaultyServer({}, delay=0.01) as server:
+        report = run_generation([src], tmp_path / "o.jsonl", _settings(server.url, concurrency=3), progress=False,
+                                on_outcome=lambda _o: finished.__setitem__("n", finished["n"] + 1))
+    assert report["generated"] == 50 and taken["max_open"] <= 3 * 2

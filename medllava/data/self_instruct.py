@@ -1,11 +1,16 @@
 """Generate LLaVA-Med-style instruction conversations from figure captions with an OpenAI-compatible endpoint.
 
 A text-only model reads a caption (and sentences of the paper that mention the figure) and writes a
-multi-turn conversation as if both sides could see the image. Robustness: bounded concurrency; retries with
+multi-turn conversation as if both sides could see the image. Robustness: bounded concurrency and a bounded
+submission window (inputs are streamed, at most concurrency x 2 taken and not finished); retries with
 exponential backoff and jitter on 429 / 5xx / timeouts / connection errors (Retry-After honoured); malformed
-answers retried, then recorded as failed; each finished record appended to the output JSONL as one flushed,
+answers retried, then recorded as failed; each finished record appended to the output JSONL as one whole,
 fsynced line, so a re-run resumes with no duplicates and no gaps (a half-written last line from a killed run
-is discarded). Turns that leak the caption ("caption", "figure", "I cannot see", ...) are dropped and
+is discarded). Every answered request is appended to OUT.usage.jsonl (tokens) and every failure to
+OUT.failures.jsonl as it happens, so any kill keeps them and the report sums every run of the same output.
+A stop (the caller sets `stop`: Ctrl-C / SIGTERM in the command) submits nothing more, cancels what has not
+started, lets in-flight requests finish within a grace period and writes the report; spending limits
+(`max_requests`, `max_tokens`, counted over every run) stop the same way. Turns that leak the caption ("caption", "figure", "I cannot see", ...) are dropped and
 "Based on the caption," openings stripped. The API key comes from an environment variable and is never
 printed or written.
 """
@@ -17,6 +22,7 @@ import http.client
 import json
 import logging
 import os
+import queue
 import random
 import re
 import socket
@@ -25,8 +31,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,6 +165,8 @@ class Outcome:
     reason: str | None = None
     tokens: Counter = field(default_factory=Counter)
     attempts: int = 0
+    aborted: bool = False
+    """Stopped before it finished (a stop or a spending limit): neither generated nor failed; the next run does it."""
 
 
 def caption_of(data: dict[str, Any]) -> tuple[str, list[str]]:
@@ -239,23 +246,95 @@ def filter_leaks(turns: list[dict[str, str]]) -> tuple[list[dict[str, str]], int
 
 
 class Appender:
-    """Appends one JSON line per finished record: written whole, flushed and fsynced under a lock."""
+    """Appends one JSON line per call: encoded first, then written with a single write() and fsynced, under a lock,
+    so a kill at any moment leaves only whole lines (or a cut last line that `completed_ids` discards)."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.lock = threading.Lock()
-        self.fh = path.open("a", encoding="utf-8")
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def append(self, row: dict[str, Any]) -> None:
-        line = json.dumps(row, ensure_ascii=False) + "\n"
+        data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
         with self.lock:
-            self.fh.write(line)
-            self.fh.flush()
-            os.fsync(self.fh.fileno())
+            written = 0
+            while written < len(data):
+                written += os.write(self.fd, data[written:])
+            os.fsync(self.fd)
 
     def close(self) -> None:
-        self.fh.close()
+        os.close(self.fd)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Whole lines of a side file (usage, failures); a line cut by a kill is ignored."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+@dataclass
+class SpendingLimits:
+    """Stop cleanly once this many requests / total tokens are spent on one output, over every run."""
+
+    max_requests: int | None = None
+    max_tokens: int | None = None
+
+
+def spent(rows: list[dict[str, Any]]) -> tuple[int, Counter]:
+    """Requests sent and tokens used, from OUT.usage.jsonl rows."""
+    tokens: Counter = Counter()
+    for row in rows:
+        tokens.update({k: v for k, v in (row.get("tokens") or {}).items() if isinstance(v, int)})
+    return sum(1 for row in rows if row.get("event") == "sent"), tokens
+
+
+class Ledger:
+    """What was spent on one output, appended to OUT.usage.jsonl as it happens: a 'sent' line before each request
+    leaves (so even a SIGKILL loses no request from the count) and an 'answer' line with its tokens after."""
+
+    def __init__(self, path: Path, limits: SpendingLimits) -> None:
+        self.limits = limits
+        self.lock = threading.Lock()
+        self.requests, self.tokens = spent(read_jsonl(path))
+        self.reserved = self.requests
+        self.appender = Appender(path)
+
+    def exhausted(self) -> str | None:
+        """Which limit is reached, or None."""
+        if self.limits.max_requests is not None and self.reserved >= self.limits.max_requests:
+            return f"--max-requests {self.limits.max_requests} reached ({self.reserved} requests over every run)"
+        total = self.tokens.get("total_tokens", 0)
+        if self.limits.max_tokens is not None and total >= self.limits.max_tokens:
+            return f"--max-tokens {self.limits.max_tokens} reached ({total} tokens over every run)"
+        return None
+
+    def reserve(self, record_id: str) -> bool:
+        """May one more request be sent? If so it is counted and logged now, before it leaves (so concurrent
+        workers never overshoot the limit, and a kill never hides a request)."""
+        with self.lock:
+            if self.exhausted():
+                return False
+            self.reserved += 1
+        self.appender.append({"id": record_id, "event": "sent", "time": round(time.time(), 3)})
+        return True
+
+    def record(self, record_id: str, status: str, tokens: dict[str, int]) -> None:
+        with self.lock:
+            self.requests += 1
+            self.tokens.update(tokens)
+        self.appender.append({"id": record_id, "event": "answer", "status": status, "tokens": tokens,
+                              "time": round(time.time(), 3)})
+
+    def close(self) -> None:
+        self.appender.close()
 
 
 def completed_ids(path: Path) -> set[str]:
@@ -278,8 +357,11 @@ def completed_ids(path: Path) -> set[str]:
 class Generator:
     """Calls the endpoint with retries; turns each input record into a conversation or a failure."""
 
-    def __init__(self, settings: GeneratorSettings) -> None:
+    def __init__(self, settings: GeneratorSettings, *, ledger: Ledger | None = None,
+                 stop: threading.Event | None = None) -> None:
         self.s = settings
+        self.ledger = ledger
+        self.stop = stop or threading.Event()
         self.url = settings.base_url.rstrip("/") + "/chat/completions"
         key = os.environ.get(settings.api_key_env, "")
         self.headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
@@ -294,15 +376,6 @@ class Generator:
             headers = {k.lower(): v for k, v in (err.headers or {}).items()}
             return err.code, headers, err.read()
 
-    def _sleep(self, attempt: int, retry_after: str | None) -> None:
-        delay = min(self.s.backoff_max, self.s.backoff_base * 2 ** attempt) * (0.5 + random.random() / 2)
-        if retry_after:
-            try:
-                delay = max(delay, min(float(retry_after), self.s.backoff_max))
-            except ValueError:
-                pass
-        time.sleep(delay)
-
     def generate(self, record_id: str, image: str, caption: str, mentions: list[str]) -> Outcome:
         outcome = Outcome(record_id)
         messages = build_messages(caption, mentions, record_id, self.s.shots)
@@ -311,16 +384,28 @@ class Generator:
         malformed = 0
         last = "no attempt"
         for attempt in range(self.s.max_attempts):
+            if self.stop.is_set() or (self.ledger is not None and not self.ledger.reserve(record_id)):
+                outcome.aborted = True  # nothing more is sent: the next run picks this record up
+                return outcome
             outcome.attempts = attempt + 1
             retry_after = None
             try:
                 status, headers, raw = self._post(payload)
             except TimeoutError:
                 last = "timeout"
+                self._record(record_id, last, {})
             except (urllib.error.URLError, http.client.HTTPException, ConnectionError, OSError) as err:
                 reason = getattr(err, "reason", err)
                 last = "timeout" if isinstance(reason, (TimeoutError, socket.timeout)) else f"connection error ({type(reason).__name__})"
+                self._record(record_id, last, {})
             else:
+                usage = {}
+                if status == 200:
+                    try:
+                        usage = {k: v for k, v in (json.loads(raw).get("usage") or {}).items() if isinstance(v, int)}
+                    except (ValueError, AttributeError):
+                        usage = {}
+                self._record(record_id, f"HTTP {status}", usage)
                 if status != 200:
                     last = f"HTTP {status}"
                     if status not in RETRYABLE_STATUS:
@@ -330,10 +415,8 @@ class Generator:
                 else:
                     try:
                         body = json.loads(raw)
+                        outcome.tokens.update(usage)
                         content = body["choices"][0]["message"]["content"]
-                        for key, value in (body.get("usage") or {}).items():
-                            if isinstance(value, int):
-                                outcome.tokens[key] += value
                         turns = parse_conversation(content)
                     except (ValueError, KeyError, IndexError, TypeError) as err:
                         malformed += 1
@@ -358,10 +441,23 @@ class Generator:
         outcome.reason = f"gave up after {self.s.max_attempts} attempts: {last}"
         return outcome
 
+    def _record(self, record_id: str, status: str, tokens: dict[str, int]) -> None:
+        if self.ledger is not None:
+            self.ledger.record(record_id, status, tokens)
 
-def load_inputs(sources: Iterable[str | Path]) -> tuple[list[tuple[str, str, str, list[str]]], Counter]:
-    """(id, image, caption, mentions) per usable input record; skips counted by reason."""
-    items, skipped, seen = [], Counter(), set()
+    def _sleep(self, attempt: int, retry_after: str | None) -> None:
+        delay = min(self.s.backoff_max, self.s.backoff_base * 2 ** attempt) * (0.5 + random.random() / 2)
+        if retry_after:
+            try:
+                delay = max(delay, min(float(retry_after), self.s.backoff_max))
+            except ValueError:
+                pass
+        self.stop.wait(delay)  # a stop ends the wait at once
+
+
+def iter_inputs(sources: Iterable[str | Path], skipped: Counter) -> Iterator[tuple[str, str, str, list[str]]]:
+    """(id, image, caption, mentions) per usable input record, streamed; skips counted by reason in `skipped`."""
+    seen: set[str] = set()
     for source in sources:
         for raw in iter_raw(source):
             if raw.error is not None:
@@ -378,46 +474,138 @@ def load_inputs(sources: Iterable[str | Path]) -> tuple[list[tuple[str, str, str
                 skipped["no_image"] += 1
             else:
                 seen.add(rid)
-                items.append((rid, str(data["image"]), caption, mentions))
-    return items, skipped
+                yield rid, str(data["image"]), caption, mentions
+
+
+def load_inputs(sources: Iterable[str | Path]) -> tuple[list[tuple[str, str, str, list[str]]], Counter]:
+    """Every usable input as a list (the dry run); skips counted by reason."""
+    skipped: Counter = Counter()
+    return list(iter_inputs(sources, skipped)), skipped
+
+
+def side_files(out: Path) -> dict[str, Path]:
+    return {"failures": out.with_suffix(".failures.jsonl"), "usage": out.with_suffix(".usage.jsonl"),
+            "report": out.with_suffix(".report.json")}
 
 
 def run_generation(sources: Iterable[str | Path], out: Path, settings: GeneratorSettings, *, limit: int | None = None,
-                   progress: bool = True) -> dict[str, Any]:
-    """Generate conversations for every input not already in `out`; write OUT.failures.jsonl and OUT.report.json."""
+                   progress: bool = True, stop: threading.Event | None = None, limits: SpendingLimits | None = None,
+                   grace: float = 3.0, on_outcome: Callable[[Outcome], None] | None = None,
+                   retry_failed: bool = False) -> dict[str, Any]:
+    """Generate conversations for every input not already in `out` (nor failed in an earlier run, unless
+    `retry_failed`: a resumed run continues where the last one stopped); append failures and usage as they happen;
+    write OUT.report.json (summed over every run of `out`). `report["stopped"]` says why a run ended early:
+    'interrupted' (`stop` was set) or the spending limit reached."""
     from tqdm.auto import tqdm
 
     started = time.time()
-    items, skipped = load_inputs(sources)
+    files = side_files(out)
+    stop = stop or threading.Event()
     done = completed_ids(out)
-    todo = [it for it in items if it[0] not in done][:limit]
-    generator = Generator(settings)
+    failed_before = set() if retry_failed else {str(f["id"]) for f in read_jsonl(files["failures"])} - done
+    ledger = Ledger(files["usage"], limits or SpendingLimits())
+    failures_log = Appender(files["failures"])
     appender = Appender(out)
-    failures: list[dict[str, Any]] = []
-    tokens: Counter = Counter()
-    generated = 0
+    generator = Generator(settings, ledger=ledger, stop=stop)
+    skipped: Counter = Counter()
+    seen = {"inputs": 0, "already_done": 0}
+
+    def stream() -> Iterator[tuple[str, str, str, list[str]]]:
+        for it in iter_inputs(sources, skipped):
+            seen["inputs"] += 1
+            if it[0] in done:
+                seen["already_done"] += 1
+            elif it[0] not in failed_before:
+                yield it
+
+    todo = stream()
+    inbox: queue.Queue = queue.Queue()
+    outbox: queue.Queue = queue.Queue()
+
+    def worker() -> None:
+        while True:
+            item = inbox.get()
+            if item is None:
+                return
+            outbox.put(generator.generate(*item))
+
+    # Daemon workers: a request still in flight after the grace period is abandoned with the process.
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(settings.concurrency)]
+    for t in threads:
+        t.start()
+    window = settings.concurrency * 2
+    open_items = taken = generated = failed = 0
+    stopped: str | None = None
+    deadline: float | None = None
+    bar = tqdm(desc="generating", disable=not progress, unit="record")
     try:
-        with ThreadPoolExecutor(max_workers=settings.concurrency) as pool:
-            futures = [pool.submit(generator.generate, *it) for it in todo]
-            for future in tqdm(as_completed(futures), total=len(futures), desc="generating", disable=not progress):
-                outcome = future.result()
-                tokens.update(outcome.tokens)
-                if outcome.record is not None:
-                    appender.append(outcome.record)
-                    generated += 1
-                else:
-                    failures.append({"id": outcome.id, "reason": outcome.reason, "attempts": outcome.attempts})
+        while True:
+            if stopped is None and (stop.is_set() or ledger.exhausted()):
+                stopped = "interrupted" if stop.is_set() else ledger.exhausted()
+                stop.set()
+                while True:  # cancel what no worker has started
+                    try:
+                        if inbox.get_nowait() is not None:
+                            open_items -= 1
+                    except queue.Empty:
+                        break
+                deadline = time.time() + grace
+            while stopped is None and open_items < window and (limit is None or taken < limit):
+                item = next(todo, None)
+                if item is None:
+                    break
+                inbox.put(item)
+                open_items += 1
+                taken += 1
+            if open_items == 0:
+                break
+            try:
+                outcome = outbox.get(timeout=0.05)
+            except queue.Empty:
+                if deadline is not None and time.time() > deadline:
+                    break  # the grace period is over: abandon what is still in flight
+                continue
+            open_items -= 1
+            if on_outcome is not None:
+                on_outcome(outcome)
+            if outcome.record is not None:
+                appender.append(outcome.record)
+                generated += 1
+                bar.update()
+            elif not outcome.aborted:
+                failures_log.append({"id": outcome.id, "reason": outcome.reason, "attempts": outcome.attempts,
+                                     "time": round(time.time(), 3)})
+                failed += 1
+                bar.update()
     finally:
+        for _ in threads:
+            inbox.put(None)
+        bar.close()
         appender.close()
-    failures.sort(key=lambda f: f["id"])
-    fail_path = out.with_suffix(".failures.jsonl")
-    fail_path.write_text("".join(json.dumps(f) + "\n" for f in failures), encoding="utf-8")
-    reasons = Counter(re.sub(r"\(.*\)", "", f["reason"] or "").strip() for f in failures)
-    report = {
-        "inputs": len(items), "skipped_inputs": dict(skipped), "already_done": len(done & {it[0] for it in items}),
-        "generated": generated, "failed": len(failures), "failure_reasons": dict(reasons),
-        "total_in_output": len(completed_ids(out)), "tokens": dict(tokens), "seconds": round(time.time() - started, 1),
-        "model": settings.model, "failures_file": str(fail_path),
-    }
-    out.with_suffix(".report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        failures_log.close()
+        ledger.close()
+    report = summarize(out, settings, skipped, inputs=seen["inputs"], generated=generated, failed_now=failed,
+                       already_done=seen["already_done"], seconds=time.time() - started, stopped=stopped)
+    files["report"].write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
+
+
+def summarize(out: Path, settings: GeneratorSettings, skipped: Counter, *, inputs: int, generated: int,
+              failed_now: int, already_done: int, seconds: float, stopped: str | None) -> dict[str, Any]:
+    """The report of one output over every run: what is in it, what failed last (and is not in it since),
+    and every request and token spent. `inputs` counts the usable inputs read (all of them unless stopped)."""
+    files = side_files(out)
+    in_output = completed_ids(out)
+    latest: dict[str, dict[str, Any]] = {}
+    for row in read_jsonl(files["failures"]):
+        latest[str(row["id"])] = row  # the latest failure of an id counts (a --retry-failed run may add one)
+    failures = {rid: row for rid, row in latest.items() if rid not in in_output}
+    requests, tokens = spent(read_jsonl(files["usage"]))
+    reasons = Counter(re.sub(r"\(.*\)", "", f.get("reason") or "").strip() for f in failures.values())
+    return {
+        "inputs": inputs, "skipped_inputs": dict(skipped), "already_done": already_done, "generated": generated,
+        "failed_this_run": failed_now, "failed": len(failures), "failure_reasons": dict(reasons),
+        "total_in_output": len(in_output), "requests": requests, "tokens": dict(tokens),
+        "seconds": round(seconds, 1), "model": settings.model, "stopped": stopped,
+        "failures_file": str(files["failures"]), "usage_file": str(files["usage"]),
+    }
