@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from medllava.imaging import Window, load_image
+from medllava.model import decoding_config
 
 HELP = "commands: /image PATH (attach to next question), /reset, /help, /exit"
 
@@ -61,9 +62,8 @@ class ChatSession:
         device = next(self.model.parameters()).device
         dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
         inputs = {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
-        sampling = ({"do_sample": True, "temperature": self.temperature, "top_p": 1.0, "top_k": 0}
-                    if self.temperature > 0 else {"do_sample": False})
-        kwargs = dict(**inputs, max_new_tokens=self.max_new_tokens, **sampling)
+        config = decoding_config(self.model, self.max_new_tokens, temperature=self.temperature)
+        kwargs = dict(**inputs, generation_config=config)
         if on_text is None:
             out = self.model.generate(**kwargs)
             answer = self.processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -25,6 +25,7 @@ from medllava.data.records import RecordError
 from medllava.data.validate import resolve_image
 from medllava.data.vqa import VQARecord, format_question, read_vqa
 from medllava.imaging import ImageError, Window, blank_like, load_image
+from medllava.model import decoding_config
 from medllava.rewards import grade
 
 logger = logging.getLogger(__name__)
@@ -98,9 +99,8 @@ def generate_batch(model: Any, processor: Any, prompts: Sequence[str], images: S
     device = next(model.parameters()).device
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     inputs = {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0} if temperature > 0 else {"do_sample": False}
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=1, num_return_sequences=num_samples,
-                         **sampling)
+    config = decoding_config(model, max_new_tokens, temperature=temperature, num_return_sequences=num_samples)
+    out = model.generate(**inputs, generation_config=config)
     new = out[:, inputs["input_ids"].shape[1]:]
     return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
 

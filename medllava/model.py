@@ -25,6 +25,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
+    GenerationConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
@@ -270,9 +271,31 @@ def end_of_turn_ids(processor: LlavaProcessor) -> list[int]:
     return ids
 
 
+def decoding_config(model: Any, max_new_tokens: int, *, temperature: float = 0.0,
+                    num_return_sequences: int = 1) -> GenerationConfig:
+    """Plain decoding for eval, chat and the pass-rate filter: greedy (temperature 0) or pure sampling at
+    `temperature`, and none of the extras an LLM's shipped generation config may carry (Qwen2.5: repetition
+    penalty 1.05, top-k 20, top-p 0.8). Only the stop, pad and start tokens come from the model's own config."""
+    own = model.generation_config
+    sampling = temperature > 0
+    # transformers fills every field left None from the model's own generation config: so every field that
+    # shapes the output gets its neutral value explicitly (penalties off, no n-gram blocking, no suppression).
+    neutral = {k: v for k, v in GenerationConfig()._get_default_generation_params().items() if v is not None}
+    neutral.update(suppress_tokens=[], begin_suppress_tokens=[], min_new_tokens=0)
+    neutral.update(
+        max_new_tokens=max_new_tokens, num_beams=1, num_return_sequences=num_return_sequences, do_sample=sampling,
+        temperature=temperature if sampling else 1.0, top_p=1.0, top_k=0, use_cache=True,
+        eos_token_id=own.eos_token_id, pad_token_id=own.pad_token_id, bos_token_id=own.bos_token_id,
+    )
+    neutral.pop("max_length", None)  # max_new_tokens decides the length
+    return GenerationConfig(**neutral)
+
+
 def finalize_generation_config(model: LlavaForConditionalGeneration, processor: LlavaProcessor) -> None:
-    """Stop generation at the end-of-turn token(s), pad with the pad token, decode greedily by default."""
-    gen = model.generation_config
+    """Stop generation at the end-of-turn token(s), pad with the pad token, decode plainly greedy by default:
+    the LLM's shipped sampling and penalty settings are dropped, so an export decodes the same everywhere."""
+    gen = model.generation_config = GenerationConfig(eos_token_id=model.generation_config.eos_token_id,
+                                                     bos_token_id=model.generation_config.bos_token_id)
     stop = end_of_turn_ids(processor)
     existing = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
     merged = [i for i in existing if i is not None] + [i for i in stop if i not in existing]

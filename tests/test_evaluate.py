@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from medllava.data.vqa import parse_vqa
+from medllava.data.vqa import format_question, parse_vqa, read_vqa
 from medllava.evaluate import chance_level, markdown_table, score, summary_table
 
 
@@ -81,3 +83,54 @@ def test_summary_table() -> None:
     text = summary_table({"instruct": {"accuracy": 0.7, "chance": 0.4, "blind_accuracy": 0.35, "blind_gap": 0.35,
                                        "by_topic": {"side": 0.5}}}, seconds=90)
     assert "instruct" in text and "+0.350" in text and "side 0.50" in text and "1.5 min" in text
+
+
+def test_greedy_is_plainly_greedy_whatever_the_llm_ships(base_models: dict, phantom: Path, tmp_path: Path) -> None:
+    """Qwen2.5 ships repetition_penalty 1.05, top_k 20 ... in its generation config: eval, chat and the filter must
+    still decode plainly greedy, and a newly assembled model must not carry those extras into its exports."""
+    import torch
+    from PIL import Image
+    from transformers import GenerationConfig
+
+    from medllava.chat import ChatSession
+    from medllava.evaluate import build_prompt, generate_batch
+    from medllava.model import build_model, load_model
+    from medllava.presets import make_tiny_pair
+
+    model, processor = load_model(base_models[("clip", "llama")])
+    model.eval()
+    rec = next(iter(read_vqa(phantom / "test.jsonl")))
+    image = Image.open(phantom / "images" / rec.image).convert("RGB")
+    prompt = build_prompt(processor, rec)
+    clean = generate_batch(model, processor, [prompt], [image], 12)
+    inputs = processor(text=[prompt], images=[image], return_tensors="pt")
+    with torch.no_grad():  # greedy by hand: argmax, token after token
+        ids = inputs["input_ids"]
+        for _ in range(12):
+            logits = model(input_ids=ids, pixel_values=inputs["pixel_values"], attention_mask=torch.ones_like(ids)).logits
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            if ids[0, -1].item() in ([model.generation_config.eos_token_id] if isinstance(model.generation_config.eos_token_id, int) else model.generation_config.eos_token_id):
+                break
+    by_hand = processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert clean == [by_hand]
+    model.generation_config.repetition_penalty = 3.0  # what a shipped config can carry
+    model.generation_config.no_repeat_ngram_size = 2
+    model.generation_config.top_k = 20
+    assert generate_batch(model, processor, [prompt], [image], 12) == clean
+    question = format_question(rec.question, rec.options, with_image=False)
+
+    def chat_answer() -> str:
+        session = ChatSession(model, processor, max_new_tokens=12)
+        session.add_image(image)
+        return session.ask(question)
+
+    polluted_chat = chat_answer()
+    model.generation_config = GenerationConfig(eos_token_id=model.generation_config.eos_token_id,
+                                               pad_token_id=model.generation_config.pad_token_id)
+    assert chat_answer() == polluted_chat
+
+    vision, llm = make_tiny_pair(tmp_path / "pair", "clip", "llama")
+    GenerationConfig(repetition_penalty=1.05, top_k=20, top_p=0.8, temperature=0.7, do_sample=True).save_pretrained(llm)
+    built, _ = build_model(str(vision), str(llm))
+    g = built.generation_config
+    assert g.repetition_penalty in (None, 1.0) and not g.do_sample and (g.top_k, g.top_p, g.temperature) == (None,) * 3
