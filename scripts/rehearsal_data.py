@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--align", type=int, default=256, help="alignment pairs (2 steps of the recipes' batch 128)")
     parser.add_argument("--instruct", type=int, default=128, help="instruction conversations")
-    parser.add_argument("--vqa", type=int, default=24, help="questions per VQA corpus")
+    parser.add_argument("--vqa", type=int, default=12,
+                        help="questions per VQA corpus (about 45 in all: one GRPO step of 32 questions x 8)")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     work = args.workdir.resolve()
