@@ -102,7 +102,9 @@ def quantization_config(quant: QuantizationSection, compute_dtype: torch.dtype) 
 def quantized_device_map() -> dict[str, Any] | str:
     """Where a quantized model must live: this process's GPU (one per rank), or the CPU."""
     if torch.cuda.is_available():
-        return {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
+        from medllava.train.ranks import local_rank, world_size
+
+        return {"": local_rank() if world_size() > 1 else torch.cuda.current_device()}
     return "cpu"
 
 
