@@ -238,6 +238,7 @@ def test_runner_packs_by_default_and_respects_the_probe(tmp_path: Path, phantom:
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in run.trainer.state.log_history if "loss" in h)
 
     monkeypatch.setattr(sft, "packing_isolates", lambda model, vocab: (False, 0.9, 1.0))  # a model that leaks
+    cfg["run"]["resume"] = "never"  # the same folder, other packing settings: these are new runs, not resumes
     run = sft.prepare_sft(config_from_dict(cfg))
     assert isinstance(run.trainer.data_collator, SFTCollator)  # auto: padded instead, with a warning
     cfg["data"]["packing"] = True
