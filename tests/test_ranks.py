@@ -42,8 +42,9 @@ def env() -> dict[str, str]:
 
 
 def launch_cmd(n: int, config: Path, *extra: str, launcher: str = "torchrun") -> list[str]:
-    if launcher == "deepspeed":
-        return ["deepspeed", "--num_gpus", str(n), "--master_port", str(free_port()), str(DRIVER), str(config), *extra]
+    if launcher == "deepspeed":  # the `deepspeed` command, from this interpreter (CI does not activate the venv)
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n), "--master_port",
+                str(free_port()), str(DRIVER), str(config), *extra]
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={n}",
             f"--master_port={free_port()}", str(DRIVER), str(config), *extra]
 
@@ -75,7 +76,8 @@ def assert_same_weights(a: Path, b: Path, atol: float) -> None:
 
 
 def test_deepspeed_launcher_local_rank_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "unset")  # recorded, so the teardown restores the environment as it was
+    monkeypatch.delenv("LOCAL_RANK")
     assert take_launcher_arguments(["--local_rank=1", "train", "x.yaml", "--optim.lr=1"]) == ["train", "x.yaml", "--optim.lr=1"]
     assert os.environ["LOCAL_RANK"] == "1"
     assert take_launcher_arguments(["train", "--local-rank", "0", "x.yaml"]) == ["train", "x.yaml"]
