@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-requests", type=int, default=None,
                         help="stop once this many requests were sent for this output (every run counted)")
     parser.add_argument("--max-tokens", type=int, default=None,
-                        help="stop once this many total tokens were spent for this output (every run counted)")
+                        help="stop once this many total tokens were spent for this output (every run counted); "
+                             "answers already in flight then still arrive (at most --concurrency - 1 more)")
     parser.add_argument("--retry-failed", action="store_true",
                         help="also retry records that failed in earlier runs (by default a re-run continues where the "
                              "last one stopped and pays for no failure twice)")

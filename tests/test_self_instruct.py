@@ -362,7 +362,9 @@ def test_spending_guard_counts_across_resumed_runs(tmp_path: Path) -> None:
         tokens = subprocess.run(_cmd(src, out, server.url, "--max-tokens", str(140 * 10)), env=env,
                                 capture_output=True, text=True, timeout=120)
         assert tokens.returncode != 0 and "--max-tokens" in tokens.stderr
-        assert len(_lines(out)) == 10 and sum(server.attempts.values()) == 10
+        # tokens are known only when answers arrive: requests already in flight when the limit is reached finish,
+        # so the run may overshoot by at most concurrency - 1 requests (requests, counted before sending, never do)
+        assert 10 <= len(_lines(out)) == sum(server.attempts.values()) <= 10 + (2 - 1)
         done = subprocess.run(_cmd(src, out, server.url), env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and len(_lines(out)) == 12
     assert json.loads(done.stdout.strip().splitlines()[-1])["requests"] == 12
