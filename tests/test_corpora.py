@@ -188,3 +188,24 @@ def test_llava_vqa_form_to_vqa_records(tmp_path: Path) -> None:
     assert counts == {"read": 2, "written": 1, "skipped": {"no_question_answer_pair": 1}}
     (rec,) = list(read_vqa(out))
     assert rec.qtype == "yes_no" and rec.question == "Is the heart enlarged?"
+
+
+@pytest.mark.parametrize("recipe", ["pathvqa", "vqa_rad"])
+def test_train_and_test_splits_into_one_folder_keep_their_own_images(recipe: str, tmp_path: Path) -> None:
+    """Embedded images of two splits converted next to each other: no file is overwritten, every record still
+    points at its own image, and ids stay unique across the splits."""
+    datasets = pytest.importorskip("datasets")
+    for split, shade in (("train", 10), ("test", 200)):
+        ds = datasets.Dataset.from_dict({
+            "image": [Image.new("RGB", (12, 12), (shade + i, 0, 0)) for i in range(3)],
+            "question": [f"{split} question {i}?" for i in range(3)], "answer": ["yes", "no", "yes"],
+        }).cast_column("image", datasets.Image())
+        ds.to_parquet(str(tmp_path / f"{split}.parquet"))
+        _recipe(recipe, "--in", str(tmp_path / f"{split}.parquet"), "--out", str(tmp_path / "out" / f"{split}.jsonl"))
+    ids = []
+    for split, shade in (("train", 10), ("test", 200)):
+        for i, rec in enumerate(read_vqa(tmp_path / "out" / f"{split}.jsonl")):
+            pixel = Image.open(tmp_path / "out" / "images" / rec.image).convert("RGB").getpixel((0, 0))
+            assert pixel == (shade + i, 0, 0), (split, i, rec.image)
+            ids.append(rec.id)
+    assert len(ids) == len(set(ids)) == 6

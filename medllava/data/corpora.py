@@ -10,6 +10,7 @@ output folder. Every converter counts what it read, wrote and skipped, with a re
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 from collections import Counter
@@ -66,19 +67,32 @@ def closed_or_open(answer: str) -> str:
     return "open"
 
 
-def save_embedded_image(image: Any, images_dir: Path, name: str) -> str:
-    """Write a `datasets` image (PIL image or {bytes, path}) to images_dir; return the path relative to it."""
+def save_embedded_image(image: Any, images_dir: Path, prefix: str) -> str:
+    """Write a `datasets` image (PIL image or {bytes, path}) to images_dir under a name made from its content
+    (prefix + sha256), so converting several splits into one folder never overwrites a different image and an
+    image shared by records is stored once. Returns the path relative to images_dir."""
+    import hashlib
+    import io
+
     from PIL import Image
 
-    images_dir.mkdir(parents=True, exist_ok=True)
     if isinstance(image, dict) and image.get("bytes"):
+        data = image["bytes"]
         suffix = Path(image.get("path") or "x.png").suffix or ".png"
-        (images_dir / f"{name}{suffix}").write_bytes(image["bytes"])
-        return f"{name}{suffix}"
-    if isinstance(image, Image.Image):
-        image.convert("RGB").save(images_dir / f"{name}.png")
-        return f"{name}.png"
-    raise ValueError(f"unsupported embedded image {type(image).__name__}")
+    elif isinstance(image, Image.Image):
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="PNG")
+        data, suffix = buffer.getvalue(), ".png"
+    else:
+        raise ValueError(f"unsupported embedded image {type(image).__name__}")
+    name = f"{prefix}_{hashlib.sha256(data).hexdigest()[:20]}{suffix}"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    target = images_dir / name
+    if not target.is_file():  # same name = same content: nothing to overwrite
+        staging = target.with_name(target.name + ".partial")
+        staging.write_bytes(data)
+        staging.replace(target)
+    return name
 
 
 def json_source(source: str | Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
@@ -208,11 +222,14 @@ def embedded_vqa_row(prefix: str, images_dir: Path) -> Callable[[int, dict[str, 
         if r.get("image") is None or not r.get("question") or r.get("answer") in (None, ""):
             return "missing_field"
         try:
-            rel = save_embedded_image(r["image"], images_dir, f"{prefix}_{line:06d}")
+            rel = save_embedded_image(r["image"], images_dir, prefix)
         except (ValueError, OSError):
             return "unreadable_image"
         answer = str(r["answer"]).strip()
-        return {"id": f"{prefix}_{line}", "image": rel, "question": str(r["question"]).strip(), "answer": answer,
+        question = str(r["question"]).strip()
+        # The id names the image content and the question, so it stays unique across splits converted apart.
+        digest = hashlib.sha256(f"{rel}\n{question}".encode()).hexdigest()[:12]
+        return {"id": f"{prefix}_{digest}", "image": rel, "question": question, "answer": answer,
                 "qtype": closed_or_open(answer)}
 
     return mapper
