@@ -303,8 +303,7 @@ class Ledger:
     def __init__(self, path: Path, limits: SpendingLimits) -> None:
         self.limits = limits
         self.lock = threading.Lock()
-        self.requests, self.tokens = spent(read_jsonl(path))
-        self.reserved = self.requests
+        self.reserved, self.tokens = spent(read_jsonl(path))  # requests sent (earlier runs) and being sent
         self.appender = Appender(path)
 
     def exhausted(self) -> str | None:
@@ -328,7 +327,6 @@ class Ledger:
 
     def record(self, record_id: str, status: str, tokens: dict[str, int]) -> None:
         with self.lock:
-            self.requests += 1
             self.tokens.update(tokens)
         self.appender.append({"id": record_id, "event": "answer", "status": status, "tokens": tokens,
                               "time": round(time.time(), 3)})
