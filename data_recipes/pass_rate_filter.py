@@ -28,26 +28,42 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from medllava.data.rl import build_rl_rows  # noqa: E402
 from medllava.evaluate import generate_batch  # noqa: E402
-from medllava.imaging import Window, load_image  # noqa: E402
-from medllava.model import load_model, pick_device  # noqa: E402
+from medllava.data.records import has_embedded_bytes, write_records  # noqa: E402
+from medllava.imaging import ImageError, Window, load_image  # noqa: E402
+from medllava.model import load_for_inference  # noqa: E402
 from medllava.rewards import grade  # noqa: E402
 
 
 def pass_rates(model, processor, rows: list[dict], *, n: int, temperature: float, max_new_tokens: int,
-               batch_size: int, progress: bool = True, window: Window | None = None) -> list[float]:
-    """The share of n sampled answers that grade correct, per row."""
-    rates: list[float] = []
+               batch_size: int, progress: bool = True, window: Window | None = None) -> list[float | None]:
+    """The share of n sampled answers that grade correct, per row; None for a row whose image does not decode
+    (images are decoded batch by batch, never all at once)."""
+    rates: list[float | None] = []
     for start in tqdm(range(0, len(rows), batch_size), desc="sampling", disable=not progress):
-        chunk = rows[start:start + batch_size]
+        chunk, images, decodes = [], [], []
+        for row in rows[start:start + batch_size]:
+            try:
+                images.append(load_image(row["image"], window=window))
+            except ImageError:
+                decodes.append(False)
+                continue
+            decodes.append(True)
+            chunk.append(row)
         prompts = []
         for row in chunk:
             messages = [dict(m) for m in row["prompt"]]
             messages[-1] = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": messages[-1]["content"]}]}
             prompts.append(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
-        images = [load_image(row["image"], window=window) for row in chunk]
-        answers = generate_batch(model, processor, prompts, images, max_new_tokens, num_samples=n, temperature=temperature)
-        for i, row in enumerate(chunk):
-            samples = answers[i * n:(i + 1) * n]
+        answers = generate_batch(model, processor, prompts, images, max_new_tokens, num_samples=n,
+                                 temperature=temperature) if chunk else []
+        del images
+        graded = iter(range(len(chunk)))
+        for ok in decodes:
+            if not ok:
+                rates.append(None)
+                continue
+            i = next(graded)
+            row, samples = chunk[i], answers[i * n:(i + 1) * n]
             rates.append(sum(grade(a, row["answer"], row["qtype"], row["options"]).correct for a in samples) / n)
     return rates
 
@@ -113,27 +129,27 @@ def main(argv: list[str] | None = None) -> int:
     args = filter_settings(args, overrides)
 
     torch.manual_seed(args.seed)
-    use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    model, processor = load_model(args.model, dtype=torch.bfloat16 if use_bf16 else torch.float32)
-    model.to(pick_device()).eval()
+    originals = original_rows(args.data)  # every input row as read, to be written out unchanged
+    if args.out.suffix in (".jsonl", ".json") and any(has_embedded_bytes(r) for r in originals.values()):
+        raise SystemExit(f"--out {args.out}: the questions carry embedded images, which JSON cannot hold; name a "
+                         ".parquet file (or a folder) instead")
+    model, processor = load_for_inference(args.model)  # bf16 on a GPU that has it
     rows, report = build_rl_rows(args.data, processor, image_folder=args.image_folder, mode=args.prompt,
                                  instruction=args.instruction, system_prompt=args.system_prompt, skip_invalid=True,
                                  max_samples=args.max_records, max_prompt_length=10**9, with_location=True)
     rates = pass_rates(model, processor, rows, n=args.n, temperature=args.temperature,
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                        window=Window.parse(args.window) if args.window else None)
-    originals = original_rows(args.data)
     kept, dropped = [], []
     for row, rate in zip(rows, rates):
-        if args.min_rate < rate < args.max_rate:
+        if rate is None:
+            dropped.append({"id": row["id"], "source": row["source"], "line": row["line"], "pass_rate": None,
+                            "reason": "image does not decode"})
+        elif args.min_rate < rate < args.max_rate:
             kept.append({**originals[(row["source"], row["line"])], "pass_rate": rate})
         else:
             dropped.append({"id": row["id"], "pass_rate": rate, "reason": "all right" if rate >= args.max_rate else "all wrong"})
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    staging = args.out.with_name(args.out.name + ".partial")
-    with staging.open("w", encoding="utf-8") as fh:
-        for obj in kept:
-            fh.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    rates = [r for r in rates if r is not None]
     histogram = Counter(f"{r:.3f}" for r in rates)
     summary = {
         "model": args.model, "data": args.data, "n": args.n, "temperature": args.temperature,
@@ -142,18 +158,19 @@ def main(argv: list[str] | None = None) -> int:
         "sampled": len(rows), "kept": len(kept),
         "dropped_all_right": sum(1 for d in dropped if d["reason"] == "all right"),
         "dropped_all_wrong": sum(1 for d in dropped if d["reason"] == "all wrong"),
+        "dropped_unreadable_image": sum(1 for d in dropped if d["reason"] == "image does not decode"),
         "mean_pass_rate": round(sum(rates) / len(rates), 4) if rates else None,
         "pass_rate_histogram": dict(sorted(histogram.items())), "dropped": dropped,
     }
-    report_path = args.out.with_suffix(".report.json")
+    report_path = args.out.with_name(args.out.stem + ".report.json")
+    report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(json.dumps({k: v for k, v in summary.items() if k not in ("dropped", "pass_rate_histogram")}))
     if not kept:
-        staging.unlink()
         print(f"pass_rate_filter: no question kept (pass rates outside ({args.min_rate}, {args.max_rate})); nothing "
               f"written to {args.out}; see {report_path}", file=sys.stderr)
         return 2
-    staging.replace(args.out)  # whole or absent: a later run never reads half a file
+    write_records(kept, args.out)  # whole or absent: a later run never reads half a file
     return 0
 
 

@@ -38,8 +38,12 @@ from medllava.data.self_instruct import (  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--in", dest="inp", nargs="+", required=True, help="caption records (JSON/JSONL)")
+    parser.add_argument("--in", dest="inp", nargs="+", required=True,
+                        help="caption records (JSON/JSONL, or a datasets source: hf:NAME[:SPLIT], parquet, a folder)")
     parser.add_argument("--out", required=True, type=Path, help="JSONL of generated conversations (appended)")
+    parser.add_argument("--images-out", type=Path, default=None,
+                        help="where images embedded in a datasets source are written, named by content; records "
+                             "name them relative to it (default: OUT's folder/images)")
     parser.add_argument("--base-url", required=True, help="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1")
     parser.add_argument("--model", required=True)
     parser.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
@@ -67,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.dry_run:
-        items, skipped = load_inputs(args.inp)
+        items, skipped = load_inputs(args.inp, args.images_out or args.out.parent / "images")
         for rid, image, caption, mentions in items[: args.limit or 3]:
             print(json.dumps({"id": rid, "image": image, "messages": build_messages(caption, mentions, rid, args.shots)},
                              ensure_ascii=False, indent=1))
@@ -90,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     report = run_generation(args.inp, args.out, settings, limit=args.limit, stop=stop, grace=args.grace,
-                            retry_failed=args.retry_failed,
+                            retry_failed=args.retry_failed, images_dir=args.images_out,
                             limits=SpendingLimits(args.max_requests, args.max_tokens))
     print(json.dumps(report))
     if report["stopped"] is None:

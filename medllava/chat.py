@@ -84,26 +84,6 @@ class ChatSession:
         return answer
 
 
-def load_chat_model(path: str, *, bits: int | None = None, device: str = "auto", allow_pickle: bool = False) -> tuple[Any, Any]:
-    """Load a stage output / exported folder for chat, on the chosen device, optionally in 4 or 8 bits."""
-    from medllava.config import QuantizationSection
-    from medllava.model import load_model, pick_device, quantization_config
-
-    if not Path(path).exists() and ("/" in path or path.startswith(".")):
-        from medllava.model import ModelLoadError
-
-        raise ModelLoadError(f"{path}: no such model folder")
-    target = pick_device(device)
-    dtype = torch.bfloat16 if target.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    quant = quantization_config(QuantizationSection(bits=bits), dtype) if bits else None
-    device_map = ({"": target.index or 0} if target.type == "cuda" else "cpu") if quant is not None else None
-    model, processor = load_model(path, dtype=dtype, quantization=quant, device_map=device_map, allow_pickle=allow_pickle)
-    if quant is None:
-        model.to(target)
-    model.eval()
-    return model, processor
-
-
 def _read_image(path: str, window: Window | None, frame: int | None) -> Image.Image:
     return load_image(path, window=window, frame=frame)
 
@@ -155,6 +135,7 @@ def interactive(session: ChatSession, stdin: TextIO, stdout: TextIO, window: Win
 def run_chat(args: Any) -> int:
     """Entry point for `medllava chat` (arguments from the CLI parser)."""
     from medllava.config import ConfigError
+    from medllava.model import load_for_inference
 
     try:
         window = Window.parse(args.window) if args.window else None
@@ -162,7 +143,7 @@ def run_chat(args: Any) -> int:
         raise ConfigError(f"--window: {err}") from None
     images = [_read_image(p, window, args.frame) for p in args.image or []]  # fail before loading the model
     bits = 4 if args.load_in_4bit else 8 if args.load_in_8bit else None
-    model, processor = load_chat_model(args.model, bits=bits, device=args.device, allow_pickle=args.allow_pickle)
+    model, processor = load_for_inference(args.model, bits=bits, device=args.device, allow_pickle=args.allow_pickle)
     session = ChatSession(model, processor, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           system_prompt=args.system)
     for image in images:

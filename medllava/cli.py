@@ -46,10 +46,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from medllava.evaluate import evaluate, markdown_table, stage_prompt_settings, update_summary
     from medllava.imaging import Window
-    from medllava.model import load_model, pick_device
+    from medllava.model import load_for_inference
 
-    model, processor = load_model(args.model, allow_pickle=args.allow_pickle)
-    model.to(pick_device())
+    model, processor = load_for_inference(args.model, allow_pickle=args.allow_pickle)  # bf16 on a GPU that has it
     out_dir = args.out or str(Path(args.model) / "eval")
     title = args.stage or Path(args.model).name
     prompt = stage_prompt_settings(args.model)  # the prompt mode and completion length the stage trained with

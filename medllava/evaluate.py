@@ -36,7 +36,8 @@ CLOSED_QTYPES = ("yes_no", "multiple_choice", "number")
 @dataclass
 class EvalItem:
     record: VQARecord
-    image: Image.Image
+    image: Any
+    """The image reference (a resolved path, or an embedded image as read); decoded when its batch runs."""
     prompt: str
 
 
@@ -107,8 +108,9 @@ def generate_batch(model: Any, processor: Any, prompts: Sequence[str], images: S
 
 def load_items(data: str | Path, processor: Any, image_folder: str | Path, *, limit: int | None = None,
                system_prompt: str | None = None, mode: str = "plain", instruction: str | None = None,
-               window: Window | None = None) -> tuple[list[EvalItem], list[RecordError]]:
-    """Read the VQA set; bad records (and unreadable images) are returned as errors, never dropped silently."""
+               ) -> tuple[list[EvalItem], list[RecordError]]:
+    """Read the VQA set: records, resolved image references and prompts (no pixels: images are decoded batch by
+    batch). Bad records are returned as errors, never dropped silently."""
     items: list[EvalItem] = []
     errors: list[RecordError] = []
     for rec in read_vqa(data):
@@ -119,15 +121,26 @@ def load_items(data: str | Path, processor: Any, image_folder: str | Path, *, li
             continue
         try:
             ref = resolve_image(rec.image, image_folder)
-            image = load_image(ref, window=window)
         except RecordError as err:
             errors.append(err.located(rec.source, rec.line, rec.id))
             continue
+        items.append(EvalItem(rec, ref, build_prompt(processor, rec, system_prompt, mode, instruction)))
+    return items, errors
+
+
+def decoded(chunk: Sequence[EvalItem], window: Window | None,
+            errors: list[RecordError]) -> tuple[list[EvalItem], list[Image.Image]]:
+    """A batch's items whose image decodes, with the images; the others become errors (skipped and counted)."""
+    kept, images = [], []
+    for it in chunk:
+        try:
+            images.append(load_image(it.image, window=window))
         except ImageError as err:
+            rec = it.record
             errors.append(RecordError(err.kind, err.reason, source=rec.source, line=rec.line, record_id=rec.id))
             continue
-        items.append(EvalItem(rec, image, build_prompt(processor, rec, system_prompt, mode, instruction)))
-    return items, errors
+        kept.append(it)
+    return kept, images
 
 
 def chance_level(record: VQARecord) -> float:
@@ -254,24 +267,30 @@ def evaluate(
     the completion length; `stage_prompt_settings` reads both from a stage output."""
     model.eval()
     items, errors = load_items(data, processor, image_folder, limit=limit, system_prompt=system_prompt, mode=mode,
-                               instruction=instruction, window=window)
+                               instruction=instruction)
+    rows: list[dict[str, Any]] = []
+    scored: list[EvalItem] = []
+    # Images are decoded batch by batch (memory stays at one batch of pixels whatever the set's size); the blind
+    # pass asks the same batch again with blank images of the same sizes.
+    for start in tqdm(range(0, len(items), batch_size), desc="eval", disable=not progress, leave=False):
+        chunk, images = decoded(items[start:start + batch_size], window, errors)
+        if not chunk:
+            continue
+        answers = generate_batch(model, processor, [it.prompt for it in chunk], images, max_new_tokens)
+        blind_answers = generate_batch(model, processor, [it.prompt for it in chunk], [blank_like(im) for im in images],
+                                       max_new_tokens) if blind else [None] * len(chunk)
+        for it, ans, blind_ans in zip(chunk, answers, blind_answers):
+            rec = it.record
+            rows.append({"id": rec.id, "question": rec.question, "qtype": rec.qtype, "answer": rec.answer,
+                         **({"options": rec.options} if rec.options else {}), **rec.meta, "prediction": ans,
+                         **({"blind_prediction": blind_ans} if blind else {})})
+            scored.append(it)
+        del images
     if errors:
         logger.warning("eval: skipped %d bad record(s): %s", len(errors), "; ".join(e.describe() for e in errors[:5]))
-    if not items:
+    if not rows:
         raise ValueError(f"{data}: no usable VQA records")
-    rows: list[dict[str, Any]] = [
-        {"id": it.record.id, "question": it.record.question, "qtype": it.record.qtype, "answer": it.record.answer,
-         **({"options": it.record.options} if it.record.options else {}), **it.record.meta}
-        for it in items
-    ]
-    passes = [("prediction", False)] + ([("blind_prediction", True)] if blind else [])
-    for key, blank in passes:
-        for start in tqdm(range(0, len(items), batch_size), desc="eval (blind)" if blank else "eval", disable=not progress, leave=False):
-            chunk = items[start:start + batch_size]
-            images = [blank_like(it.image) if blank else it.image for it in chunk]
-            answers = generate_batch(model, processor, [it.prompt for it in chunk], images, max_new_tokens)
-            for row, ans in zip(rows[start:start + batch_size], answers):
-                row[key] = ans
+    items = scored
     metrics = score(rows)
     metrics["prompt"] = {"mode": mode, "max_new_tokens": max_new_tokens, "decoding": "greedy"}
     metrics["chance"] = _mean([chance_level(it.record) for it in items if it.record.qtype in CLOSED_QTYPES])

@@ -11,6 +11,7 @@ where the transfer syntax allows). The pixel limit is checked from the header, b
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,6 +273,47 @@ def _check_size(size: tuple[int, int], name: str, max_pixels: int) -> None:
         raise ImageError(
             "image_too_large", name, f"image is {width}x{height} = {width * height:,} pixels (limit {max_pixels:,})"
         )
+
+
+def embedded_bytes(image: Any) -> tuple[bytes, str]:
+    """The encoded bytes and a file suffix of an in-memory image: a `datasets` image dict ({bytes, path}) or raw
+    bytes kept verbatim (DICOM included), a PIL image written as PNG (in its own mode where PNG has it)."""
+    if isinstance(image, dict) and image.get("bytes"):
+        data = bytes(image["bytes"])
+        suffix = Path(image.get("path") or "").suffix
+    elif isinstance(image, (bytes, bytearray)):
+        data, suffix = bytes(image), ""
+    elif isinstance(image, Image.Image):
+        buffer = io.BytesIO()
+        img = image if image.mode in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA") else image.convert("RGB")
+        img.save(buffer, format="PNG")
+        return buffer.getvalue(), ".png"
+    elif isinstance(image, dict) and image.get("path"):
+        raise ImageError("missing_image", str(image["path"]), "embedded image has no bytes, only a path")
+    else:
+        raise ImageError("unsupported_format", "<record>", f"unsupported embedded image ({type(image).__name__})")
+    if not suffix:
+        suffix = ".dcm" if data[128:132] == b"DICM" else ".png" if data[:8] == b"\x89PNG\r\n\x1a\n" else \
+            ".jpg" if data[:3] == b"\xff\xd8\xff" else ".img"
+    return data, suffix
+
+
+def store_image(image: Any, folder: str | Path, prefix: str = "") -> str:
+    """Write an in-memory image (see `embedded_bytes`) to `folder` under a name made from its content (prefix +
+    sha256), so several splits or sources written into one folder never overwrite a different image and an image
+    shared by records is stored once. Returns the file name (relative to `folder`)."""
+    import hashlib
+
+    data, suffix = embedded_bytes(image)
+    name = f"{prefix}{'_' if prefix else ''}{hashlib.sha256(data).hexdigest()[:20]}{suffix}"
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / name
+    if not target.is_file():  # same name = same content: nothing to overwrite
+        staging = target.with_name(f"{target.name}.{os.getpid()}.partial")
+        staging.write_bytes(data)
+        staging.replace(target)
+    return name
 
 
 def blank_like(img: Image.Image, color: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:

@@ -403,6 +403,29 @@ def load_model(
     return model, processor
 
 
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on a GPU that supports it (a 7B model is then 14 GB, not 28), fp32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def load_for_inference(path: str | Path, *, bits: int | None = None, device: str = "auto",
+                       allow_pickle: bool = False) -> tuple[Any, LlavaProcessor]:
+    """Load a stage output / exported folder for generation (chat, eval, the pass-rate filter) on the chosen
+    device, in bf16 where the device supports it, optionally quantized to 4 or 8 bits; in eval mode."""
+    path = str(path)
+    if not Path(path).exists() and ("/" in path or path.startswith(".")):
+        raise ModelLoadError(f"{path}: no such model folder")
+    target = pick_device(device)
+    dtype = inference_dtype(target)
+    quant = quantization_config(QuantizationSection(bits=bits), dtype) if bits else None
+    device_map = ({"": target.index or 0} if target.type == "cuda" else "cpu") if quant is not None else None
+    model, processor = load_model(path, dtype=dtype, quantization=quant, device_map=device_map, allow_pickle=allow_pickle)
+    if quant is None:
+        model.to(target)
+    model.eval()
+    return model, processor
+
+
 def merge_adapter_to_folder(adapter_dir: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32,
                             allow_pickle: bool = False) -> Path:
     """Merge a LoRA adapter into its 16/32-bit base and save the result as a standalone model folder."""

@@ -4,7 +4,8 @@ The key covers what the rendering depends on: each data file's identity (path, s
 image folder, the tokenizer and chat template, the rendering format, max_length, system prompt and the
 invalid-record policy. A changed key is a new folder (rebuilt); a complete folder is reused. The stored form is
 flat: token ids and labels as two memory-mapped arrays with offsets, so DataLoader workers share pages instead
-of copying Python objects. In-memory images (embedded in a `datasets` source) are written as PNG files.
+of copying Python objects. In-memory images (embedded in a `datasets` source) are written as files named by
+their content.
 
     <cache>/<key>/ids.npy labels.npy offsets.npy lengths.npy meta.jsonl data_report.json COMPLETE
 """
@@ -62,15 +63,15 @@ def is_complete(folder: Path) -> bool:
     return (folder / COMPLETE).is_file()
 
 
-def _image_ref(ref: Any, staging: Path, final: Path, name: str) -> str:
-    """A path as is; an in-memory image written as PNG under staging/images (its path once renamed to final)."""
+def _image_ref(ref: Any, staging: Path, final: Path) -> str:
+    """A path as is; an in-memory image written under staging/images, named by its content (its path once the
+    staging folder is renamed to final)."""
     if isinstance(ref, (str, Path)):
         return str(ref)
-    from medllava.imaging import load_image
+    from medllava.imaging import store_image
 
-    (staging / "images").mkdir(parents=True, exist_ok=True)
-    load_image(ref).save(staging / "images" / f"{name}.png")
-    return str((final / "images" / f"{name}.png").resolve())
+    name = store_image(ref, staging / "images")
+    return str((final / "images" / name).resolve())
 
 
 def save_samples(samples: Sequence[Rendered], folder: Path, report: dict[str, Any] | None = None) -> Path:
@@ -89,8 +90,8 @@ def save_samples(samples: Sequence[Rendered], folder: Path, report: dict[str, An
     np.save(staging / "offsets.npy", offsets)
     np.save(staging / "lengths.npy", np.asarray([s.length for s in samples], dtype=np.int64))
     with (staging / "meta.jsonl").open("w", encoding="utf-8") as fh:
-        for i, s in enumerate(samples):
-            images = [_image_ref(ref, staging, folder, f"{i}_{k}") for k, ref in enumerate(s.images)]
+        for s in samples:
+            images = [_image_ref(ref, staging, folder) for ref in s.images]
             fh.write(json.dumps({"id": s.id, "images": images, "source": s.source, "line": s.line},
                                 ensure_ascii=False) + "\n")
     if report is not None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from medllava.data.records import RecordError, iter_raw
 from medllava.data.vqa import LETTERS, format_question, parse_vqa
+from medllava.imaging import store_image
 from medllava.processor import IMAGE_TOKEN
 
 YES_NO = {"yes", "no"}
@@ -65,34 +66,6 @@ def closed_or_open(answer: str) -> str:
     if answer.strip().lower().rstrip(".") in YES_NO:
         return "yes_no"
     return "open"
-
-
-def save_embedded_image(image: Any, images_dir: Path, prefix: str) -> str:
-    """Write a `datasets` image (PIL image or {bytes, path}) to images_dir under a name made from its content
-    (prefix + sha256), so converting several splits into one folder never overwrites a different image and an
-    image shared by records is stored once. Returns the path relative to images_dir."""
-    import hashlib
-    import io
-
-    from PIL import Image
-
-    if isinstance(image, dict) and image.get("bytes"):
-        data = image["bytes"]
-        suffix = Path(image.get("path") or "x.png").suffix or ".png"
-    elif isinstance(image, Image.Image):
-        buffer = io.BytesIO()
-        image.convert("RGB").save(buffer, format="PNG")
-        data, suffix = buffer.getvalue(), ".png"
-    else:
-        raise ValueError(f"unsupported embedded image {type(image).__name__}")
-    name = f"{prefix}_{hashlib.sha256(data).hexdigest()[:20]}{suffix}"
-    images_dir.mkdir(parents=True, exist_ok=True)
-    target = images_dir / name
-    if not target.is_file():  # same name = same content: nothing to overwrite
-        staging = target.with_name(target.name + ".partial")
-        staging.write_bytes(data)
-        staging.replace(target)
-    return name
 
 
 def json_source(source: str | Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
@@ -222,7 +195,7 @@ def embedded_vqa_row(prefix: str, images_dir: Path) -> Callable[[int, dict[str, 
         if r.get("image") is None or not r.get("question") or r.get("answer") in (None, ""):
             return "missing_field"
         try:
-            rel = save_embedded_image(r["image"], images_dir, prefix)
+            rel = store_image(r["image"], images_dir, prefix)
         except (ValueError, OSError):
             return "unreadable_image"
         answer = str(r["answer"]).strip()

@@ -167,8 +167,21 @@ def _iter_datasets(spec: str) -> Iterator[RawRecord]:
     else:
         suffix = Path(spec).suffix.lstrip(".")
         ds = datasets.load_dataset({"arrow": "arrow", "parquet": "parquet", "csv": "csv"}[suffix], data_files=spec, split="train")
-    for index, row in enumerate(ds, start=1):
+    for index, row in enumerate(undecoded_images(ds), start=1):
         yield RawRecord(spec, index, dict(row))
+
+
+def undecoded_images(ds: Any) -> Any:
+    """The dataset with its image columns left encoded: rows carry {"bytes", "path"} (decoded by
+    `medllava.imaging.load_image` when a batch needs them), so reading a corpus never holds its decoded pixels."""
+    import datasets
+
+    for name, feature in ds.features.items():
+        if isinstance(feature, datasets.Image) and feature.decode:
+            ds = ds.cast_column(name, datasets.Image(decode=False))
+        elif isinstance(feature, (datasets.Sequence, datasets.List)) and isinstance(feature.feature, datasets.Image):
+            ds = ds.cast_column(name, datasets.List(datasets.Image(decode=False)))
+    return ds
 
 
 def iter_raw(source: str | Path) -> Iterator[RawRecord]:
@@ -184,6 +197,57 @@ def iter_raw(source: str | Path) -> Iterator[RawRecord]:
         yield from _iter_json(path)
     else:
         yield from _iter_jsonl(path)
+
+
+def has_embedded_bytes(value: Any) -> bool:
+    """Whether a record's value holds encoded bytes (an embedded image), which JSON cannot carry."""
+    if isinstance(value, (bytes, bytearray)):
+        return True
+    if isinstance(value, dict):
+        return any(has_embedded_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(has_embedded_bytes(v) for v in value)
+    return False
+
+
+def write_records(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Write records whole or not at all (staged, then renamed) in the form the path names: JSONL (`.jsonl`), a
+    JSON list (`.json`), parquet (`.parquet`, embedded images kept as image columns) or a saved dataset (any other
+    path, a folder). Rows holding embedded images need parquet or a folder: JSON cannot carry their bytes."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(path.name + ".partial")
+    if path.suffix in (".jsonl", ".json"):
+        if any(has_embedded_bytes(r) for r in rows):
+            raise ValueError(f"{path}: the records carry embedded images, which JSON cannot hold; write .parquet "
+                             "(or a folder, a saved dataset) instead")
+        with staging.open("w", encoding="utf-8") as fh:
+            if path.suffix == ".json":
+                json.dump(rows, fh, ensure_ascii=False, indent=1)
+            else:
+                for row in rows:
+                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        staging.replace(path)
+        return path
+    import datasets
+
+    columns = list(dict.fromkeys(k for row in rows for k in row))  # a column for every field any record has
+    ds = datasets.Dataset.from_list([{k: row.get(k) for k in columns} for row in rows])
+    for name, feature in ds.features.items():  # {bytes, path} structs are images: keep them typed as such
+        if isinstance(feature, dict) and set(feature) == {"bytes", "path"}:
+            ds = ds.cast_column(name, datasets.Image())
+    if staging.exists():
+        shutil.rmtree(staging) if staging.is_dir() else staging.unlink()
+    if path.suffix == ".parquet":
+        ds.to_parquet(str(staging))
+    else:
+        ds.save_to_disk(str(staging))
+    if path.is_dir():
+        shutil.rmtree(path)
+    staging.replace(path)
+    return path
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -73,9 +73,12 @@ def build_rl_rows(
     report_dir: str | Path | None = None,
     progress: bool = True,
     with_location: bool = False,
+    store_embedded: Callable[[Any], str] | None = None,
 ) -> tuple[list[dict[str, Any]], ValidationReport]:
     """Read, check and format RL records. Returns the rows (image as a resolved path) and the report.
-    `with_location` adds each record's source and line to its row (tools that map rows back to their input)."""
+    `with_location` adds each record's source and line to its row (tools that map rows back to their input).
+    An image embedded in a `datasets` source stays in the row as read, or becomes the path `store_embedded`
+    returns for it (a stage's data cache writes it to a file there)."""
     records: list[VQARecord] = []
     errors: list[RecordError] = []
     too_long: list[RecordError] = []
@@ -110,7 +113,9 @@ def build_rl_rows(
             too_long.append(RecordError("too_long", f"prompt length {length} > {max_prompt_length} (filtered, never truncated)",
                                         source=rec.source, line=rec.line, record_id=rec.id))
             continue
-        rows.append({"id": rec.id, "prompt": messages, "image": str(rec.image), "answer": rec.answer,
+        image = str(rec.image) if isinstance(rec.image, (str, Path)) else \
+            store_embedded(rec.image) if store_embedded is not None else rec.image
+        rows.append({"id": rec.id, "prompt": messages, "image": image, "answer": rec.answer,
                      "qtype": rec.qtype, "options": rec.options,
                      **({"source": rec.source, "line": rec.line} if with_location else {})})
     report = finish_report(total, len(rows), errors, skip_invalid=skip_invalid, report_dir=report_dir, sources=sources,

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from medllava.data.records import iter_raw
+from medllava.imaging import ImageError, store_image
 from medllava.processor import IMAGE_TOKEN
 
 logger = logging.getLogger(__name__)
@@ -453,8 +454,12 @@ class Generator:
         self.stop.wait(delay)  # a stop ends the wait at once
 
 
-def iter_inputs(sources: Iterable[str | Path], skipped: Counter) -> Iterator[tuple[str, str, str, list[str]]]:
-    """(id, image, caption, mentions) per usable input record, streamed; skips counted by reason in `skipped`."""
+def iter_inputs(sources: Iterable[str | Path], skipped: Counter,
+                images_dir: Path | None = None) -> Iterator[tuple[str, str, str, list[str]]]:
+    """(id, image, caption, mentions) per usable input record, streamed; skips counted by reason in `skipped`.
+    An image embedded in a `datasets` source is written to `images_dir` under a name made from its content, and
+    that name (relative to `images_dir`) is the record's image; without `images_dir` such a record is skipped
+    and counted as 'embedded_image'."""
     seen: set[str] = set()
     for source in sources:
         for raw in iter_raw(source):
@@ -470,15 +475,25 @@ def iter_inputs(sources: Iterable[str | Path], skipped: Counter) -> Iterator[tup
                 skipped["no_caption"] += 1
             elif not data.get("image"):
                 skipped["no_image"] += 1
+            elif not isinstance(data["image"], str) and images_dir is None:
+                skipped["embedded_image"] += 1
             else:
+                image = data["image"]
+                if not isinstance(image, str):
+                    try:
+                        image = store_image(image, images_dir)
+                    except ImageError:
+                        skipped["unreadable_image"] += 1
+                        continue
                 seen.add(rid)
-                yield rid, str(data["image"]), caption, mentions
+                yield rid, image, caption, mentions
 
 
-def load_inputs(sources: Iterable[str | Path]) -> tuple[list[tuple[str, str, str, list[str]]], Counter]:
+def load_inputs(sources: Iterable[str | Path],
+                images_dir: Path | None = None) -> tuple[list[tuple[str, str, str, list[str]]], Counter]:
     """Every usable input as a list (the dry run); skips counted by reason."""
     skipped: Counter = Counter()
-    return list(iter_inputs(sources, skipped)), skipped
+    return list(iter_inputs(sources, skipped, images_dir)), skipped
 
 
 def side_files(out: Path) -> dict[str, Path]:
@@ -489,9 +504,10 @@ def side_files(out: Path) -> dict[str, Path]:
 def run_generation(sources: Iterable[str | Path], out: Path, settings: GeneratorSettings, *, limit: int | None = None,
                    progress: bool = True, stop: threading.Event | None = None, limits: SpendingLimits | None = None,
                    grace: float = 3.0, on_outcome: Callable[[Outcome], None] | None = None,
-                   retry_failed: bool = False) -> dict[str, Any]:
+                   retry_failed: bool = False, images_dir: Path | None = None) -> dict[str, Any]:
     """Generate conversations for every input not already in `out` (nor failed in an earlier run, unless
     `retry_failed`: a resumed run continues where the last one stopped); append failures and usage as they happen;
+    images embedded in a `datasets` source are written to `images_dir` (default: OUT's folder/images);
     write OUT.report.json (summed over every run of `out`). `report["stopped"]` says why a run ended early:
     'interrupted' (`stop` was set) or the spending limit reached."""
     from tqdm.auto import tqdm
@@ -509,7 +525,7 @@ def run_generation(sources: Iterable[str | Path], out: Path, settings: Generator
     seen = {"inputs": 0, "already_done": 0}
 
     def stream() -> Iterator[tuple[str, str, str, list[str]]]:
-        for it in iter_inputs(sources, skipped):
+        for it in iter_inputs(sources, skipped, images_dir if images_dir is not None else out.parent / "images"):
             seen["inputs"] += 1
             if it[0] in done:
                 seen["already_done"] += 1
