@@ -73,6 +73,8 @@ def test_vqa_rad_and_pathvqa_from_datasets_with_embedded_images(tmp_path: Path) 
         "image": [Image.new("RGB", (12, 12), (i * 40, 0, 0)) for i in range(3)],
         "question": ["is this tissue malignant?", "what stain is used?", ""],
         "answer": ["yes", "hematoxylin and eosin", "no"],
+        "answer_type": ["closed", "open", "closed"],
+        "organ": ["liver", "skin", "lung"],
     }).cast_column("image", datasets.Image())
     parquet = tmp_path / "test-00000-of-00001.parquet"
     ds.to_parquet(str(parquet))
@@ -82,6 +84,8 @@ def test_vqa_rad_and_pathvqa_from_datasets_with_embedded_images(tmp_path: Path) 
     recs = list(read_vqa(out))
     assert [r.qtype for r in recs] == ["yes_no", "open"]
     assert all((out.parent / "images" / r.image).is_file() for r in recs)
+    # dataset-side fields are kept for the eval breakdowns (LLaVA-Med's answer type in its CLOSED/OPEN form)
+    assert [(r.meta["answer_type"], r.meta["organ"]) for r in recs] == [("CLOSED", "liver"), ("OPEN", "skin")]
     counts = _recipe("vqa_rad", "--in", str(parquet), "--out", str(tmp_path / "vqarad/test.jsonl"))
     assert counts["written"] == 2
 

@@ -202,8 +202,12 @@ def embedded_vqa_row(prefix: str, images_dir: Path) -> Callable[[int, dict[str, 
         question = str(r["question"]).strip()
         # The id names the image content and the question, so it stays unique across splits converted apart.
         digest = hashlib.sha256(f"{rel}\n{question}".encode()).hexdigest()[:12]
-        return {"id": f"{prefix}_{digest}", "image": rel, "question": question, "answer": answer,
-                "qtype": closed_or_open(answer)}
+        row = {"id": f"{prefix}_{digest}", "image": rel, "question": question, "answer": answer,
+               "qtype": closed_or_open(answer)}
+        for key, value in r.items():  # dataset-side fields (answer_type, modality, organ, ...) for the breakdowns
+            if key not in row and isinstance(value, (str, int, float, bool)) and value != "":
+                row[key] = str(value).strip().upper() if key == "answer_type" else value
+        return row
 
     return mapper
 
