@@ -4,8 +4,11 @@
 Groups whose completions are all right or all wrong have zero reward spread and teach GRPO nothing
 (Med-R1, MedVLThinker filter them). For each question the current model (e.g. the instruction stage's
 output) samples n answers at the GRPO temperature; each is graded like the GRPO accuracy reward. Questions
-with a pass rate strictly between the bounds are written out; a report (counts, pass-rate histogram, every
-dropped id with its reason) goes beside the output as OUT.report.json.
+with a pass rate strictly between the bounds are written out, each row exactly as read plus its `pass_rate`, in
+the form OUT names: JSONL (`.jsonl`), a JSON list (`.json`), parquet (`.parquet`) or a saved dataset (a folder);
+questions with embedded images (a `datasets` source) need parquet or a folder. --data takes any source the stages
+take. Images are decoded batch by batch; one that does not decode is dropped and named. A report (counts,
+pass-rate histogram, every dropped id with its reason) goes beside the output as OUT.report.json.
 
     python data_recipes/pass_rate_filter.py --model runs/demo/instruct --data data/phantom/rl.jsonl \\
         --image-folder data/phantom/images --out data/phantom/rl_filtered.jsonl --n 8

@@ -85,6 +85,13 @@ class DataSection:
     'CENTER,WIDTH'. None: the file's own VOI LUT / window, else min-max (see medllava.imaging)."""
     cache_dir: str | None = None
     """Where checked and rendered samples are cached, keyed by data version (default: OUTPUT/.data_cache)."""
+    image_check: Literal["header", "full", "none"] = "header"
+    """Image check before training. header: exists, inside image_folder, header readable, size within the pixel
+    limit (no decoding; scales to millions of images), and an image whose pixels then fail to decode in the data
+    loader is skipped (blank image, no supervised token), counted and named in data_report.json. full: decode
+    every image before training (threads). none: no check. GRPO questions are always decoded before training."""
+    preprocess_workers: int | None = None
+    """Processes that render the records at start-up (once per data version); None: the CPUs available, at most 8."""
 
 
 @dataclass

@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from medllava.data.render import IGNORE_INDEX, Rendered
-from medllava.imaging import Window, load_image
+from medllava.imaging import ImageError, Window, load_image
 
 FILLER_ID = "<image filler>"
 
@@ -34,6 +35,15 @@ def with_image(features: list[dict[str, Any]], filler: dict[str, Any] | None) ->
 
 def real_ids(features: Sequence[dict[str, Any]]) -> list[str]:
     return [f["sample_id"] for f in features if f["sample_id"] != FILLER_ID]
+
+
+def image_errors(features: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The samples of a batch whose image failed to decode in the loader (see SFTDataset.__getitem__)."""
+    return [e for f in features for e in ([f["image_error"]] if "image_error" in f else f.get(IMAGE_ERRORS, []))]
+
+
+IMAGE_ERRORS = "image_errors"
+"""Batch key of image_errors(); like `sample_ids`, the trainer takes it out before the forward pass."""
 
 
 def expand_image_tokens(ids: np.ndarray, labels: np.ndarray, image_token_id: int, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -66,8 +76,6 @@ class SFTDataset(Dataset):
 
     def image_filler(self) -> dict[str, Any]:
         """A blank image's tokens with every label ignored (see the module docstring)."""
-        from PIL import Image
-
         ids = np.full(self.tokens_per_image, self.image_token_id, dtype=np.int64)
         pixels = self.image_processor(images=[Image.new("RGB", (32, 32))], return_tensors="pt")["pixel_values"]
         return {"input_ids": torch.from_numpy(ids), "labels": torch.full((len(ids),), IGNORE_INDEX, dtype=torch.long),
@@ -82,7 +90,15 @@ class SFTDataset(Dataset):
             "sample_id": sample.id,
         }
         if sample.images:
-            images = [load_image(ref, window=self.window) for ref in sample.images]
+            try:
+                images = [load_image(ref, window=self.window) for ref in sample.images]
+            except ImageError as err:
+                # Found here, not before training (data.image_check: header): the sample keeps its place with
+                # blank images and no supervised token, and the error travels with the batch to the report.
+                images = [Image.new("RGB", (32, 32))] * len(sample.images)
+                item["labels"] = torch.full_like(item["labels"], IGNORE_INDEX)
+                item["image_error"] = {"id": sample.id, "source": sample.source, "line": sample.line,
+                                       "kind": err.kind, "reason": err.reason, "path": err.path}
             item["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         return item
 
@@ -113,6 +129,8 @@ class SFTCollator:
             "sample_ids": real_ids(features),
         }
         add_pixels(batch, features)
+        if errors := image_errors(features):
+            batch[IMAGE_ERRORS] = errors
         return batch
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from medllava.data.collate import FILLER_ID, add_pixels, pad_right, with_image
+from medllava.data.collate import FILLER_ID, IMAGE_ERRORS, add_pixels, image_errors, pad_right, with_image
 from medllava.data.render import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -103,6 +103,8 @@ def pack_items(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "sample_id": sample_ids,
     }
     add_pixels(row, items)
+    if errors := image_errors(items):
+        row[IMAGE_ERRORS] = errors
     return row
 
 
@@ -148,6 +150,8 @@ class PackedCollator:
             "sample_ids": [sid for r in rows for sid in r["sample_id"] if sid != FILLER_ID],
         }
         add_pixels(out, rows)
+        if errors := image_errors(rows):
+            out[IMAGE_ERRORS] = errors
         return out
 
 

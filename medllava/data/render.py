@@ -130,7 +130,7 @@ class Renderer:
                 if msg["role"] != "assistant":
                     continue
                 prompt = self._apply(msgs[:i], add_generation_prompt=True)
-                upto = self._apply(msgs[: i + 1], add_generation_prompt=False)
+                upto = full if i == len(msgs) - 1 else self._apply(msgs[: i + 1], add_generation_prompt=False)
                 if not (full.startswith(upto) and upto.startswith(prompt)):
                     raise fail(
                         "template_error",

@@ -99,7 +99,8 @@ def build_rl_rows(
                 errors.append(err.located(item.source, item.line, item.id))
                 continue
             records.append(item)
-    failures = check_images([r.image for r in records], progress=progress)
+    # RL sets are small and an image that fails inside generation has no skip path: decode every one now.
+    failures = check_images([r.image for r in records], level="full", progress=progress)
     rows: list[dict[str, Any]] = []
     for rec in tqdm(records, desc="formatting prompts", disable=not progress, leave=False):
         key = rec.image if isinstance(rec.image, (str, Path)) else id(rec.image)

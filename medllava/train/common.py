@@ -18,6 +18,7 @@ from transformers import LlavaProcessor, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from medllava.config import ConfigError, StageConfig, save_config
+from medllava.data.collate import IMAGE_ERRORS
 from medllava.model import (
     ADAPTER_CONFIG,
     build_model,
@@ -74,8 +75,10 @@ class MedLlavaTrainerMixin:
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
         """The usual loss, checked: a non-finite loss stops the run, or (skip) contributes nothing."""
         sample_ids = inputs.get("sample_ids") if isinstance(inputs, dict) else None
-        if sample_ids is not None:
-            inputs = {k: v for k, v in inputs.items() if k != "sample_ids"}
+        if isinstance(inputs, dict) and (sample_ids is not None or IMAGE_ERRORS in inputs):
+            if inputs.get(IMAGE_ERRORS):
+                record_loader_skips(Path(self.args.output_dir), inputs[IMAGE_ERRORS])
+            inputs = {k: v for k, v in inputs.items() if k not in ("sample_ids", IMAGE_ERRORS)}
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         loss = result[0] if return_outputs else result
         if self.guard.loss_ok(loss, self.state.global_step + 1, sample_ids):
@@ -370,6 +373,43 @@ def train_and_save(run: StageRun) -> Path:
     return save_stage_output(run.cfg, run.trainer, run.processor, run.base_ref)
 
 
+LOADER_SKIPS = "loader_skips"  # OUTPUT/loader_skips/rank<N>.jsonl: samples whose image failed in the data loader
+
+
+def record_loader_skips(out: Path, errors: list[dict[str, Any]]) -> None:
+    """Append this rank's loader-time image failures (one JSON line each) for the data report."""
+    folder = out / LOADER_SKIPS
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / f"rank{ranks.rank()}.jsonl").open("a", encoding="utf-8") as fh:
+        for err in errors:
+            fh.write(json.dumps(err, ensure_ascii=False) + "\n")
+
+
+def merge_loader_skips(out: Path) -> int:
+    """Fold every rank's loader-time skips into OUTPUT/data_report.json (each sample once, however many epochs
+    met it): `loader_skipped`, `loader_skipped_counts` by kind and `loader_errors`. Returns the number."""
+    folder = out / LOADER_SKIPS
+    seen: dict[str, dict[str, Any]] = {}
+    for path in sorted(folder.glob("rank*.jsonl")) if folder.is_dir() else []:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                err = json.loads(line)
+                seen.setdefault(f"{err['source']}:{err['line']}:{err['id']}", err)
+    report_path = out / "data_report.json"
+    report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else {}
+    errors = sorted(seen.values(), key=lambda e: (e["source"], e["line"]))
+    counts: dict[str, int] = {}
+    for err in errors:
+        counts[err["kind"]] = counts.get(err["kind"], 0) + 1
+    report.update(loader_skipped=len(errors), loader_skipped_counts=counts, loader_errors=errors)
+    report_path.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    if errors:
+        logger.warning("data: %d sample(s) skipped in the data loader because their image did not decode (%s); "
+                       "they are named in %s", len(errors), ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())),
+                       report_path)
+    return len(errors)
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -538,6 +578,8 @@ def save_stage_output(cfg: StageConfig, trainer: Any, processor: LlavaProcessor,
             peft_cfg.base_model_name_or_path = str(Path(base_ref).resolve())
     trainer.save_model(str(staging))  # gathers ZeRO-3 shards, writes adapters for LoRA, and the processor
     if trainer.is_world_process_zero():
+        if cfg.kind == "sft":
+            merge_loader_skips(out)
         # The Trainer pickles its arguments beside the weights; the resolved YAML is our record of the run.
         (staging / "training_args.bin").unlink(missing_ok=True)
         if is_adapter:

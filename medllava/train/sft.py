@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from medllava.model import apply_trainable
 from medllava.processor import num_image_tokens
 from medllava.train import ranks
 from medllava.train.common import (
+    LOADER_SKIPS,
     MedLlavaTrainerMixin,
     StageRun,
     begin_stage,
@@ -76,7 +78,7 @@ def prepared_samples(cfg: StageConfig, renderer: Renderer, out: Path) -> Sequenc
     d = cfg.data
     key = cache_key(d.train_files, image_folder=str(Path(d.image_folder).resolve()), format=d.format,
                     max_length=d.max_length, system_prompt=d.system_prompt, skip_invalid=d.skip_invalid,
-                    allow_absolute_paths=d.allow_absolute_paths, max_samples=d.max_samples,
+                    allow_absolute_paths=d.allow_absolute_paths, max_samples=d.max_samples, image_check=d.image_check,
                     tokenizer=tokenizer_fingerprint(renderer.tokenizer), tokens_per_image=renderer.tokens_per_image)
     folder = Path(d.cache_dir or out / ".data_cache") / f"sft-{key}"
 
@@ -89,7 +91,8 @@ def prepared_samples(cfg: StageConfig, renderer: Renderer, out: Path) -> Sequenc
         # The report goes beside the run (also when bad records stop it), and into the cache with the samples.
         samples, report = prepare_samples(d.train_files, renderer, image_folder=d.image_folder,
                                           allow_absolute_paths=d.allow_absolute_paths, skip_invalid=d.skip_invalid,
-                                          report_dir=out, max_samples=d.max_samples)
+                                          report_dir=out, max_samples=d.max_samples, image_check=d.image_check,
+                                          workers=d.preprocess_workers)
         save_samples(samples, folder, report.to_dict())
 
     ranks.on_writer(build, "checking and rendering the data")
@@ -101,6 +104,9 @@ def prepared_samples(cfg: StageConfig, renderer: Renderer, out: Path) -> Sequenc
 def prepare_sft(cfg: StageConfig) -> StageRun:
     """Load the model, check and render the data, apply the trainable spec, and build the trainer."""
     out, precision, model, processor, base_ref = begin_stage(cfg)
+    checkpoint = resume_checkpoint(cfg)
+    if checkpoint is None:  # a fresh run reports only its own loader-time skips
+        ranks.on_writer(lambda: shutil.rmtree(out / LOADER_SKIPS, ignore_errors=True), "clearing old loader skips")
     renderer = Renderer(processor, cfg.data.format, cfg.data.max_length, cfg.data.system_prompt)
     samples = prepared_samples(cfg, renderer, out)
     base_ref = save_base_if_needed(cfg, model, processor, base_ref)
@@ -119,7 +125,7 @@ def prepare_sft(cfg: StageConfig) -> StageRun:
         processing_class=processor,
         **guard_kwargs(cfg),
     )
-    return StageRun(cfg, trainer, processor, base_ref, resume_checkpoint(cfg))
+    return StageRun(cfg, trainer, processor, base_ref, checkpoint)
 
 
 def run_sft(cfg: StageConfig) -> Path:

@@ -1,0 +1,129 @@
+"""Start-up that scales: header-only image checks with loader-time skips that are counted and named, rendering
+across processes equal to rendering in one, and a flat (memory-mapped) cache. The figures themselves come from
+benchmarks/data_scale.py, never from a timed test."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medllava.config import config_from_dict
+from medllava.data.records import iter_raw, normalize
+from medllava.data.validate import check_images, render_records
+from medllava.imaging import ImageError, load_image, probe_image
+
+from .conftest import stage_dict
+
+
+def truncated_jpeg(path: Path) -> Path:
+    """A JPEG whose header is fine and whose pixel data is cut short (and then garbage)."""
+    buffer = io.BytesIO()
+    Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(buffer, "JPEG")
+    data = buffer.getvalue()
+    path.write_bytes(data[: len(data) // 3] + b"\x00" * 64)
+    return path
+
+
+def test_header_check_passes_what_only_decoding_finds(tmp_path: Path) -> None:
+    bad = truncated_jpeg(tmp_path / "cut.jpg")
+    probe_image(bad)  # the header is readable and the size is within the limit
+    with pytest.raises(ImageError):
+        load_image(bad)
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not an image")
+    huge = tmp_path / "huge.png"
+    Image.new("L", (20_000, 20_000)).save(huge)
+    kinds = {Path(k).name: e.kind for k, e in check_images(
+        [bad, tmp_path / "empty.png", tmp_path / "text.png", tmp_path / "missing.png", huge], level="header",
+        progress=False).items()}
+    assert kinds == {"empty.png": "empty_file", "text.png": "unsupported_format", "missing.png": "missing_image",
+                     "huge.png": "image_too_large"}
+    assert set(check_images([bad], level="full", progress=False)) == {bad}
+    assert check_images([tmp_path / "missing.png"], level="none") == {}
+
+
+def _stage_with_broken_image(tmp_path: Path, phantom: Path, base: Path, image_check: str) -> tuple[dict, list[str]]:
+    images = tmp_path / "images"
+    shutil.copytree(phantom / "images", images)
+    records = [json.loads(line) for line in (phantom / "instruct.jsonl").read_text().splitlines()]
+    victim = records[5]["image"]
+    truncated_jpeg(images / victim)  # a .png name with JPEG bytes cut short: the header reads, the pixels do not
+    broken = [r["id"] for r in records if r["image"] == victim]
+    cfg = stage_dict(tmp_path, phantom, init_from=base, optim={"max_steps": 6, "per_device_batch_size": 4},
+                     data={"image_folder": str(images), "image_check": image_check, "skip_invalid": True})
+    return cfg, broken
+
+
+def test_an_image_that_fails_in_the_loader_is_skipped_counted_and_named(tmp_path: Path, phantom: Path,
+                                                                          base_models: dict) -> None:
+    from medllava.train.sft import run_sft
+
+    cfg, broken = _stage_with_broken_image(tmp_path, phantom, base_models[("clip", "llama")], "header")
+    out = run_sft(config_from_dict(cfg))  # 6 steps x 4 samples: every one of the 24 samples is met
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["valid"] == 24 and report["invalid"] == 0  # the header check let it through ...
+    assert report["loader_skipped"] == len(broken)  # ... and the loader named it, once however often it was met
+    assert [e["id"] for e in report["loader_errors"]] == broken
+    assert report["loader_errors"][0]["kind"] == "unreadable_image" and report["loader_errors"][0]["line"] > 0
+    history = json.loads((out / "train_log.json").read_text())
+    assert all(np.isfinite(h["loss"]) for h in history if "loss" in h)
+
+
+def test_full_image_check_rejects_it_before_training(tmp_path: Path, phantom: Path, base_models: dict) -> None:
+    from medllava.train.sft import prepared_samples
+    from medllava.data.render import Renderer
+    from medllava.model import load_model
+
+    cfg, broken = _stage_with_broken_image(tmp_path, phantom, base_models[("clip", "llama")], "full")
+    _, processor = load_model(base_models[("clip", "llama")])
+    stage = config_from_dict(cfg)
+    out = tmp_path / "out"
+    out.mkdir()
+    samples = prepared_samples(stage, Renderer(processor, "chat", 256), out)
+    report = json.loads((out / "data_report.json").read_text())
+    assert len(samples) == 24 - len(broken) and [e["id"] for e in report["errors"]] == broken
+
+
+def test_rendering_across_processes_equals_one_process(phantom: Path, base_models: dict) -> None:
+    from medllava.data.render import Renderer
+    from medllava.model import load_model
+
+    _, processor = load_model(base_models[("siglip", "qwen2")])
+    renderer = Renderer(processor, "chat", 256)
+    records = [normalize(raw) for raw in iter_raw(phantom / "instruct.jsonl")] * 3
+    records[7].turns[1].text = ""  # an error travels back in order too
+    serial = render_records(records, renderer, workers=1)
+    parallel = render_records(records, renderer, workers=2, min_chunk=5)
+    assert len(serial) == len(parallel) == 72
+    for a, b in zip(serial, parallel):
+        assert type(a) is type(b)
+        if hasattr(a, "input_ids"):
+            assert a.id == b.id and np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.labels, b.labels)
+        else:
+            assert a.describe() == b.describe()
+
+
+def test_cache_is_memory_mapped_and_equal_to_the_samples(tmp_path: Path, phantom: Path, base_models: dict) -> None:
+    from medllava.data.cache import CachedSamples, save_samples
+    from medllava.data.render import Renderer
+    from medllava.model import load_model
+
+    _, processor = load_model(base_models[("clip", "llama")])
+    renderer = Renderer(processor, "chat", 256)
+    samples = [renderer.render(normalize(raw)) for raw in iter_raw(phantom / "instruct.jsonl")]
+    cached = CachedSamples(save_samples(samples, tmp_path / "cache"))
+    assert len(cached) == len(samples)
+    for a, b in zip(samples, cached):
+        assert (a.id, a.images, a.length, a.source, a.line) == (b.id, b.images, b.length, b.source, b.line)
+        assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.labels, b.labels)
+    assert cached[-1].id == samples[-1].id
+    with pytest.raises(IndexError):
+        cached[len(samples)]
+    # nothing per sample lives in Python objects: ids, labels, lengths and metadata are all memory-mapped
+    assert all(isinstance(v, np.memmap) for v in (cached._ids, cached._labels, cached.lengths, cached._meta))
