@@ -3,9 +3,11 @@
 #   1. here:   benchmarks/fetch_gpu_wheels.sh            (once; packages the GPU image lacks -> .whl/)
 #   2. there:  bash benchmarks/gpu_check.sh              (carry .whl; results land in $OUT)
 #   3. here:   copy $OUT/* to results/gpu/ and commit    (JSON + a short table)
-# Steps: GPU-marked tests (bf16 steps, QLoRA on CUDA, DeepSpeed ZeRO-2, packing isolation in bf16); the throughput
+# Steps: GPU-marked tests (bf16 steps, QLoRA on CUDA, DeepSpeed ZeRO-2, packing isolation in bf16 on the training
+# layouts, bitwise bf16 resume, bf16 export probes); the throughput
 # benchmark (1.5B pair full fine-tune: packed vs padded vs TRL vs packed + Liger; 7B pair QLoRA at 2048 tokens with gradient
-# checkpointing: peak memory); a few GRPO steps of a real-size pair with the generation / training time split.
+# checkpointing: peak memory); a few GRPO steps of a real-size pair with the generation / training time split; peak
+# host memory of exporting the 7B-shaped model in bf16 (probes on the GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/gpu}
@@ -29,5 +31,7 @@ python3 -m medllava.cli bench --preset clip-qwen2.5-7b --modes packed,padded --t
   --gradient-checkpointing --precision bf16 --samples 256 --steps 10 --batch-size 4 --max-length 2048 --profile-steps 2 \
   --out "$OUT/bench_clip_qwen7b_qlora.json" 2>&1 | tail -15
 python3 benchmarks/grpo_real_size.py --preset clip-qwen2.5-1.5b --steps 6 --out "$OUT/grpo_real_size.json" 2>&1 | tail -15
+python3 benchmarks/export_memory.py --llm-layers 32 --dtype bfloat16 --work /tmp/medllava_export_memory \
+  --out "$OUT/export_memory_7b" 2>&1 | tail -8
 python3 benchmarks/summarize.py "$OUT" > "$OUT/summary.md"
 cat "$OUT/summary.md"

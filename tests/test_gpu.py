@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medllava.config import config_from_dict
-from medllava.data.packing import packing_isolates
+from medllava.data.packing import SamplePackingCollator, one_row_layout, packing_isolates
 from medllava.model import load_model
 from medllava.train.sft import prepare_sft, run_sft
 
@@ -62,8 +62,14 @@ def test_packing_isolates_in_bf16_on_gpu(attn: str, base_models: dict) -> None:
         pytest.importorskip("flash_attn")
     model, processor = load_model(base_models[("siglip", "qwen2")], dtype=torch.bfloat16, attn_implementation=attn)
     model.cuda()
-    isolated, diff, leak = packing_isolates(model, len(processor.tokenizer))
+    pad = processor.tokenizer.pad_token_id
+    # the layout training uses on this implementation (one row for flash), and the multi-row one for SDPA
+    collator = SamplePackingCollator(pad, 512, one_row=one_row_layout(model))
+    isolated, diff, leak = packing_isolates(model, len(processor.tokenizer), collator)
     assert isolated, (diff, leak)
+    if attn == "sdpa":
+        isolated, diff, leak = packing_isolates(model, len(processor.tokenizer), SamplePackingCollator(pad, 16))
+        assert isolated, (diff, leak)
 
 
 LIGER_CHECK = r'''
@@ -106,3 +112,31 @@ def test_liger_kernels_compute_the_same_loss_and_gradients(pair: tuple, base_mod
     result = subprocess.run([sys.executable, "-c", LIGER_CHECK, str(base_models[pair])], capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_bf16_resume_on_gpu_is_bitwise(tmp_path: Path, phantom: Path, base_models: dict) -> None:
+    """The CPU test's twin (tests/test_fault_tolerance.py) on CUDA: a resumed bf16 run ends bitwise equal."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from medllava.train.common import train_and_save
+
+    base = base_models[("clip", "llama")]
+    sections = {"optim": {"max_steps": 4, "per_device_batch_size": 4, "lr": 5e-3},
+                "run": {"save_steps": 2, "save_total_limit": 5}}
+    straight = run_sft(config_from_dict(_gpu_stage(tmp_path / "a", phantom, base, **sections)))
+    (tmp_path / "b" / "out").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoint-2", tmp_path / "b" / "out" / "checkpoint-2")
+    run = prepare_sft(config_from_dict(_gpu_stage(tmp_path / "b", phantom, base, **sections)))
+    out = train_and_save(run)
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bf16_export_probes_on_the_gpu(tmp_path: Path, base_models: dict) -> None:
+    from medllava.export import export
+
+    report = export(base_models[("siglip", "qwen2")], tmp_path / "export")
+    v = report["verification"]
+    assert v["probe"] == "bfloat16 on cuda" and v["passed"], v

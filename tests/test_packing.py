@@ -237,7 +237,7 @@ def test_runner_packs_by_default_and_respects_the_probe(tmp_path: Path, phantom:
     run.trainer.train()  # packed micro-batches train end to end
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in run.trainer.state.log_history if "loss" in h)
 
-    monkeypatch.setattr(sft, "packing_isolates", lambda model, vocab: (False, 0.9, 1.0))  # a model that leaks
+    monkeypatch.setattr(sft, "packing_isolates", lambda *a, **k: (False, 0.9, 1.0))  # a model that leaks
     cfg["run"]["resume"] = "never"  # the same folder, other packing settings: these are new runs, not resumes
     run = sft.prepare_sft(config_from_dict(cfg))
     assert isinstance(run.trainer.data_collator, SFTCollator)  # auto: padded instead, with a warning
@@ -246,3 +246,71 @@ def test_runner_packs_by_default_and_respects_the_probe(tmp_path: Path, phantom:
         sft.prepare_sft(config_from_dict(cfg))
     cfg["data"]["packing"] = False
     assert isinstance(sft.prepare_sft(config_from_dict(cfg)).trainer.data_collator, SFTCollator)
+
+
+def test_flash_attention_gets_one_packed_row_and_sdpa_rows(setup: tuple) -> None:
+    """transformers takes the variable-length flash path only for a batch of one row; the collator gives flash
+    models exactly that, and other implementations rows that the block-diagonal mask isolates."""
+    from transformers.modeling_flash_attention_utils import _is_packed_sequence
+
+    from medllava.data.packing import one_row_layout
+
+    model, processor, dataset = setup
+    features = [dataset[i] for i in range(len(dataset))]
+    capacity = max(f["input_ids"].shape[0] for f in features) + 1  # room for one sample a row: several rows
+    rows = SamplePackingCollator(processor.tokenizer.pad_token_id, capacity)(features)
+    one = SamplePackingCollator(processor.tokenizer.pad_token_id, capacity, one_row=True)(features)
+    assert rows["input_ids"].shape[0] > 1 and one["input_ids"].shape[0] == 1
+    assert not _is_packed_sequence(rows["position_ids"], rows["input_ids"].shape[0])  # flash would leak here
+    assert _is_packed_sequence(one["position_ids"], 1)  # ... and isolates here
+    assert one["input_ids"].shape[1] == sum(f["input_ids"].shape[0] for f in features)  # no padding at all
+    assert sorted(one["sample_ids"]) == sorted(rows["sample_ids"])
+    for impl, expected in (("sdpa", False), ("eager", False), ("flash_attention_2", True), ("flash_attention_3", True)):
+        model.config._attn_implementation = impl  # what one_row_layout reads (no kernel runs here)
+        model.config.get_text_config()._attn_implementation = impl
+        assert one_row_layout(model) is expected, impl
+    model.config._attn_implementation = model.config.get_text_config()._attn_implementation = "sdpa"
+    model.eval()
+    with torch.no_grad():  # and the one-row layout computes the same as separate samples
+        ref_logits, _ = _per_sample(model, dataset)
+        out = _forward(model, one)
+    start = 0
+    for ref in ref_logits:
+        torch.testing.assert_close(out.logits[0, start:start + ref.shape[0]], ref, atol=1e-5, rtol=1e-5)
+        start += ref.shape[0]
+
+
+class LeakyCollator(SamplePackingCollator):
+    """A packing collator with the classic mistake: a 2D attention mask of ones beside restarting positions."""
+
+    def __call__(self, features: list) -> dict:
+        batch = super().__call__(features)
+        batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+        return batch
+
+
+def test_the_probe_checks_the_collators_own_layout(setup: tuple) -> None:
+    """No monkeypatching: the probe runs the collator it is given, so a leaking layout returns False."""
+    model, processor, dataset = setup
+    pad = processor.tokenizer.pad_token_id
+    filler = dataset.image_filler()
+    for one_row in (False, True):
+        isolated, diff, leak = packing_isolates(model, len(processor.tokenizer),
+                                                SamplePackingCollator(pad, 512, filler=filler, one_row=one_row))
+        assert isolated and diff < 1e-4 < leak, (one_row, diff, leak)
+    isolated, diff, leak = packing_isolates(model, len(processor.tokenizer), LeakyCollator(pad, 512, filler=filler))
+    assert not isolated and diff > 1e-3, (diff, leak)
+
+
+def test_the_runner_probes_on_the_placed_model_in_its_precision(tmp_path: Path, phantom: Path,
+                                                                base_models: dict) -> None:
+    """bf16 on CPU: the probe runs under the trainer's autocast, on the trainer's model, and packing stays on."""
+    from medllava.config import config_from_dict
+    from medllava.train import sft
+
+    from .conftest import stage_dict
+
+    cfg = stage_dict(tmp_path, phantom, init_from=base_models[("siglip", "qwen2")], run={"precision": "bf16"},
+                     data={"packing": True})
+    run = sft.prepare_sft(config_from_dict(cfg))
+    assert isinstance(run.trainer.data_collator, SamplePackingCollator) and not run.trainer.data_collator.one_row

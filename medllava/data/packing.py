@@ -11,7 +11,10 @@ A packed row concatenates samples; `position_ids` restart at 0 for each sample, 
 causal mask (SDPA, eager, flex) or variable-length flash-attention calls, so samples never see each other.
 Transformers only looks for packed rows when there is neither a 2D attention mask nor a cache: with either,
 samples silently attend across boundaries. Hence `use_cache=False` in every packed batch, and
-`packing_isolates`, which checks on the model about to train that packed logits equal separate ones.
+`packing_isolates`, which checks on the model about to train, on the training device and in its precision, with
+the training collator's own layout, that packed logits equal separate ones. Under flash-attention transformers
+isolates packed samples only in a batch of one row, so there every micro-batch is packed into one row
+(`one_row_layout`); SDPA, eager and flex take several rows.
 
 The first label of every sample is ignored, so no prediction crosses a sample boundary: the set of
 supervised predictions, and so the token-normalised loss, is exactly that of unpacked training.
@@ -156,45 +159,82 @@ class PackedCollator:
 
 
 class SamplePackingCollator:
-    """A micro-batch of samples -> packed rows of at most `capacity` tokens (first fit decreasing)."""
+    """A micro-batch of samples -> packed rows of at most `capacity` tokens (first fit decreasing), or one row
+    holding every sample (`one_row`: the layout flash-attention needs, see `one_row_layout`)."""
 
-    def __init__(self, pad_token_id: int, capacity: int, filler: dict[str, Any] | None = None) -> None:
+    def __init__(self, pad_token_id: int, capacity: int, filler: dict[str, Any] | None = None,
+                 one_row: bool = False) -> None:
         self.rows = PackedCollator(pad_token_id)
         self.capacity = capacity
         self.filler = filler  # a blank image for micro-batches without one (medllava.data.collate)
+        self.one_row = one_row
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         features = with_image(features, self.filler)
+        if self.one_row:
+            return self.rows([pack_items(features)])
         bins = pack_bins([f["input_ids"].shape[0] for f in features], self.capacity)
         return self.rows([pack_items([features[i] for i in b]) for b in bins])
 
 
-@torch.no_grad()
-def packing_isolates(model: torch.nn.Module, vocab_size: int) -> tuple[bool, float, float]:
-    """Two short text sequences, run separately and packed in one row; True when the packed logits agree.
+def one_row_layout(model: torch.nn.Module) -> bool:
+    """Whether packed samples must share one row on this model: transformers isolates packed samples under
+    flash-attention only in a batch of one row (`_is_packed_sequence` checks `batch_size == 1`, then calls the
+    variable-length kernel with the sequence boundaries read from the restarting positions); with more rows it
+    runs plain causal attention across the samples. SDPA, eager and flex build a block-diagonal mask per row from
+    the positions, so several rows are fine there."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    impl = str(getattr(text, "_attn_implementation", None) or getattr(config, "_attn_implementation", None) or "")
+    return "flash" in impl
 
-    Catches any attention path (model family, attention implementation, library version) that would let packed
-    samples attend to each other. The yardstick is the same row run as one sequence (the second sample then sees
-    the first): isolation holds when the packed error is tiny in absolute terms or small next to that leak.
+
+def _locate(rows: torch.Tensor, seq: torch.Tensor) -> tuple[int, int]:
+    n = len(seq)
+    for r in range(rows.shape[0]):
+        for start in range(rows.shape[1] - n + 1):
+            if torch.equal(rows[r, start:start + n], seq):
+                return r, start
+    raise ValueError("probe sample not found in the packed batch")
+
+
+@torch.no_grad()
+def packing_isolates(model: torch.nn.Module, vocab_size: int, collator: Any = None,
+                     autocast: Any = None) -> tuple[bool, float, float]:
+    """Short text samples run separately and packed by `collator` (the training collator: its exact layout, its
+    image filler); True when every sample's packed logits agree with its separate ones.
+
+    Runs where the model is (the training device, its dtypes) under `autocast` (the trainer's mixed precision),
+    so it checks the kernel and layout training will use, whatever the model family, attention implementation
+    or library version. The yardstick is the same rows run without restarting positions (later samples then see
+    earlier ones): isolation holds when the packed error is tiny in absolute terms or small next to that leak.
     Returns (isolated, max |packed - separate|, max |leaking - separate|).
     """
+    import contextlib
+
     param = next(p for p in model.parameters() if p.is_floating_point())
     device = param.device
     generator = torch.Generator().manual_seed(0)
-    a = torch.randint(3, vocab_size, (9,), generator=generator).to(device)
-    b = torch.randint(3, vocab_size, (6,), generator=generator).to(device)
-    row = torch.cat([a, b])[None]
+    seqs = [torch.randint(3, vocab_size, (n,), generator=generator) for n in (9, 6, 5)]
+    collator = collator or SamplePackingCollator(0, sum(len(s) for s in seqs), one_row=True)
+    batch = collator([{"input_ids": s, "labels": s.clone(), "sample_id": f"probe-{i}"} for i, s in enumerate(seqs)])
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()
+              if k not in ("sample_ids", "labels", IMAGE_ERRORS)}
     was_training = model.training
     model.eval()
     try:
-        sep_b = model(input_ids=b[None], use_cache=False).logits[0].float()
-        sep_a = model(input_ids=a[None], use_cache=False).logits[0].float()
-        positions = torch.cat([torch.arange(len(a)), torch.arange(len(b))]).to(device)
-        packed = model(input_ids=row, position_ids=positions[None], use_cache=False).logits[0].float()
-        leaking = model(input_ids=row, use_cache=False).logits[0].float()
+        with autocast if autocast is not None else contextlib.nullcontext():
+            mixed = torch.is_autocast_enabled(device.type)
+            separate = [model(input_ids=s[None].to(device), use_cache=False).logits[0].float() for s in seqs]
+            packed = model(**inputs).logits.float()
+            plain = {k: v for k, v in inputs.items() if k not in ("position_ids", "attention_mask")}
+            leaking = model(**plain).logits.float()
     finally:
         model.train(was_training)
-    diff = max((packed[: len(a)] - sep_a).abs().max().item(), (packed[len(a):] - sep_b).abs().max().item())
-    leak = (leaking[len(a):] - sep_b).abs().max().item()
-    floor = 1e-4 if param.dtype == torch.float32 else 1e-2
+    diff = leak = 0.0
+    for seq, sep in zip(seqs, separate):
+        row, start = _locate(batch["input_ids"], seq)
+        diff = max(diff, (packed[row, start:start + len(seq)] - sep).abs().max().item())
+        leak = max(leak, (leaking[row, start:start + len(seq)] - sep).abs().max().item())
+    floor = 1e-4 if param.dtype == torch.float32 and not mixed else 2e-2
     return diff <= floor or diff <= 0.05 * leak, diff, leak

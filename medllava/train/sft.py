@@ -19,7 +19,7 @@ from transformers import Trainer, TrainingArguments
 from medllava.config import ConfigError, StageConfig
 from medllava.data.cache import CachedSamples, cache_key, is_complete, save_samples, tokenizer_fingerprint
 from medllava.data.collate import SFTCollator, SFTDataset
-from medllava.data.packing import SamplePackingCollator, packing_isolates
+from medllava.data.packing import SamplePackingCollator, one_row_layout, packing_isolates
 from medllava.data.render import Rendered, Renderer
 from medllava.data.validate import REPORT_NAME, prepare_samples
 from medllava.imaging import Window
@@ -51,22 +51,35 @@ def training_arguments(cfg: StageConfig, precision: str) -> TrainingArguments:
     return TrainingArguments(**trainer_kwargs(cfg, precision), label_names=["labels"])
 
 
-def batching(cfg: StageConfig, model: Any, processor: Any, dataset: SFTDataset) -> tuple[Any, Any]:
-    """Packed rows when packing is asked for and isolates samples on this model; padded batches otherwise."""
+def batching(cfg: StageConfig, model: Any, processor: Any, dataset: SFTDataset) -> Any:
+    """The collator: packed micro-batches (in the layout this model's attention isolates, see `one_row_layout`)
+    unless packing is off; `check_packing` then probes it on the placed model."""
     pad = processor.tokenizer.pad_token_id
     filler = dataset.image_filler()
     if cfg.data.packing is False:
-        return dataset, SFTCollator(pad, filler=filler)
-    isolated, diff, leak = packing_isolates(model, len(processor.tokenizer))
-    if not isolated:
-        message = (f"packed samples are not isolated on this model (max |logit diff| {diff:.2e} vs {leak:.2e} when "
-                   "leaking); check the attention implementation")
-        if cfg.data.packing is True:
-            raise ConfigError(f"data.packing: {message}")
-        logger.warning("packing off: %s", message)
-        return dataset, SFTCollator(pad, filler=filler)
-    logger.info("packing on: isolation checked (max |logit diff| %.2e, leak would be %.2e)", diff, leak)
-    return dataset, SamplePackingCollator(pad, cfg.data.pack_length or cfg.data.max_length, filler=filler)
+        return SFTCollator(pad, filler=filler)
+    return SamplePackingCollator(pad, cfg.data.pack_length or cfg.data.max_length, filler=filler,
+                                 one_row=one_row_layout(model))
+
+
+def check_packing(cfg: StageConfig, trainer: Any, processor: Any) -> None:
+    """Probe packed isolation with the trainer's model where it will train (device, dtypes, mixed precision) and
+    its collator's layout; with packing 'auto' a failing probe falls back to padded batches with a warning."""
+    collator = trainer.data_collator
+    if not isinstance(collator, SamplePackingCollator):
+        return
+    isolated, diff, leak = packing_isolates(trainer.model, len(processor.tokenizer), collator,
+                                            autocast=trainer.accelerator.autocast())
+    if isolated:
+        logger.info("packing on (%s): isolation checked on %s (max |logit diff| %.2e, leak would be %.2e)",
+                    "one row per micro-batch" if collator.one_row else "rows", trainer.args.device, diff, leak)
+        return
+    message = (f"packed samples are not isolated on this model (max |logit diff| {diff:.2e} vs {leak:.2e} when "
+               "leaking); check the attention implementation")
+    if cfg.data.packing is True:
+        raise ConfigError(f"data.packing: {message}")
+    logger.warning("packing off: %s", message)
+    trainer.data_collator = SFTCollator(processor.tokenizer.pad_token_id, filler=collator.filler)
 
 
 def prepared_samples(cfg: StageConfig, renderer: Renderer, out: Path) -> Sequence[Rendered]:
@@ -116,7 +129,7 @@ def prepare_sft(cfg: StageConfig) -> StageRun:
     window = Window.parse(cfg.data.window) if cfg.data.window else None
     dataset = SFTDataset(samples, processor.image_processor, renderer.image_token_id, num_image_tokens(processor),
                          window=window)
-    dataset, collator = batching(cfg, model, processor, dataset)
+    collator = batching(cfg, model, processor, dataset)
     trainer = MedLlavaTrainer(
         model=model,
         args=training_arguments(cfg, precision),
@@ -125,6 +138,7 @@ def prepare_sft(cfg: StageConfig) -> StageRun:
         processing_class=processor,
         **guard_kwargs(cfg),
     )
+    check_packing(cfg, trainer, processor)
     return StageRun(cfg, trainer, processor, base_ref, checkpoint)
 
 
