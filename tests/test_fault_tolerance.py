@@ -219,3 +219,110 @@ def test_tokens_never_reach_logs_configs_or_cards(tmp_path: Path, phantom: Path,
     for p in files:
         data = p.read_bytes()
         assert secret_hf.encode() not in data and secret_wandb.encode() not in data, p
+
+
+def test_mixed_precision_resume_restores_every_tensor_in_its_own_dtype(tmp_path: Path, phantom: Path,
+                                                                     base_models: dict) -> None:
+    """bf16 on CPU: the frozen tower is bf16 and the trainable weights fp32. A run resumed from its step-2
+    checkpoint ends bitwise equal to the uninterrupted run (no fp32 weight comes back rounded to bf16)."""
+    import shutil
+
+    base = base_models[("clip", "llama")]
+    sections = {"optim": {"max_steps": 4, "per_device_batch_size": 4, "lr": 5e-3},
+                "run": {"precision": "bf16", "save_steps": 2, "save_total_limit": 5}}
+    straight = run_sft(config_from_dict(stage_dict(tmp_path / "a", phantom, init_from=base, **sections)))
+    resumed_dir = tmp_path / "b" / "out"
+    resumed_dir.mkdir(parents=True)
+    shutil.copytree(straight / "checkpoint-2", resumed_dir / "checkpoint-2")
+    run = prepare_sft(config_from_dict(stage_dict(tmp_path / "b", phantom, init_from=base, **sections)))
+    assert run.checkpoint and run.checkpoint.endswith("checkpoint-2")
+    dtypes = {p.dtype for p in run.trainer.model.parameters()}
+    assert dtypes == {torch.bfloat16, torch.float32}, dtypes  # the mixed layout this test is about
+    run.trainer._load_from_checkpoint(run.checkpoint)
+    step2 = load_file(str(straight / "checkpoint-2" / "model.safetensors"))
+    restored = {k: v for k, v in run.trainer.model.state_dict().items()}
+    fp32 = [k for k, v in restored.items() if v.dtype == torch.float32]
+    assert fp32
+    saved_fp32 = {k: v for k, v in step2.items() if v.dtype == torch.float32}
+    assert sorted(t.float().sum().item() for t in saved_fp32.values()) == \
+        sorted(restored[k].sum().item() for k in fp32)  # the same fp32 values, not bf16-rounded ones
+    from medllava.train.common import train_and_save
+
+    out = train_and_save(run)
+    a, b = _weights(straight), _weights(out)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
+class _Scaler:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def is_enabled(self) -> bool:
+        return self.enabled
+
+
+class _Engine:
+    """The DeepSpeed engine state the guard reads: the optimizer's overflow flag, fp16, the global grad norm."""
+
+    def __init__(self, overflow: bool, fp16: bool, norm: float) -> None:
+        self.optimizer = type("Opt", (), {"overflow": overflow})()
+        self._fp16, self._norm = fp16, norm
+
+    def fp16_enabled(self) -> bool:
+        return self._fp16
+
+    def get_global_grad_norm(self) -> float:
+        return self._norm
+
+
+def _inf_grad_model() -> torch.nn.Module:
+    model = torch.nn.Linear(2, 2)
+    model.weight.grad = torch.full_like(model.weight, float("inf"))
+    return model
+
+
+def test_fp16_overflow_is_the_scalers_routine_not_a_divergence() -> None:
+    """fp16 with the Trainer's GradScaler: an overflow step leaves inf gradients that the scaler skips itself;
+    the guard counts it and stops only when the overflows never end. Without a scaler, inf gradients stop."""
+    from medllava.train.safety import DivergenceGuard
+
+    state = type("State", (), {"global_step": 7})()
+    guard = DivergenceGuard("stop", max_skips=3)
+    guard.loss_scaler = lambda: _Scaler(True)
+    for _ in range(3):
+        guard.on_pre_optimizer_step(None, state, None, model=_inf_grad_model())
+    assert guard.scaler_skips == 3 and not guard.events
+    healthy = torch.nn.Linear(2, 2)
+    healthy.weight.grad = torch.zeros_like(healthy.weight)
+    guard.on_pre_optimizer_step(None, state, None, model=healthy)  # a good step resets the run of overflows
+    for _ in range(3):
+        guard.on_pre_optimizer_step(None, state, None, model=_inf_grad_model())
+    with pytest.raises(DivergenceError, match="4 steps in a row"):
+        guard.on_pre_optimizer_step(None, state, None, model=_inf_grad_model())
+    plain = DivergenceGuard("stop")  # bf16/fp32: no scaler, so inf gradients are a real divergence
+    plain.last_ids = ["rec-3"]
+    with pytest.raises(DivergenceError, match="step 8, samples \\['rec-3'\\]"):
+        plain.on_pre_optimizer_step(None, state, None, model=_inf_grad_model())
+
+
+def test_deepspeed_overflow_under_fp16_is_counted_and_under_bf16_stops() -> None:
+    from medllava.train.safety import DivergenceGuard
+
+    state = type("State", (), {"global_step": 11})()
+    guard = DivergenceGuard("stop", max_skips=2)
+    guard.deepspeed_engine = lambda: _Engine(overflow=True, fp16=True, norm=float("inf"))
+    guard.on_optimizer_step(None, state, None)
+    guard.on_optimizer_step(None, state, None)
+    assert guard.scaler_skips == 2
+    with pytest.raises(DivergenceError, match="in a row"):
+        guard.on_optimizer_step(None, state, None)
+    bf16 = DivergenceGuard("stop")
+    bf16.deepspeed_engine = lambda: _Engine(overflow=True, fp16=False, norm=float("nan"))
+    with pytest.raises(DivergenceError, match="step 12"):
+        bf16.on_optimizer_step(None, state, None)
+    nan_norm = DivergenceGuard("skip")
+    nan_norm.deepspeed_engine = lambda: _Engine(overflow=False, fp16=False, norm=float("nan"))
+    with pytest.raises(DivergenceError, match="gradient norm nan"):  # applied already: nothing to skip, so stop
+        nan_norm.on_optimizer_step(None, state, None)

@@ -69,6 +69,7 @@ class MedLlavaTrainerMixin:
         self.guard = DivergenceGuard(on_nonfinite, max_nonfinite_skips)
         super().__init__(*args, **kwargs)
         self.guard.deepspeed_engine = lambda: self.model_wrapped if self.is_deepspeed_enabled else None
+        self.guard.loss_scaler = lambda: getattr(self.accelerator, "scaler", None)
         self.add_callback(self.guard)
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
@@ -156,7 +157,9 @@ class MedLlavaTrainerMixin:
         if not (plain and has_weights):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             return
-        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        # Load in the widest dtype the model holds (fp32 when trainable weights are fp32 beside a bf16 tower): every
+        # saved tensor then arrives exactly and is copied back into each parameter in that parameter's own dtype.
+        dtype = max({p.dtype for p in model.parameters() if p.is_floating_point()}, key=lambda d: torch.finfo(d).bits)
         saved = type(model).from_pretrained(resume_from_checkpoint, dtype=dtype, use_safetensors=True)
         model.load_state_dict(saved.state_dict(), strict=True)
         logger.info("restored model weights from %s", folder)

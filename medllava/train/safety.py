@@ -9,9 +9,11 @@ divergence guard.
   drops that batch's update; skips are counted in the logs and listed in nonfinite.json. With several ranks
   the finite flag is agreed over all of them first, so every rank stops (or skips) together. Under DeepSpeed
   the engine owns the gradients (param.grad is empty) and steps inside backward: the guard reads the engine's
-  overflow flag and global gradient norm after the step. Under fp16 an overflow is the loss scaler's routine
-  (ignored, counted); under bf16/fp32 it means non-finite gradients whose update DeepSpeed dropped (stop, or
-  counted as a skip); a non-finite norm without that flag stops the run (the update is applied already).
+  overflow flag and global gradient norm after the step. Under fp16 (DeepSpeed's loss scaler, or the Trainer's
+  GradScaler) an overflow is the scaler's routine: the scaler skips that step itself and the guard only counts
+  it, unless more than `max_skips` come in a row (the scale cannot bring the gradients back: stop). Under
+  bf16/fp32 it means non-finite gradients whose update DeepSpeed dropped (stop, or counted as a skip); a
+  non-finite norm without that flag stops the run (the update is applied already).
 """
 
 from __future__ import annotations
@@ -128,7 +130,19 @@ class DivergenceGuard(TrainerCallback):
         self.last_ids: list[str] | None = None
         self.output_dir: str | None = None
         self.deepspeed_engine: Any = lambda: None  # set by the trainer: returns its DeepSpeed engine, if any
+        self.loss_scaler: Any = lambda: None  # set by the trainer: returns its fp16 GradScaler, if any
         self.scaler_skips = 0
+        self.scaler_skips_in_a_row = 0
+
+    def _scaler_skipped(self, step: int) -> None:
+        """An fp16 overflow step: the loss scaler skips it and lowers the scale (routine, counted); only a run of
+        more than `max_skips` in a row is a divergence."""
+        self.scaler_skips += 1
+        self.scaler_skips_in_a_row += 1
+        logger.info("step %d: the fp16 loss scaler skipped an overflowing step (%d so far)", step, self.scaler_skips)
+        if self.scaler_skips_in_a_row > self.max_skips:
+            raise DivergenceError(f"the fp16 loss scaler skipped {self.scaler_skips_in_a_row} steps in a row (up to "
+                                  f"step {step}): the gradients stay non-finite whatever the scale; the run diverged")
 
     def _handle(self, kind: str, step: int, detail: str) -> None:
         ids = self.last_ids
@@ -158,6 +172,11 @@ class DivergenceGuard(TrainerCallback):
             return
         bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
         if ranks.all_ranks_true(not bad):
+            self.scaler_skips_in_a_row = 0
+            return
+        scaler = self.loss_scaler()
+        if scaler is not None and scaler.is_enabled():  # fp16: the scaler sees the inf, skips the step itself
+            self._scaler_skipped(state.global_step + 1)
             return
         self._handle("gradient", state.global_step + 1, f"{len(bad)} tensors, e.g. {bad[0]}" if bad else "on another rank")
         for p in model.parameters():  # skip: no gradient, so the optimizer leaves every weight as it is
@@ -170,12 +189,12 @@ class DivergenceGuard(TrainerCallback):
         step = state.global_step + 1
         if getattr(getattr(engine, "optimizer", None), "overflow", False):
             if engine.fp16_enabled():  # the loss scaler's routine: it skipped the step and lowers the scale
-                self.scaler_skips += 1
-                logger.info("step %d: the fp16 loss scaler skipped an overflowing step (%d so far)", step, self.scaler_skips)
+                self._scaler_skipped(step)
                 return
             # bf16/fp32 have no loss scale: the gradients really were non-finite (DeepSpeed dropped the update)
             self._handle("gradient", step, "DeepSpeed found non-finite gradients and skipped the update")
             return
+        self.scaler_skips_in_a_row = 0
         norm = engine.get_global_grad_norm()
         value = float(norm.item() if torch.is_tensor(norm) else norm) if norm is not None else 0.0
         if not math.isfinite(value):
