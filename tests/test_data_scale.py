@@ -127,3 +127,34 @@ def test_cache_is_memory_mapped_and_equal_to_the_samples(tmp_path: Path, phantom
         cached[len(samples)]
     # nothing per sample lives in Python objects: ids, labels, lengths and metadata are all memory-mapped
     assert all(isinstance(v, np.memmap) for v in (cached._ids, cached._labels, cached.lengths, cached._meta))
+
+
+def test_dataloader_workers_freeze_the_inherited_heap(phantom: Path, base_models: dict) -> None:
+    """A forked worker's garbage collector must not walk (and so copy) the parent's objects: the dataset freezes
+    them on its first item in a worker; the parent's collector is left as it was."""
+    import gc
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from medllava.data.collate import SFTDataset
+    from medllava.data.render import Renderer
+    from medllava.model import load_model
+    from medllava.processor import num_image_tokens
+
+    class Probe(SFTDataset):
+        def __getitem__(self, index: int) -> dict:
+            item = super().__getitem__(index)
+            item["frozen"] = gc.get_freeze_count()
+            return item
+
+    _, processor = load_model(base_models[("clip", "llama")])
+    renderer = Renderer(processor, "chat", 256)
+    samples = [renderer.render(normalize(raw)) for raw in iter_raw(phantom / "instruct.jsonl")][:4]
+    dataset = Probe(samples, processor.image_processor, renderer.image_token_id, num_image_tokens(processor))
+    before = gc.get_freeze_count()
+    loader = DataLoader(dataset, batch_size=None, num_workers=1, multiprocessing_context="fork")
+    assert all(item["frozen"] > 0 for item in loader)
+    assert gc.get_freeze_count() == before
+    assert dataset[0]["frozen"] == before  # in the main process nothing is frozen
+    assert isinstance(dataset[0]["input_ids"], torch.Tensor)

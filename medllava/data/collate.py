@@ -12,13 +12,14 @@ the loss or its normalisation (no supervised token), and rows never attend to ea
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from medllava.data.render import IGNORE_INDEX, Rendered
 from medllava.imaging import ImageError, Window, load_image
@@ -65,6 +66,7 @@ class SFTDataset(Dataset):
         self.image_processor = image_processor
         self.image_token_id = image_token_id
         self.tokens_per_image = tokens_per_image
+        self._gc_frozen = False  # set in each DataLoader worker, see __getitem__
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -82,6 +84,12 @@ class SFTDataset(Dataset):
                 "sample_id": FILLER_ID, "pixel_values": pixels}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if not self._gc_frozen and get_worker_info() is not None:
+            # A forked DataLoader worker shares the parent's memory until it writes to it, and Python's garbage
+            # collector writes to every object it walks: over a long pass it would copy the parent's whole heap
+            # into each worker. Frozen, the inherited objects are never walked (their pages stay shared).
+            gc.freeze()
+            self._gc_frozen = True
         sample = self.samples[index]
         ids, labels = expand_image_tokens(sample.input_ids, sample.labels, self.image_token_id, self.tokens_per_image)
         item: dict[str, Any] = {
