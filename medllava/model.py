@@ -290,6 +290,7 @@ def decoding_config(model: Any, max_new_tokens: int, *, temperature: float = 0.0
         eos_token_id=own.eos_token_id, pad_token_id=own.pad_token_id, bos_token_id=own.bos_token_id,
     )
     neutral.pop("max_length", None)  # max_new_tokens decides the length
+    neutral.pop("min_length", None)  # min_new_tokens (0) decides, and takes precedence over a shipped min_length
     return GenerationConfig(**neutral)
 
 

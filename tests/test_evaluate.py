@@ -134,3 +134,29 @@ def test_greedy_is_plainly_greedy_whatever_the_llm_ships(base_models: dict, phan
     built, _ = build_model(str(vision), str(llm))
     g = built.generation_config
     assert g.repetition_penalty in (None, 1.0) and not g.do_sample and (g.top_k, g.top_p, g.temperature) == (None,) * 3
+
+
+def test_predictions_do_not_depend_on_batch_size_or_run(base_models: dict, phantom: Path, tmp_path: Path) -> None:
+    """Greedy predictions are identical for batch size 1 and 16 (left padding changes nothing) and across runs."""
+    import json
+
+    from medllava.evaluate import evaluate
+    from medllava.model import build_model, load_model, save_model
+    from medllava.presets import make_tiny_pair
+
+    varied = []
+    for pair in (("clip", "llama"), ("siglip", "qwen2")):
+        # a pair whose random LLM writes text (the shared fixtures' stop at once: that would prove nothing)
+        built, built_processor = build_model(*map(str, make_tiny_pair(tmp_path / "_".join(pair), *pair)))
+        save_model(built, built_processor, tmp_path / f"{pair[0]}_model")
+        model, processor = load_model(tmp_path / f"{pair[0]}_model")
+        runs = []
+        for name, batch_size in (("a", 1), ("b", 16), ("c", 16)):
+            out = tmp_path / f"{pair[0]}_{name}"
+            evaluate(model, processor, phantom / "test.jsonl", image_folder=phantom / "images", batch_size=batch_size,
+                     max_new_tokens=12, blind=True, out_dir=out, progress=False)
+            runs.append([(r["prediction"], r["blind_prediction"])
+                         for r in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())])
+        assert runs[0] == runs[1] == runs[2], pair
+        varied.append(len({p for p, _ in runs[0]}) > 1)
+    assert any(varied)  # at least one pair writes varied text (a constant answer would hide a difference)
