@@ -10,9 +10,11 @@ where the transfer syntax allows). The pixel limit is checked from the header, b
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -222,6 +224,24 @@ def load_image(
     """
     if isinstance(source, Image.Image):
         return _to_rgb(source, window)
+    name, opener, dicom = _open_source(source)
+    if dicom is not None:
+        return load_dicom(dicom, window=window, frame=frame, max_pixels=max_pixels)
+    with _pil_errors(name, "decode image"), warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with opener() as fh, Image.open(fh) as img:
+            _check_size(img.size, name, max_pixels)
+            if frame:
+                if frame >= getattr(img, "n_frames", 1):
+                    raise ImageError("bad_frame", name, f"frame {frame} out of range")
+                img.seek(frame)
+            img.load()
+            return _to_rgb(img, window)
+
+
+def _open_source(source: str | Path | bytes | dict) -> tuple[str, Callable[[], Any], Path | None]:
+    """(name, opener, DICOM path or None) for a path, raw bytes or a `datasets` image dict; raises ImageError for
+    a missing or empty one."""
     if isinstance(source, dict):  # datasets Image feature: {"bytes": ..., "path": ...}
         if source.get("bytes"):
             source = source["bytes"]
@@ -230,31 +250,23 @@ def load_image(
         else:
             raise ImageError("missing_image", "<record>", "image entry has neither bytes nor path")
     if isinstance(source, (bytes, bytearray)):
-        name, opener = "<bytes>", lambda: io.BytesIO(source)
         if len(source) == 0:
-            raise ImageError("empty_file", name, "image data is empty (0 bytes)")
-    else:
-        path = Path(source)
-        name = str(path)
-        if not path.is_file():
-            raise ImageError("missing_image", name, "image file not found")
-        if path.stat().st_size == 0:
-            raise ImageError("empty_file", name, "image file is empty (0 bytes)")
-        if is_dicom(path):
-            return load_dicom(path, window=window, frame=frame, max_pixels=max_pixels)
-        opener = lambda: path.open("rb")  # noqa: E731
+            raise ImageError("empty_file", "<bytes>", "image data is empty (0 bytes)")
+        data = bytes(source)
+        return "<bytes>", lambda: io.BytesIO(data), None
+    path = Path(source)
+    if not path.is_file():
+        raise ImageError("missing_image", str(path), "image file not found")
+    if path.stat().st_size == 0:
+        raise ImageError("empty_file", str(path), "image file is empty (0 bytes)")
+    return str(path), lambda: path.open("rb"), path if is_dicom(path) else None
 
+
+@contextlib.contextmanager
+def _pil_errors(name: str, action: str) -> Iterator[None]:
+    """PIL's exceptions as ImageErrors naming the image."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with opener() as fh, Image.open(fh) as img:
-                _check_size(img.size, name, max_pixels)
-                if frame:
-                    if frame >= getattr(img, "n_frames", 1):
-                        raise ImageError("bad_frame", name, f"frame {frame} out of range")
-                    img.seek(frame)
-                img.load()
-                return _to_rgb(img, window)
+        yield
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -262,7 +274,7 @@ def load_image(
     except UnidentifiedImageError:
         raise ImageError("unsupported_format", name, "not a recognised image format") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise ImageError("unreadable_image", name, f"cannot decode image ({err})") from None
+        raise ImageError("unreadable_image", name, f"cannot {action} ({err})") from None
 
 
 def probe_image(source: str | Path | Image.Image | bytes | dict, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
@@ -273,34 +285,12 @@ def probe_image(source: str | Path | Image.Image | bytes | dict, *, max_pixels: 
     if isinstance(source, Image.Image):
         _check_size(source.size, "<image>", max_pixels)
         return
-    if isinstance(source, dict):
-        source = source.get("bytes") or source.get("path") or b""
-    if isinstance(source, (bytes, bytearray)):
-        name, opener = "<bytes>", lambda: io.BytesIO(source)
-        if len(source) == 0:
-            raise ImageError("empty_file", name, "image data is empty (0 bytes)")
-    else:
-        path = Path(source)
-        name = str(path)
-        if not path.is_file():
-            raise ImageError("missing_image", name, "image file not found")
-        if path.stat().st_size == 0:
-            raise ImageError("empty_file", name, "image file is empty (0 bytes)")
-        if is_dicom(path):
-            _probe_dicom(path, max_pixels)
-            return
-        opener = lambda: path.open("rb")  # noqa: E731
-    try:
-        with opener() as fh, Image.open(fh) as img:
-            _check_size(img.size, name, max_pixels)
-    except ImageError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageError("image_too_large", name, f"image too large (decompression bomb guard): {err}") from None
-    except UnidentifiedImageError:
-        raise ImageError("unsupported_format", name, "not a recognised image format") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise ImageError("unreadable_image", name, f"cannot read the image header ({err})") from None
+    name, opener, dicom = _open_source(source)
+    if dicom is not None:
+        _probe_dicom(dicom, max_pixels)
+        return
+    with _pil_errors(name, "read the image header"), opener() as fh, Image.open(fh) as img:
+        _check_size(img.size, name, max_pixels)
 
 
 def _probe_dicom(path: Path, max_pixels: int) -> None:
