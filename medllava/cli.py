@@ -86,7 +86,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                     max_shard_size=args.max_shard_size, tolerance=args.tolerance, allow_pickle=args.allow_pickle)
     v = report["verification"]
     print(f"exported {args.run_dir} -> {args.out}" + (" (LoRA merged)" if report["merged_adapter"] else ""))
-    print(f"verified with plain transformers: max |logit diff| {v['max_abs_logit_diff']:.2e} <= {v['tolerance']}")
+    print(f"verified with plain transformers ({v['dtype']}): max |logit diff| {v['max_abs_logit_diff']:.2e} <= "
+          f"{v['tolerance']:.2e}; rounding drift from the trained weights {v['rounding_drift_max_abs_logit_diff']:.2e}")
     if args.push_to_hub:
         plan = push(args.out, args.push_to_hub, private=args.private, dry_run=args.dry_run)
         verb = "would upload" if args.dry_run else "uploaded"
@@ -215,10 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload to this Hub repository")
     p.add_argument("--private", action="store_true", help="create the Hub repository as private")
     p.add_argument("--dry-run", action="store_true", help="list what would be uploaded, upload nothing")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
+                   help="dtype of the exported weights (bf16: half the size of fp32; the rounding drift is reported)")
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--license", default="apache-2.0", help="licence id for the model card")
-    p.add_argument("--tolerance", type=float, default=None, help="max |logit diff| accepted by the verification")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="max |logit diff| between the reloaded export and the model as saved (default: a bound per "
+                        "probe dtype times the logits' scale, see medllava.export.RELOAD_RELATIVE)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading non-safetensors weights")
     p.set_defaults(func=cmd_export)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from medllava.chat import ChatSession
@@ -131,7 +132,9 @@ def test_merged_export_matches_the_adapter_and_loads_without_medllava(lora_run: 
     report = export(lora_run, out, repo_id="someone/tiny-medllava")
     v = report["verification"]
     assert report["merged_adapter"] is True
-    assert v["passed"] and v["max_abs_logit_diff"] < 1e-4
+    assert v["passed"] and v["max_abs_logit_diff"] < 1e-4 and v["merge_max_abs_logit_diff"] < 1e-4
+    assert v["dtype"] == "bfloat16" and v["loaded_dtype"] == "float32"  # bf16 by default, merged in fp32
+    assert v["rounding_drift_max_abs_logit_diff"] > 0 and 0 < v["rounding_drift_top1_agreement"] <= 1
     assert v["class"] == "LlavaForConditionalGeneration" and v["generated_tokens"] > 0 and v["medllava_imported"] == []
     assert not (out / "adapter_config.json").exists()
     assert {"config.json", "model.safetensors", "generation_config.json", "processor_config.json", "tokenizer.json",
@@ -171,3 +174,41 @@ def test_push_dry_run_lists_files_and_never_shows_the_token(lora_run: Path, tmp_
             assert SECRET.encode() not in path.read_bytes(), path
     plan = push(out, "someone/tiny-medllava", dry_run=True)
     assert plan["uploaded"] is False and plan["total_bytes"] == sum(f["bytes"] for f in plan["files"])
+
+
+def test_export_keeps_one_model_in_memory_and_verifies_in_the_saved_dtype(base_models: dict, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 7B a second full copy is tens of GB: the exporter's model is released before the verification process
+    loads the export, and that process loads it in the dtype it was saved in (not fp32)."""
+    import gc
+    import weakref
+
+    import medllava.export as ex
+    from safetensors import safe_open
+
+    loaded: list = []
+    real_load, real_verify = ex.load_model, ex.verify_export
+
+    def tracking_load(*args, **kwargs):
+        model, processor = real_load(*args, **kwargs)
+        loaded.append(weakref.ref(model))
+        return model, processor
+
+    def checking_verify(*args, **kwargs):
+        gc.collect()
+        assert all(ref() is None for ref in loaded), "the exporter still holds its model during verification"
+        return real_verify(*args, **kwargs)
+
+    monkeypatch.setattr(ex, "load_model", tracking_load)
+    monkeypatch.setattr(ex, "verify_export", checking_verify)
+    out = tmp_path / "export"
+    report = ex.export(base_models[("clip", "llama")], out)
+    assert loaded and report["verification"]["passed"]
+    with safe_open(str(out / "model.safetensors"), framework="pt") as fh:
+        assert {fh.get_slice(k).get_dtype() for k in fh.keys()} == {"BF16"}
+    v = report["verification"]
+    assert v["probe"] == "float32 on cpu" and v["max_abs_logit_diff"] <= v["tolerance"] < 1e-2  # CPU: fp32 probe
+    assert v["max_abs_logit_diff"] < 1e-6  # the same values through the same function (rotary buffers not rounded)
+    assert ex.stored_dtype(out) == torch.bfloat16 and ex.stored_dtype(base_models[("clip", "llama")]) == torch.float32
+    assert ex.reload_tolerance("float32", np.array([10.0])) == pytest.approx(1e-3)
+    assert ex.reload_tolerance("bfloat16", np.array([0.5])) == pytest.approx(2e-2)
