@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from medllava.data.rl import build_rl_rows  # noqa: E402
 from medllava.evaluate import generate_batch  # noqa: E402
-from medllava.data.records import has_embedded_bytes, write_records  # noqa: E402
-from medllava.imaging import ImageError, Window, load_image  # noqa: E402
+from medllava.data.records import check_writable, write_records  # noqa: E402
+from medllava.imaging import ImageError, Window, decode_each  # noqa: E402
 from medllava.model import load_for_inference  # noqa: E402
 from medllava.rewards import grade  # noqa: E402
 
@@ -43,30 +43,24 @@ def pass_rates(model, processor, rows: list[dict], *, n: int, temperature: float
     (images are decoded batch by batch, never all at once)."""
     rates: list[float | None] = []
     for start in tqdm(range(0, len(rows), batch_size), desc="sampling", disable=not progress):
-        chunk, images, decodes = [], [], []
-        for row in rows[start:start + batch_size]:
-            try:
-                images.append(load_image(row["image"], window=window))
-            except ImageError:
-                decodes.append(False)
-                continue
-            decodes.append(True)
-            chunk.append(row)
+        batch = rows[start:start + batch_size]
+        decoded = decode_each([row["image"] for row in batch], window)
+        usable = [not isinstance(image, ImageError) for image in decoded]
+        chunk = [row for row, ok in zip(batch, usable) if ok]
+        images = [image for image, ok in zip(decoded, usable) if ok]
         prompts = []
         for row in chunk:
             messages = [dict(m) for m in row["prompt"]]
             messages[-1] = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": messages[-1]["content"]}]}
             prompts.append(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
-        answers = generate_batch(model, processor, prompts, images, max_new_tokens, num_samples=n,
-                                 temperature=temperature) if chunk else []
-        del images
-        graded = iter(range(len(chunk)))
-        for ok in decodes:
+        answers = iter(generate_batch(model, processor, prompts, images, max_new_tokens, num_samples=n,
+                                      temperature=temperature) if chunk else [])
+        del images, decoded
+        for row, ok in zip(batch, usable):
             if not ok:
                 rates.append(None)
                 continue
-            i = next(graded)
-            row, samples = chunk[i], answers[i * n:(i + 1) * n]
+            samples = [next(answers) for _ in range(n)]  # answers come prompt by prompt, n each
             rates.append(sum(grade(a, row["answer"], row["qtype"], row["options"]).correct for a in samples) / n)
     return rates
 
@@ -133,9 +127,10 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     originals = original_rows(args.data)  # every input row as read, to be written out unchanged
-    if args.out.suffix in (".jsonl", ".json") and any(has_embedded_bytes(r) for r in originals.values()):
-        raise SystemExit(f"--out {args.out}: the questions carry embedded images, which JSON cannot hold; name a "
-                         ".parquet file (or a folder) instead")
+    try:
+        check_writable(list(originals.values()), args.out)  # before any sampling, not after it
+    except ValueError as err:
+        raise SystemExit(f"--out: {err}") from None
     model, processor = load_for_inference(args.model)  # bf16 on a GPU that has it
     rows, report = build_rl_rows(args.data, processor, image_folder=args.image_folder, mode=args.prompt,
                                  instruction=args.instruction, system_prompt=args.system_prompt, skip_invalid=True,

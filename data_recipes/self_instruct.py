@@ -31,6 +31,7 @@ from medllava.data.self_instruct import (  # noqa: E402
     GeneratorSettings,
     SpendingLimits,
     build_messages,
+    default_images_dir,
     load_inputs,
     run_generation,
 )
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.dry_run:
-        items, skipped = load_inputs(args.inp, args.images_out or args.out.parent / "images")
+        items, skipped = load_inputs(args.inp, args.images_out or default_images_dir(args.out))
         for rid, image, caption, mentions in items[: args.limit or 3]:
             print(json.dumps({"id": rid, "image": image, "messages": build_messages(caption, mentions, rid, args.shots)},
                              ensure_ascii=False, indent=1))

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from medllava.data.records import RecordError
 from medllava.data.validate import resolve_image
 from medllava.data.vqa import VQARecord, format_question, read_vqa
-from medllava.imaging import ImageError, Window, blank_like, load_image
+from medllava.imaging import ImageError, Window, blank_like, decode_each
 from medllava.model import decoding_config
 from medllava.rewards import grade
 
@@ -132,14 +132,13 @@ def decoded(chunk: Sequence[EvalItem], window: Window | None,
             errors: list[RecordError]) -> tuple[list[EvalItem], list[Image.Image]]:
     """A batch's items whose image decodes, with the images; the others become errors (skipped and counted)."""
     kept, images = [], []
-    for it in chunk:
-        try:
-            images.append(load_image(it.image, window=window))
-        except ImageError as err:
+    for it, image in zip(chunk, decode_each([it.image for it in chunk], window)):
+        if isinstance(image, ImageError):
             rec = it.record
-            errors.append(RecordError(err.kind, err.reason, source=rec.source, line=rec.line, record_id=rec.id))
-            continue
-        kept.append(it)
+            errors.append(RecordError(image.kind, image.reason, source=rec.source, line=rec.line, record_id=rec.id))
+        else:
+            kept.append(it)
+            images.append(image)
     return kept, images
 
 

@@ -32,7 +32,7 @@ import torch
 import yaml
 from PIL import Image
 
-from medllava.model import ModelLoadError, adapter_base_path, is_adapter_dir, load_model, save_model
+from medllava.model import ModelLoadError, adapter_base_path, is_adapter_dir, load_model, save_model, widest_dtype
 from medllava.train.common import RUN_FACTS, STAGE_CONFIG_NAME
 
 logger = logging.getLogger(__name__)
@@ -307,19 +307,19 @@ def reload_tolerance(dtype: str, logits: np.ndarray) -> float:
     return RELOAD_RELATIVE[dtype] * max(1.0, float(np.max(np.abs(logits))))
 
 
+SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
 def stored_dtype(folder: str | Path) -> torch.dtype:
     """The widest floating dtype among a model folder's safetensors tensors (read from the headers only)."""
     from safetensors import safe_open
 
-    widest = None
+    found = set()
     for path in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as fh:
-            for key in fh.keys():
-                dtype = fh.get_slice(key).get_dtype()
-                found = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}.get(dtype)
-                if found is not None and (widest is None or torch.finfo(found).bits > torch.finfo(widest).bits):
-                    widest = found
-    return widest or torch.float32
+            found |= {SAFETENSORS_FLOATS[d] for d in (fh.get_slice(k).get_dtype() for k in fh.keys())
+                      if d in SAFETENSORS_FLOATS}
+    return widest_dtype(found) if found else torch.float32
 
 
 def round_saved_tensors(model: torch.nn.Module, dtype: torch.dtype, compute_dtype: torch.dtype) -> None:
@@ -369,7 +369,7 @@ def export(run_dir: str | Path, out_dir: str | Path, *, license_id: str = "apach
     probe_dtype, device = probe_setup(dtype)
     load_dtype = stored_dtype(run_dir)
     if adapter:
-        load_dtype = max(load_dtype, stored_dtype(adapter_base_path(run_dir)), key=lambda d: torch.finfo(d).bits)
+        load_dtype = widest_dtype([load_dtype, stored_dtype(adapter_base_path(run_dir))])
     if device == "cpu":
         load_dtype = torch.float32
     # The reference is the model as trained: for an adapter, the base with the adapter applied (not merged).

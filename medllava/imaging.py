@@ -14,7 +14,7 @@ import contextlib
 import io
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -237,6 +237,18 @@ def load_image(
                 img.seek(frame)
             img.load()
             return _to_rgb(img, window)
+
+
+def decode_each(refs: Iterable[Any], window: Window | None = None) -> list[Image.Image | ImageError]:
+    """A batch of images, each decoded by `load_image` or replaced by the ImageError it raised (the caller skips,
+    counts and names those), so a batch is decoded when it runs and never the whole set at once."""
+    out: list[Image.Image | ImageError] = []
+    for ref in refs:
+        try:
+            out.append(load_image(ref, window=window))
+        except ImageError as err:
+            out.append(err)
+    return out
 
 
 def _open_source(source: str | Path | bytes | dict) -> tuple[str, Callable[[], Any], Path | None]:

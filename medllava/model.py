@@ -404,6 +404,11 @@ def load_model(
     return model, processor
 
 
+def widest_dtype(dtypes: Any) -> torch.dtype:
+    """The floating dtype with the most bits (fp32 over bf16/fp16): every value of the others fits it exactly."""
+    return max(dtypes, key=lambda d: torch.finfo(d).bits)
+
+
 def inference_dtype(device: torch.device) -> torch.dtype:
     """bf16 on a GPU that supports it (a 7B model is then 14 GB, not 28), fp32 elsewhere."""
     return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32

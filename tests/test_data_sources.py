@@ -114,7 +114,9 @@ def test_eval_decodes_images_batch_by_batch_and_counts_a_bad_one(tmp_path: Path,
         peak[0] = max(peak[0], len(alive))
         return img
 
-    monkeypatch.setattr(ev, "load_image", counting_load)
+    import medllava.imaging as imaging
+
+    monkeypatch.setattr(imaging, "load_image", counting_load)  # what eval's batch decoding (decode_each) calls
     model, processor = load_model(base_models[("clip", "llama")])
     metrics = ev.evaluate(model, processor, phantom / "test.jsonl", image_folder=images, batch_size=2,
                           max_new_tokens=2, blind=True, out_dir=tmp_path / "eval", progress=False)

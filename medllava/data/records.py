@@ -210,6 +210,13 @@ def has_embedded_bytes(value: Any) -> bool:
     return False
 
 
+def check_writable(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """Raise ValueError when `write_records` could not write these rows to `path` (embedded images into JSON)."""
+    if Path(path).suffix in (".jsonl", ".json") and any(has_embedded_bytes(r) for r in rows):
+        raise ValueError(f"{path}: the records carry embedded images, which JSON cannot hold; write .parquet "
+                         "(or a folder, a saved dataset) instead")
+
+
 def write_records(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """Write records whole or not at all (staged, then renamed) in the form the path names: JSONL (`.jsonl`), a
     JSON list (`.json`), parquet (`.parquet`, embedded images kept as image columns) or a saved dataset (any other
@@ -217,12 +224,10 @@ def write_records(rows: list[dict[str, Any]], path: str | Path) -> Path:
     import shutil
 
     path = Path(path)
+    check_writable(rows, path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(path.name + ".partial")
     if path.suffix in (".jsonl", ".json"):
-        if any(has_embedded_bytes(r) for r in rows):
-            raise ValueError(f"{path}: the records carry embedded images, which JSON cannot hold; write .parquet "
-                             "(or a folder, a saved dataset) instead")
         with staging.open("w", encoding="utf-8") as fh:
             if path.suffix == ".json":
                 json.dump(rows, fh, ensure_ascii=False, indent=1)

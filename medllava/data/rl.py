@@ -17,7 +17,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from medllava.data.records import RecordError
-from medllava.data.validate import ValidationReport, check_images, finish_report, resolve_image
+from medllava.data.validate import ValidationReport, check_images, finish_report, first_failure, resolve_image
 from medllava.data.vqa import VQARecord, format_question, read_vqa
 from medllava.imaging import Window, load_image
 from medllava.processor import IMAGE_TOKEN, num_image_tokens
@@ -103,9 +103,8 @@ def build_rl_rows(
     failures = check_images([r.image for r in records], level="full", progress=progress)
     rows: list[dict[str, Any]] = []
     for rec in tqdm(records, desc="formatting prompts", disable=not progress, leave=False):
-        key = rec.image if isinstance(rec.image, (str, Path)) else id(rec.image)
-        if key in failures:
-            bad = failures[key]
+        bad = first_failure([rec.image], failures)
+        if bad is not None:
             errors.append(RecordError(bad.kind, bad.reason, source=rec.source, line=rec.line, record_id=rec.id))
             continue
         messages = prompt_messages(rec, mode, instruction, system_prompt)

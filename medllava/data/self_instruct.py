@@ -496,6 +496,11 @@ def load_inputs(sources: Iterable[str | Path],
     return list(iter_inputs(sources, skipped, images_dir)), skipped
 
 
+def default_images_dir(out: Path) -> Path:
+    """Where images embedded in a `datasets` source go unless told otherwise: OUT's folder/images."""
+    return out.parent / "images"
+
+
 def side_files(out: Path) -> dict[str, Path]:
     return {"failures": out.with_suffix(".failures.jsonl"), "usage": out.with_suffix(".usage.jsonl"),
             "report": out.with_suffix(".report.json")}
@@ -525,7 +530,7 @@ def run_generation(sources: Iterable[str | Path], out: Path, settings: Generator
     seen = {"inputs": 0, "already_done": 0}
 
     def stream() -> Iterator[tuple[str, str, str, list[str]]]:
-        for it in iter_inputs(sources, skipped, images_dir if images_dir is not None else out.parent / "images"):
+        for it in iter_inputs(sources, skipped, images_dir if images_dir is not None else default_images_dir(out)):
             seen["inputs"] += 1
             if it[0] in done:
                 seen["already_done"] += 1

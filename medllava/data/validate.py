@@ -147,9 +147,19 @@ def _check_image(ref: Any, level: str) -> ImageError | None:
     return None
 
 
+def image_key(ref: Any) -> Any:
+    """How `check_images` keys a failure: a path by itself, an in-memory (embedded) image by its identity."""
+    return ref if isinstance(ref, (str, Path)) else id(ref)
+
+
+def first_failure(refs: Iterable[Any], failures: dict[Any, ImageError]) -> ImageError | None:
+    """The failure of the first of a record's images that failed its check, if any."""
+    return next((failures[image_key(r)] for r in refs if image_key(r) in failures), None)
+
+
 def check_images(refs: Iterable[Any], *, level: str = "header", workers: int = 8,
                  progress: bool = True) -> dict[Any, ImageError]:
-    """Check every distinct image once (threads; decoding releases the GIL); return the failures by reference.
+    """Check every distinct image once (threads; decoding releases the GIL); return the failures by `image_key`.
 
     level 'header': exists, inside the folder (already resolved), header readable, size within the pixel limit,
     without decoding pixels (what scales to millions of images; a file whose pixels are corrupt is then found
@@ -171,7 +181,7 @@ def check_images(refs: Iterable[Any], *, level: str = "header", workers: int = 8
     for ref in others:
         err = _check_image(ref, level)
         if err is not None:
-            failures[id(ref)] = err
+            failures[image_key(ref)] = err
     return failures
 
 
@@ -265,8 +275,7 @@ def prepare_samples(
     failures = check_images([r for rec in staged for r in rec.images], level=image_check, progress=progress)
     usable: list[Record] = []
     for record in staged:
-        bad = next((failures.get(r if isinstance(r, (str, Path)) else id(r)) for r in record.images
-                    if (r if isinstance(r, (str, Path)) else id(r)) in failures), None)
+        bad = first_failure(record.images, failures)
         if bad is not None:
             errors.append(RecordError(bad.kind, bad.reason + f" ({bad.path})", source=record.source, line=record.line, record_id=record.id))
             continue

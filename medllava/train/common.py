@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from medllava.model import (
     merge_adapter_to_folder,
     quantization_config,
     save_model,
+    widest_dtype,
 )
 from medllava.processor import set_image_aspect, wrap_chat_template
 from medllava.train import ranks
@@ -76,7 +78,7 @@ class MedLlavaTrainerMixin:
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
         """The usual loss, checked: a non-finite loss stops the run, or (skip) contributes nothing."""
         sample_ids = inputs.get("sample_ids") if isinstance(inputs, dict) else None
-        if isinstance(inputs, dict) and (sample_ids is not None or IMAGE_ERRORS in inputs):
+        if isinstance(inputs, dict):  # the collators' bookkeeping never reaches the model
             if inputs.get(IMAGE_ERRORS):
                 record_loader_skips(Path(self.args.output_dir), inputs[IMAGE_ERRORS])
             inputs = {k: v for k, v in inputs.items() if k not in ("sample_ids", IMAGE_ERRORS)}
@@ -159,7 +161,7 @@ class MedLlavaTrainerMixin:
             return
         # Load in the widest dtype the model holds (fp32 when trainable weights are fp32 beside a bf16 tower): every
         # saved tensor then arrives exactly and is copied back into each parameter in that parameter's own dtype.
-        dtype = max({p.dtype for p in model.parameters() if p.is_floating_point()}, key=lambda d: torch.finfo(d).bits)
+        dtype = widest_dtype({p.dtype for p in model.parameters() if p.is_floating_point()})
         saved = type(model).from_pretrained(resume_from_checkpoint, dtype=dtype, use_safetensors=True)
         model.load_state_dict(saved.state_dict(), strict=True)
         logger.info("restored model weights from %s", folder)
@@ -401,9 +403,7 @@ def merge_loader_skips(out: Path) -> int:
     report_path = out / "data_report.json"
     report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else {}
     errors = sorted(seen.values(), key=lambda e: (e["source"], e["line"]))
-    counts: dict[str, int] = {}
-    for err in errors:
-        counts[err["kind"]] = counts.get(err["kind"], 0) + 1
+    counts = dict(Counter(err["kind"] for err in errors))
     report.update(loader_skipped=len(errors), loader_skipped_counts=counts, loader_errors=errors)
     report_path.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     if errors:
