@@ -225,7 +225,7 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {entry['measured']:.2f} | {entry['limit']:.0f} | {'yes' if entry['met'] else 'NO'} |")
     lines += ["", "A 2-rank job prepares once: `tests/test_ranks.py` (the writer renders, the other rank waits and "
               "reads the cache; the log and data report show one prepare).",
-              f"Growth: seconds per 1,000 records in the first prepare: "
+              "Growth: seconds per 1,000 records in the first prepare: "
               + ", ".join(f"{r['records']:,}: {1000 * r['first']['prepare_s'] / r['records']:.2f}" for r in report["runs"]),
               ""]
     return "\n".join(lines)

@@ -29,12 +29,12 @@ import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from medllava.data.records import check_writable, write_records  # noqa: E402
 from medllava.data.rl import build_rl_rows  # noqa: E402
 from medllava.evaluate import generate_batch  # noqa: E402
-from medllava.data.records import check_writable, write_records  # noqa: E402
+from medllava.grading import grade  # noqa: E402
 from medllava.imaging import ImageError, Window, decode_each  # noqa: E402
 from medllava.model import load_for_inference  # noqa: E402
-from medllava.rewards import grade  # noqa: E402
 
 
 def pass_rates(model, processor, rows: list[dict], *, n: int, temperature: float, max_new_tokens: int,

@@ -1,6 +1,6 @@
 """Medical VQA evaluation: batched greedy generation over a VQA set, scoring, and the image-reliance check.
 
-Scoring uses `medllava.rewards.grade`, the same extraction the GRPO rewards use: closed (yes/no) questions by
+Scoring uses `medllava.grading.grade`, the same extraction the GRPO rewards use: closed (yes/no) questions by
 word-boundary matching, multiple choice by letter or option text, numbers by value, open questions by
 normalised exact match, token F1 and recall of gold tokens (LLaVA-Med's headline open metric). With `blind`,
 every question is asked again with a blank image; the gap shows how much the answers depend on the image.
@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 from medllava.data.records import RecordError
 from medllava.data.validate import resolve_image
 from medllava.data.vqa import VQARecord, format_question, read_vqa
+from medllava.grading import grade
 from medllava.imaging import ImageError, Window, blank_like, decode_each
 from medllava.model import decoding_config
-from medllava.rewards import grade
 
 logger = logging.getLogger(__name__)
 

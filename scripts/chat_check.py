@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from medllava.data.vqa import format_question  # noqa: E402
-from medllava.rewards import grade  # noqa: E402
+from medllava.grading import grade  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -183,8 +183,9 @@ def test_export_keeps_one_model_in_memory_and_verifies_in_the_saved_dtype(base_m
     import gc
     import weakref
 
-    import medllava.export as ex
     from safetensors import safe_open
+
+    import medllava.export as ex
 
     loaded: list = []
     real_load, real_verify = ex.load_model, ex.verify_export

@@ -76,9 +76,9 @@ def test_an_image_that_fails_in_the_loader_is_skipped_counted_and_named(tmp_path
 
 
 def test_full_image_check_rejects_it_before_training(tmp_path: Path, phantom: Path, base_models: dict) -> None:
-    from medllava.train.sft import prepared_samples
     from medllava.data.render import Renderer
     from medllava.model import load_model
+    from medllava.train.sft import prepared_samples
 
     cfg, broken = _stage_with_broken_image(tmp_path, phantom, base_models[("clip", "llama")], "full")
     _, processor = load_model(base_models[("clip", "llama")])

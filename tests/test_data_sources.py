@@ -43,9 +43,8 @@ def pixels(ref) -> np.ndarray:
 
 def test_grpo_reads_embedded_images_from_parquet(tmp_path: Path, phantom: Path, base_models: dict) -> None:
     """The GRPO rows hold a file for each embedded image (in the data cache), never the image's string form."""
-    from medllava.train.grpo import prepared_rows
-
     from medllava.model import load_model
+    from medllava.train.grpo import prepared_rows
 
     from .test_grpo import grpo_stage
 
@@ -227,6 +226,6 @@ def test_self_instruct_writes_embedded_images_by_content(tmp_path: Path, phantom
     items = list(iter_inputs([source], skipped, tmp_path / "images"))
     originals = [json.loads(line) for line in (phantom / "align.jsonl").read_text().splitlines()]
     assert len(items) == 24 and not skipped
-    for (rid, image, caption, _), orig in zip(items, originals):
+    for (rid, image, _caption, _), orig in zip(items, originals):
         assert rid == orig["id"]
         assert (tmp_path / "images" / image).read_bytes() == (phantom / "images" / orig["image"]).read_bytes()

@@ -4,20 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from medllava.rewards import (
-    REWARDS,
-    accuracy_reward,
-    answer_format_reward,
-    extract_answer,
-    grade,
-    parse_choice,
-    parse_number,
-    parse_yes_no,
-    reward_functions,
-    think_format_reward,
-    token_f1,
-    token_recall,
-)
+from medllava.grading import extract_answer, grade, parse_choice, parse_number, parse_yes_no, token_f1, token_recall
+from medllava.rewards import REWARDS, accuracy_reward, answer_format_reward, reward_functions, think_format_reward
 
 OPTS = ["X-ray", "CT", "MRI", "Ultrasound"]
 

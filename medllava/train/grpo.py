@@ -23,9 +23,10 @@ from medllava.config import ConfigError, StageConfig
 from medllava.data.cache import cache_key, tokenizer_fingerprint
 from medllava.data.rl import build_rl_rows, rl_dataset
 from medllava.data.validate import REPORT_NAME
+from medllava.grading import grade
 from medllava.imaging import Window, store_image
 from medllava.model import apply_trainable
-from medllava.rewards import REWARDS, completion_text, grade
+from medllava.rewards import REWARDS, completion_text
 from medllava.train import ranks
 from medllava.train.common import (
     MedLlavaTrainerMixin,
