@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Create (or reuse) the virtual environment at .venv in the repo root and install medllava into it.
 # On a machine without an NVIDIA GPU torch comes as the pinned CPU build, never the multi-GB CUDA wheels.
-# Re-running is cheap: nothing is reinstalled while pyproject.toml is unchanged.
+# Versions come from requirements/lock.txt (constraints; regenerate with scripts/lock.sh), so every machine of a
+# kind resolves the same environment. Re-running is cheap: nothing is reinstalled while pyproject.toml, the lock
+# and this script are unchanged.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv="$root/.venv"
@@ -11,7 +13,8 @@ cpu_torch=${MEDLLAVA_CPU_TORCH:-torch==2.13.0}
 [ -x "$venv/bin/python" ] || "$python_bin" -m venv "$venv"
 py="$venv/bin/python"
 stamp="$venv/.medllava-install"
-want=$(cat "$root/pyproject.toml" "$root/scripts/setup_venv.sh" | sha256sum | cut -c1-16)
+lock="$root/requirements/lock.txt"
+want=$(cat "$root/pyproject.toml" "$root/scripts/setup_venv.sh" "$lock" | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$py" -c "import medllava, torch" 2>/dev/null; then
   exit 0
 fi
@@ -30,6 +33,6 @@ if ! "$py" -c "import torch" 2>/dev/null; then
     pip_install "$cpu_torch"
   fi
 fi
-pip_install -e "$root[dev]"
+pip_install -c "$lock" -e "$root[dev]"
 "$py" -c "import medllava, torch; print(f'[setup] medllava ready: torch {torch.__version__}')" >&2
 echo "$want" >"$stamp"
