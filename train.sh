@@ -57,6 +57,7 @@ demo() {
                   --model.init_from="$runs/instruct" --data.train_files="[$runs/rl_filtered.jsonl]" ;;
     esac
     medllava eval "$runs/$stage" --data "$data/test.jsonl" --image-folder "$data/images" --blind \
+      --prior-from "$data/instruct.jsonl" "$data/rl.jsonl" \
       --summary "$runs/summary.json" --stage "$stage" >/dev/null
   done
   echo "== export: merged, verified with plain transformers -> $runs/export"

@@ -47,7 +47,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from medllava.evaluate import evaluate, markdown_table, stage_prompt_settings, update_summary
     from medllava.imaging import Window
     from medllava.model import load_for_inference
+    from medllava.prior import build_prior
 
+    prior = build_prior(args.prior_from) if args.prior_from else None  # read first: a bad path fails fast
     model, processor = load_for_inference(args.model, allow_pickle=args.allow_pickle)  # bf16 on a GPU that has it
     out_dir = args.out or str(Path(args.model) / "eval")
     title = args.stage or Path(args.model).name
@@ -64,6 +66,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model, processor, args.data, image_folder=args.image_folder, out_dir=out_dir, batch_size=args.batch_size,
         max_new_tokens=max_new_tokens, blind=args.blind, limit=args.limit, title=title,
         system_prompt=prompt.system_prompt, mode=prompt.mode, instruction=prompt.instruction, window=window,
+        prior=prior,
     )
     print(markdown_table(metrics, title))
     if args.summary:
@@ -186,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DICOM window: preset (lung, mediastinum, bone, brain, abdomen, ...) or CENTER,WIDTH "
                         "(default: the stage's data.window, else the file's own)")
     p.add_argument("--blind", action="store_true", help="also answer with blank images and report the gap")
+    p.add_argument("--prior-from", nargs="+", default=None, metavar="TRAIN_DATA",
+                   help="training file(s) (VQA records or conversations, any source the trainer reads): also "
+                        "answer each question with the most common training answer to the same question (no "
+                        "image, no model) and report that text-prior accuracy")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
     p.add_argument("--summary", default=None, help="merge headline figures into this JSON file")
     p.add_argument("--stage", default=None, help="name of this entry in the summary")

@@ -3,7 +3,16 @@
 Scoring uses `medllava.grading.grade`, the same extraction the GRPO rewards use: closed (yes/no) questions by
 word-boundary matching, multiple choice by letter or option text, numbers by value, open questions by
 normalised exact match, token F1 and recall of gold tokens (LLaVA-Med's headline open metric). With `blind`,
-every question is asked again with a blank image; the gap shows how much the answers depend on the image.
+every question is asked again with a blank image; the gap shows how much the answers depend on the image. With a
+text prior (`medllava.prior`, `--prior-from TRAIN_DATA`), every question is also answered with the training set's
+most common answer to the same question, no image and no model: accuracy above chance that the prior also reaches
+was bought by the question's wording.
+
+Two closed-question figures are kept apart by name: `accuracy` is ours (closed question types -- yes/no,
+multiple choice, number -- graded by `medllava.grading`); `llava_med_closed` is LLaVA-Med's (records whose
+dataset `answer_type` is CLOSED, whatever the answer; a hit when the normalised prediction contains "yes" or "no"
+and contains the normalised gold answer, as LLaVA-Med's run_eval.py scores it). Papers' "closed" figures are the
+latter.
 Outputs: predictions.jsonl, metrics.json, metrics.md, and a bar chart.
 """
 
@@ -24,9 +33,10 @@ from tqdm.auto import tqdm
 from medllava.data.records import RecordError
 from medllava.data.validate import resolve_image
 from medllava.data.vqa import VQARecord, format_question, read_vqa
-from medllava.grading import grade
+from medllava.grading import grade, normalize_text
 from medllava.imaging import ImageError, Window, blank_like, decode_each
 from medllava.model import decoding_config
+from medllava.prior import TextPrior
 
 logger = logging.getLogger(__name__)
 
@@ -187,24 +197,54 @@ def score(rows: list[dict[str, Any]], key: str = "prediction") -> dict[str, Any]
     return metrics
 
 
+LLAVA_MED_CLOSED = ("LLaVA-Med run_eval.py: records with answer_type CLOSED; hit when the normalised prediction "
+                    "contains 'yes' or 'no' and contains the normalised gold answer")
+
+
+def llava_med_closed(rows: list[dict[str, Any]], key: str = "prediction") -> dict[str, Any] | None:
+    """LLaVA-Med's closed metric over the rows whose dataset answer_type is CLOSED (None when no row says)."""
+    closed = [r for r in rows if str(r.get("answer_type", "")).upper() == "CLOSED"]
+    if not closed:
+        return None
+    hits = []
+    for r in closed:
+        pred, gold = normalize_text(str(r[key] or "")), normalize_text(str(r["answer"]))
+        hits.append(float(("yes" in pred or "no" in pred) and gold in pred))
+    return {"n": len(closed), "accuracy": _mean(hits), "definition": LLAVA_MED_CLOSED}
+
+
 def markdown_table(metrics: dict[str, Any], title: str = "") -> str:
     lines = [f"## {title}" if title else "## Evaluation", ""]
-    lines.append("| slice | n | accuracy | blind accuracy |")
-    lines.append("|---|---:|---:|---:|")
-    blind = metrics.get("blind") or {}
-    lines.append(f"| closed (all) | {metrics['n_closed']} | {metrics['accuracy']:.3f} | "
-                 f"{blind.get('accuracy', float('nan')):.3f} |" if blind else
-                 f"| closed (all) | {metrics['n_closed']} | {metrics['accuracy']:.3f} | - |")
+    lines.append("| slice | n | accuracy | blind accuracy | text prior |")
+    lines.append("|---|---:|---:|---:|---:|")
+    baselines = [metrics.get("blind") or {}, metrics.get("prior") or {}]
+
+    def cells(group: str | None, name: str | None) -> str:
+        out = []
+        for base in baselines:
+            entry = base if group is None else ((base.get(group) or {}).get(name) or {})
+            value = entry.get("accuracy", entry.get("exact_match")) if entry else None
+            out.append("-" if value is None else f"{value:.3f}")
+        return " | ".join(out)
+
+    lines.append(f"| closed (all) | {metrics['n_closed']} | {metrics['accuracy']:.3f} | {cells(None, None)} |")
     for group in ("by_qtype", "by_modality", "by_topic", "by_organ", "by_answer_type"):
         for name, entry in (metrics.get(group) or {}).items():
             acc = entry.get("accuracy", entry.get("exact_match", 0.0))
-            b = ((blind.get(group) or {}).get(name) or {})
-            b_acc = b.get("accuracy", b.get("exact_match"))
-            lines.append(f"| {group[3:]}: {name} | {entry['n']} | {acc:.3f} | {'-' if b_acc is None else f'{b_acc:.3f}'} |")
+            lines.append(f"| {group[3:]}: {name} | {entry['n']} | {acc:.3f} | {cells(group, name)} |")
     lines.append("")
     lines.append(f"chance level (closed): {metrics.get('chance', 0.0):.3f}")
-    if blind:
+    if metrics.get("blind"):
         lines.append(f"image-reliance gap (accuracy - blind accuracy): {metrics['blind_gap']:+.3f}")
+    if metrics.get("prior"):
+        p = metrics["prior"]
+        lines.append(f"text prior (most common training answer to the same question; {p['matched']}/{metrics['n']} "
+                     f"questions seen in training): closed accuracy {p['accuracy']:.3f}; "
+                     f"accuracy - prior {metrics['accuracy'] - p['accuracy']:+.3f}")
+    if metrics.get("llava_med_closed"):
+        lm = metrics["llava_med_closed"]
+        lines.append(f"llava_med_closed (LLaVA-Med's definition, not comparable with `accuracy`): {lm['accuracy']:.3f} "
+                     f"over {lm['n']} answer_type CLOSED records")
     open_entry = (metrics.get("by_qtype") or {}).get("open")
     if open_entry:
         lines.append(f"open questions: recall {open_entry['recall']:.3f}, exact {open_entry['exact_match']:.3f}, F1 {open_entry['f1']:.3f}")
@@ -219,18 +259,23 @@ def plot_metrics(metrics: dict[str, Any], path: Path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names, accs, blinds = ["all closed"], [metrics["accuracy"]], [(metrics.get("blind") or {}).get("accuracy")]
+    names, accs = ["all closed"], [metrics["accuracy"]]
+    kinds = {"blank image": metrics.get("blind") or {}, "text prior": metrics.get("prior") or {}}
+    bases: dict[str, list[float | None]] = {k: [v.get("accuracy")] for k, v in kinds.items()}
     for group in ("by_qtype", "by_topic", "by_modality"):
         for name, entry in (metrics.get(group) or {}).items():
             if "accuracy" in entry:
                 names.append(name)
                 accs.append(entry["accuracy"])
-                blinds.append((((metrics.get("blind") or {}).get(group) or {}).get(name) or {}).get("accuracy"))
-    fig, ax = plt.subplots(figsize=(max(5, len(names) * 0.8), 3.5))
+                for label, base in kinds.items():
+                    bases[label].append(((base.get(group) or {}).get(name) or {}).get("accuracy"))
+    fig, ax = plt.subplots(figsize=(max(5, len(names) * 0.9), 3.5))
     xs = range(len(names))
-    ax.bar([x - 0.2 for x in xs], accs, width=0.4, label="with image")
-    if any(b is not None for b in blinds):
-        ax.bar([x + 0.2 for x in xs], [b or 0 for b in blinds], width=0.4, label="blank image")
+    shown = [(label, values) for label, values in bases.items() if any(v is not None for v in values)]
+    width = 0.8 / (1 + len(shown))
+    ax.bar([x - 0.4 + width / 2 for x in xs], accs, width=width, label="with image")
+    for k, (label, values) in enumerate(shown, start=1):
+        ax.bar([x - 0.4 + width / 2 + k * width for x in xs], [v or 0 for v in values], width=width, label=label)
     ax.axhline(metrics.get("chance", 0.0), color="grey", linestyle="--", label="chance (closed)")
     ax.set_xticks(list(xs), names, rotation=30, ha="right")
     ax.set_ylim(0, 1)
@@ -259,11 +304,13 @@ def evaluate(
     window: Window | None = None,
     title: str = "",
     progress: bool = True,
+    prior: TextPrior | None = None,
 ) -> dict[str, Any]:
     """Evaluate a loaded model on a VQA file; write outputs to out_dir when given; return the metrics.
 
     `mode`/`instruction`: the prompt form (plain, or a GRPO stage's answer/think prompt) and `max_new_tokens`
-    the completion length; `stage_prompt_settings` reads both from a stage output."""
+    the completion length; `stage_prompt_settings` reads both from a stage output. `prior`: a text prior
+    (`medllava.prior.build_prior`) scored beside the model as metrics["prior"]."""
     model.eval()
     items, errors = load_items(data, processor, image_folder, limit=limit, system_prompt=system_prompt, mode=mode,
                                instruction=instruction)
@@ -282,7 +329,8 @@ def evaluate(
             rec = it.record
             rows.append({"id": rec.id, "question": rec.question, "qtype": rec.qtype, "answer": rec.answer,
                          **({"options": rec.options} if rec.options else {}), **rec.meta, "prediction": ans,
-                         **({"blind_prediction": blind_ans} if blind else {})})
+                         **({"blind_prediction": blind_ans} if blind else {}),
+                         **({"prior_prediction": prior.answer(rec.question) or ""} if prior else {})})
             scored.append(it)
         del images
     if errors:
@@ -296,6 +344,12 @@ def evaluate(
     if blind:
         metrics["blind"] = score(rows, key="blind_prediction")
         metrics["blind_gap"] = round(metrics["accuracy"] - metrics["blind"]["accuracy"], 4)
+    if prior is not None:
+        metrics["prior"] = {**score(rows, key="prior_prediction"), "sources": prior.sources,
+                            "matched": sum(1 for r in rows if r["prior_prediction"]), "training_pairs": prior.pairs}
+    lm_closed = llava_med_closed(rows)
+    if lm_closed is not None:
+        metrics["llava_med_closed"] = lm_closed
     if errors:
         counts: dict[str, int] = defaultdict(int)
         for e in errors:
@@ -328,6 +382,8 @@ def update_summary(path: str | Path, stage: str, metrics: dict[str, Any]) -> dic
     if "blind" in metrics:
         entry["blind_accuracy"] = metrics["blind"]["accuracy"]
         entry["blind_gap"] = metrics["blind_gap"]
+    if "prior" in metrics:
+        entry["prior_accuracy"] = metrics["prior"]["accuracy"]
     for key in ("by_topic", "by_qtype"):
         if key in metrics:
             entry[key] = {k: v.get("accuracy", v.get("exact_match")) for k, v in metrics[key].items()}
@@ -338,15 +394,19 @@ def update_summary(path: str | Path, stage: str, metrics: dict[str, Any]) -> dic
 
 
 def summary_table(summary: dict[str, Any], seconds: float | None = None) -> str:
-    """A plain-text table of a curriculum summary: accuracy per stage beside chance and the blind gap."""
-    lines = [f"{'stage':<12} {'accuracy':>9} {'chance':>7} {'blind':>7} {'gap':>7}   by topic"]
+    """A plain-text table of a curriculum summary: accuracy per stage beside chance, blind accuracy (blank
+    image), the blind gap and the text prior (training set's most common answer to the same question)."""
+
+    def fmt(value: float | None, spec: str = ".3f") -> str:
+        return "-" if value is None else format(value, spec)
+
+    lines = [f"{'stage':<12} {'accuracy':>9} {'chance':>7} {'blind':>7} {'gap':>7} {'prior':>7}   by topic"]
     for stage, entry in summary.items():
-        blind = entry.get("blind_accuracy")
-        gap = entry.get("blind_gap")
         topics = ", ".join(f"{k} {v:.2f}" for k, v in (entry.get("by_topic") or {}).items())
         lines.append(
             f"{stage:<12} {entry['accuracy']:>9.3f} {entry.get('chance') or 0:>7.3f} "
-            f"{'-' if blind is None else f'{blind:.3f}':>7} {'-' if gap is None else f'{gap:+.3f}':>7}   {topics}"
+            f"{fmt(entry.get('blind_accuracy')):>7} {fmt(entry.get('blind_gap'), '+.3f'):>7} "
+            f"{fmt(entry.get('prior_accuracy')):>7}   {topics}"
         )
     if seconds is not None:
         lines.append(f"total time: {seconds / 60:.1f} min")

@@ -34,18 +34,41 @@ def run_seed(seed: int) -> dict:
 
 
 def table(results: dict[int, dict]) -> str:
+    """Per seed and stage: accuracy, blind accuracy (blank image) and text prior, beside chance."""
     seeds = sorted(results)
-    lines = ["| seed | chance | " + " | ".join(STAGES) + " | GRPO - instruct | minutes |",
-             "|---:|---:|" + "---:|" * len(STAGES) + "---:|---:|"]
+    lines = ["| seed | stage | accuracy | chance | blind | prior | accuracy - blind | accuracy - prior |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+
+    def cell(value: float | None, spec: str = ".3f") -> str:
+        return "-" if value is None else format(value, spec)
+
+    for s in seeds:
+        for st in STAGES:
+            e = results[s][st]
+            prior = e.get("prior_accuracy")
+            lines.append(f"| {s} | {st} | {e['accuracy']:.3f} | {e['chance']:.3f} | {cell(e.get('blind_accuracy'))} | "
+                         f"{cell(prior)} | {cell(e.get('blind_gap'), '+.3f')} | "
+                         f"{cell(None if prior is None else e['accuracy'] - prior, '+.3f')} |")
+    lines += ["", "| seed | align | instruct | grpo | GRPO - instruct | minutes |", "|---:|---:|---:|---:|---:|---:|"]
     for s in seeds:
         r = results[s]
         accs = " | ".join(f"{r[st]['accuracy']:.3f}" for st in STAGES)
-        lines.append(f"| {s} | {r['instruct']['chance']:.3f} | {accs} | "
-                     f"{r['grpo']['accuracy'] - r['instruct']['accuracy']:+.3f} | {r['seconds'] / 60:.1f} |")
+        lines.append(f"| {s} | {accs} | {r['grpo']['accuracy'] - r['instruct']['accuracy']:+.3f} | "
+                     f"{r['seconds'] / 60:.1f} |")
     gains = [results[s]["grpo"]["accuracy"] - results[s]["instruct"]["accuracy"] for s in seeds]
     means = " | ".join(f"{statistics.mean(results[s][st]['accuracy'] for s in seeds):.3f}" for st in STAGES)
-    lines.append(f"| mean | | {means} | {statistics.mean(gains):+.3f} (min {min(gains):+.3f}) | |")
+    lines.append(f"| mean | {means} | {statistics.mean(gains):+.3f} (min {min(gains):+.3f}) | |")
     return "\n".join(lines) + "\n"
+
+
+def environment() -> str:
+    """The versions that produced the figures (the pinned ones, requirements/lock.txt) and the machine."""
+    import platform
+    from importlib.metadata import version
+
+    names = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers", "numpy")
+    versions = ", ".join(f"{n} {version(n)}" for n in names)
+    return f"{platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPU cores; {versions}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,8 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({st: results[seed][st]["accuracy"] for st in STAGES}), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "demo_seeds.json").write_text(json.dumps(results, indent=2) + "\n")
-    md = "# Demo curriculum over seeds\n\nHeld-out closed-question accuracy after each stage " \
-         "(`scripts/demo_seeds.py`, 2-core CPU).\n\n" + table(results)
+    for r in results.values():
+        r["environment"] = environment()
+    md = ("# Demo curriculum over seeds\n\nHeld-out closed-question accuracy after each stage "
+          "(`scripts/demo_seeds.py`), beside chance, blind accuracy (the same questions with a blank image) and the "
+          "text prior (the most common training answer to the same question, no image, no model).\n\n"
+          f"Environment: Python {environment()} (requirements/lock.txt).\n\n" + table(results))
     (args.out / "demo_seeds.md").write_text(md)
     print(md)
     return 0

@@ -160,3 +160,78 @@ def test_predictions_do_not_depend_on_batch_size_or_run(base_models: dict, phant
         assert runs[0] == runs[1] == runs[2], pair
         varied.append(len({p for p, _ in runs[0]}) > 1)
     assert any(varied)  # at least one pair writes varied text (a constant answer would hide a difference)
+
+
+def test_text_prior_answers_with_the_most_common_training_answer(tmp_path: Path) -> None:
+    """VQA records and conversations both count; MC answers count as option text; unseen questions get none;
+    a bad training line is counted, not fatal."""
+    import json
+
+    from medllava.prior import build_prior, question_key
+
+    vqa = tmp_path / "rl.jsonl"
+    rows = [{"image": "a.png", "question": "Is the heart enlarged?", "answer": "no"}] * 3 + \
+           [{"image": "a.png", "question": "is the heart enlarged", "answer": "Yes."}] + \
+           [{"image": "a.png", "question": "Which modality?", "options": ["CT", "MRI"], "answer": "B"}]
+    vqa.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
+    conv = tmp_path / "instruct.jsonl"
+    conv.write_text(json.dumps({"image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhich modality?\nA. MRI\nB. CT\nAnswer with the option's letter from the "
+                                   "given choices directly."},
+        {"from": "gpt", "value": "A. MRI"},
+        {"from": "human", "value": "How many lesions?"}, {"from": "gpt", "value": "2"}]}) + "\n")
+    prior = build_prior([vqa, conv])
+    assert prior.skipped == 1 and prior.pairs == 7
+    assert prior.answer("Is the heart enlarged?") == "no"  # 3 against 1, punctuation and case ignored
+    assert prior.answer("Which modality?") == "MRI"  # letters read as option text across option orders
+    assert prior.answer("How many lesions?") == "2"
+    assert prior.answer("Is there a fracture?") is None
+    assert question_key("<image>\nWhich modality?\nA. MRI\nB. CT") == question_key("which modality")
+
+
+def test_prior_and_llava_med_closed_are_scored_beside_accuracy(tmp_path: Path, phantom: Path, base_models: dict,
+                                                                capsys) -> None:
+    """`medllava eval --prior-from` reports the text prior per question type in metrics.json, the table and the
+    summary; LLaVA-Med's CLOSED metric is reported under its own name when the data has answer_type."""
+    import json
+
+    from medllava.cli import main
+
+    test = tmp_path / "test.jsonl"
+    rows = [json.loads(line) for line in (phantom / "test.jsonl").read_text().splitlines()]
+    for r in rows:
+        r["answer_type"] = "CLOSED" if r["qtype"] != "open" else "OPEN"
+    test.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = tmp_path / "summary.json"
+    assert main(["eval", str(base_models[("siglip", "qwen2")]), "--data", str(test), "--image-folder",
+                 str(phantom / "images"), "--out", str(tmp_path / "eval"), "--max-new-tokens", "4",
+                 "--prior-from", str(phantom / "instruct.jsonl"), str(phantom / "rl.jsonl"),
+                 "--summary", str(summary), "--stage", "base"]) == 0
+    metrics = json.loads((tmp_path / "eval/metrics.json").read_text())
+    prior = metrics["prior"]
+    assert set(prior["by_qtype"]) == set(metrics["by_qtype"]) and prior["matched"] > 0
+    # the prior's accuracy is what its own answers grade to
+    preds = [json.loads(line) for line in (tmp_path / "eval/predictions.jsonl").read_text().splitlines()]
+    from medllava.prior import build_prior
+
+    built = build_prior([phantom / "instruct.jsonl", phantom / "rl.jsonl"])
+    assert [p["prior_prediction"] for p in preds] == [built.answer(p["question"]) or "" for p in preds]
+    lm = metrics["llava_med_closed"]
+    assert lm["n"] == sum(1 for r in rows if r["answer_type"] == "CLOSED") and "LLaVA-Med" in lm["definition"]
+    table = (tmp_path / "eval/metrics.md").read_text()
+    assert "text prior" in table and "llava_med_closed" in table
+    assert json.loads(summary.read_text())["base"]["prior_accuracy"] == prior["accuracy"]
+    assert "prior" in summary_table(json.loads(summary.read_text())).splitlines()[0]
+
+
+def test_llava_med_closed_counts_as_llava_med_does() -> None:
+    """Substring scoring gated on yes/no (run_eval.py): 'left' never scores, 'no' inside 'abnormal' does."""
+    from medllava.evaluate import llava_med_closed
+
+    rows = [_row("yes_no", "no", "No.", answer_type="CLOSED"),
+            _row("yes_no", "no", "The scan is abnormal", answer_type="CLOSED"),
+            _row("open", "left", "left", answer_type="CLOSED"),
+            _row("open", "effusion", "effusion", answer_type="OPEN")]
+    assert llava_med_closed(rows) == {"n": 3, "accuracy": pytest.approx(2 / 3, abs=1e-4),
+                                      "definition": llava_med_closed(rows)["definition"]}
+    assert llava_med_closed([_row("yes_no", "no", "no")]) is None
