@@ -43,6 +43,8 @@ multiple_choice:
   Letters outside the options are ignored.
 - Rejected options do not count: a letter or option text right after "not", "n't", "rather than", "instead of",
   "other than", "except", "excluding", "unlike", or followed by "is incorrect/wrong/unlikely/excluded/false".
+- Options that are all plain numbers ("1", "2", "3") are read by letter, else by value under the count rules
+  above: "Two lesions." picks the option "2"; "3 lesions, the largest 2 cm" picks "3".
 - The answer is the one option left; two different options (letters, texts, or a letter contradicted by another
   option's text as in "A. CT" where CT is B) leave the answer unread.
 
@@ -278,7 +280,8 @@ def parse_choice(answer: str, options: Sequence[str]) -> str | None:
     if len(text) == 1:
         return text.upper() if text.upper() in valid else None
     chosen: set[str] = set()
-    order = sorted(range(len(options)), key=lambda i: -len(str(options[i])))
+    numeric = bool(options) and all(re.fullmatch(r"\s*\d+(?:\.\d+)?\s*", str(o)) for o in options)
+    order = [] if numeric else sorted(range(len(options)), key=lambda i: -len(str(options[i])))
     for i in order:
         pattern = _option_pattern(str(options[i]))
         if pattern is None:
@@ -300,6 +303,11 @@ def parse_choice(answer: str, options: Sequence[str]) -> str | None:
         if letter not in valid or _rejected(text, start, end):
             continue
         chosen.add(letter)
+    if not chosen and numeric:
+        value = parse_number(answer)  # numeric options read by value: "Two lesions." picks the option "2"
+        matches = [i for i, o in enumerate(options) if value is not None and float(o) == value]
+        if len(matches) == 1:
+            chosen.add(LETTERS[matches[0]])
     return chosen.pop() if len(chosen) == 1 else None
 
 

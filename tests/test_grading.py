@@ -16,6 +16,7 @@ MODALITY = ["X-ray", "MRI", "CT", "Ultrasound"]
 PLANES = ["Axial", "Coronal", "Sagittal"]
 ORGANS = ["Liver", "Spleen", "Left kidney", "Kidney"]
 DISSECTION = ["Type A dissection", "Type B dissection", "No dissection"]
+COUNTS = ["1", "2", "3"]
 
 YN, NUM, MC, OPEN = "yes_no", "number", "multiple_choice", "open"
 
@@ -105,6 +106,10 @@ CASES: list[tuple[str, str, str, list[str] | None, float]] = [
     (MC, "Type B dissection", "B", DISSECTION, 1.0),  # the letter inside the option text is not a second choice
     (MC, "B. Type B dissection", "B", DISSECTION, 1.0),
     (MC, "Sagittal plane", "C", PLANES, 1.0),
+    (MC, "Two lesions.", "B", COUNTS, 1.0),  # numeric options read by value
+    (MC, "There are 3 lesions, the largest 2 cm.", "C", COUNTS, 1.0),  # the count, not the measurement
+    (MC, "B", "B", COUNTS, 1.0),
+    (MC, "Two lesions.", "C", COUNTS, 0.0),
     (MC, "A or B", "B", MODALITY, 0.0),  # two options
     (MC, "Either CT or MRI.", "B", MODALITY, 0.0),
     (MC, "A. MRI", "B", MODALITY, 0.0),  # letter contradicted by another option's text
