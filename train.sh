@@ -13,6 +13,7 @@
 #   GRPO=grpo_lora          which RL recipe to run (grpo | grpo_lora)
 #   STAGES="align instruct" which stages to run, in order
 #   EVAL_DATA=FILE EVAL_IMAGES=DIR   evaluate every stage output on a VQA set (with the stage's own prompt)
+#   EVAL_PRIOR="FILE ..."   training files for the text-prior baseline beside each evaluation (--prior-from)
 #   VISION_TOWER=ID LLM=ID  another encoder + LLM pair for the first stage (hub ids or local folders)
 #   TRAIN_ARGS="--optim.lr=1e-5 ..."  overrides for every stage (and for the pass-rate filter)
 #   WORKDIR=DIR             where the recipes' relative data/ and runs/ paths resolve (default: this folder)
@@ -137,8 +138,10 @@ family() {
     fi
     prev=$out
     if [ -n "${EVAL_DATA:-}" ] && [ ! -f "$out/eval/metrics.json" ]; then
+      local prior=()
+      [ -n "${EVAL_PRIOR:-}" ] && read -r -a prior <<<"--prior-from $EVAL_PRIOR"
       medllava eval "$out" --data "$EVAL_DATA" --image-folder "${EVAL_IMAGES:-.}" --blind \
-        --summary "$(dirname "$out")/summary.json" --stage "$stage"
+        ${prior[@]+"${prior[@]}"} --summary "$(dirname "$out")/summary.json" --stage "$stage"
     fi
   done
   if [ -n "$prev" ] && [ "${EXPORT:-1}" != 0 ]; then
