@@ -37,6 +37,8 @@ class ChatSession:
     messages: list[dict[str, Any]] = field(default_factory=list)
     images: list[Image.Image] = field(default_factory=list)
     pending: list[Image.Image] = field(default_factory=list)
+    last_usage: dict[str, Any] = field(default_factory=dict)
+    """Of the last answer: prompt_tokens, completion_tokens, finish_reason ("stop" or "length")."""
 
     def add_image(self, image: Image.Image) -> None:
         self.pending.append(image)
@@ -63,21 +65,32 @@ class ChatSession:
         inputs = {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
         config = decoding_config(self.model, self.max_new_tokens, temperature=self.temperature)
         kwargs = dict(**inputs, generation_config=config)
+        prompt_len = inputs["input_ids"].shape[1]
         if on_text is None:
             out = self.model.generate(**kwargs)
-            answer = self.processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            answer = self.processor.tokenizer.decode(out[0, prompt_len:], skip_special_tokens=True)
         else:
             from transformers import TextIteratorStreamer
 
             streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-            worker = threading.Thread(target=self.model.generate, kwargs={**kwargs, "streamer": streamer})
+            result: list[torch.Tensor] = []
+            worker = threading.Thread(target=lambda: result.append(self.model.generate(**kwargs, streamer=streamer)))
             worker.start()
             pieces = []
             for piece in streamer:
                 pieces.append(piece)
                 on_text(piece)
             worker.join()
+            if not result:
+                raise RuntimeError("generation failed (see the error above)")
+            out = result[0]
             answer = "".join(pieces)
+        new = out[0, prompt_len:]
+        eos = config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        stopped = len(new) > 0 and int(new[-1]) in eos_ids
+        self.last_usage = {"prompt_tokens": int(prompt_len), "completion_tokens": int(len(new)),
+                           "finish_reason": "length" if len(new) >= self.max_new_tokens and not stopped else "stop"}
         answer = answer.strip()
         self.messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
         return answer

@@ -1,4 +1,4 @@
-"""The `medllava` command: train | eval | chat | export | bench | summary | tiny.
+"""The `medllava` command: train | eval | chat | serve | export | bench | summary | tiny.
 
 User errors (bad config, bad data, missing model or image) print one clear line and exit 2, no traceback.
 """
@@ -72,6 +72,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.summary:
         update_summary(args.summary, args.stage or title, metrics)
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from medllava.serve import run_server
+
+    return run_server(args)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -216,6 +222,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame", type=int, default=None, help="frame of a multi-frame DICOM (default: the middle one)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading non-safetensors weights")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions)")
+    p.add_argument("model", help="stage output or exported folder (full model, or LoRA adapter with its base)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-id", default=None, help="the id clients send as `model` (default: the folder's name)")
+    p.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` (default: $MEDLLAVA_API_KEY if set; never logged)")
+    p.add_argument("--image-root", default=None, help="allow local image paths under this folder (default: none)")
+    p.add_argument("--allow-remote-images", action="store_true", help="allow http(s) image URLs (fetched, 10 s)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="answer length when a request sets none")
+    p.add_argument("--max-tokens-limit", type=int, default=1024, help="the most a request may ask for")
+    p.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 429")
+    p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body (MiB)")
+    p.add_argument("--max-pixels", type=int, default=None, help="largest image, width x height (default: the "
+                   "decoders' decompression-bomb limit, as in training)")
+    p.add_argument("--system", default=None, help="system prompt when a request has none")
+    p.add_argument("--window", default=None, help="DICOM window: preset or CENTER,WIDTH (default: the file's own)")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cuda, mps or cpu")
+    serve_bits = p.add_mutually_exclusive_group()
+    serve_bits.add_argument("--load-in-4bit", action="store_true", help="4-bit NF4 weights (bitsandbytes)")
+    serve_bits.add_argument("--load-in-8bit", action="store_true", help="8-bit weights (bitsandbytes)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading non-safetensors weights")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="merge, verify and save a stage output as a standalone model (and push it)")
     p.add_argument("run_dir", help="stage output folder")

@@ -1,0 +1,434 @@
+"""An OpenAI-compatible HTTP server for a trained model: `medllava serve MODEL`.
+
+    POST /v1/chat/completions   messages with text and image_url parts (data: URIs for PNG/JPEG/DICOM; local
+                                paths only under --image-root; remote URLs only with --allow-remote-images);
+                                `stream: true` answers as server-sent events
+    GET  /v1/models             the one model served
+    GET  /health                liveness and queue state
+
+Answers come from the same code as `medllava chat` (`ChatSession`, DICOM windowing included), greedy unless the
+request sets a temperature above 0. Bounded: request body size, image pixels, `max_tokens`, and requests in
+flight (one generates at a time, `max_queue` wait; past that a 429 with Retry-After). Errors are JSON in the
+OpenAI shape ({"error": {"message", "type", "param", "code"}}) with a 4xx code, and the server keeps serving.
+An API key (--api-key or MEDLLAVA_API_KEY) is checked in constant time and never logged. Binds to loopback unless
+told otherwise. Built on FastAPI + uvicorn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import logging
+import queue
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from medllava.chat import ChatSession
+from medllava.imaging import DEFAULT_MAX_PIXELS, ImageError, Window, load_image
+
+logger = logging.getLogger(__name__)
+
+API_KEY_ENV = "MEDLLAVA_API_KEY"
+IMAGE_TYPES = {"image/png", "image/jpeg", "image/jpg", "application/dicom", "image/dicom"}
+
+
+class ImageURL(BaseModel):
+    url: str
+
+
+class Part(BaseModel):
+    """A content part: text, or an image_url."""
+
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageURL | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str | list[Part]
+
+
+class ChatRequest(BaseModel):
+    """The fields of an OpenAI chat-completions request that this server reads (others are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    stream: bool = False
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    n: int = Field(default=1, ge=1, le=1)
+
+
+@dataclass
+class ServeSettings:
+    """Limits and access rules of one server."""
+
+    model_id: str
+    image_root: Path | None = None
+    allow_remote_images: bool = False
+    api_key: str | None = None
+    max_body_bytes: int = 20 * 2**20
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_tokens_limit: int = 1024
+    default_max_tokens: int = 256
+    max_queue: int = 16
+    window: Window | None = None
+    system_prompt: str | None = None
+
+
+class RequestError(Exception):
+    """A client error: HTTP status and an OpenAI-shaped message."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers or {}
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    """The OpenAI error shape."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def decode_data_uri(url: str, *, max_bytes: int) -> tuple[str, bytes]:
+    """(media type, bytes) of a base64 `data:` URI; RequestError for anything else."""
+    head, sep, payload = url.partition(",")
+    if not sep or not head.startswith("data:") or not head.endswith(";base64"):
+        raise RequestError(400, "image data URIs must look like data:image/png;base64,...", param="image_url")
+    media = head[5:-7].strip().lower()
+    if media not in IMAGE_TYPES:
+        raise RequestError(400, f"unsupported image type {media!r} (PNG, JPEG or DICOM)", param="image_url")
+    if len(payload) * 3 // 4 > max_bytes:
+        raise RequestError(413, "image data exceeds the request size limit", param="image_url")
+    try:
+        return media, base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(400, "image data is not valid base64", param="image_url") from None
+
+
+def read_image(url: str, settings: ServeSettings) -> Image.Image:
+    """An image part's pixels: a data: URI, a path under the image root, or (when allowed) a remote URL."""
+    try:
+        if url.startswith("data:"):
+            media, data = decode_data_uri(url, max_bytes=settings.max_body_bytes)
+            if "dicom" in media:
+                with tempfile.NamedTemporaryFile(suffix=".dcm") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    return load_image(fh.name, window=settings.window, max_pixels=settings.max_pixels)
+            return load_image(data, window=settings.window, max_pixels=settings.max_pixels)
+        if url.startswith(("http://", "https://")):
+            if not settings.allow_remote_images:
+                raise RequestError(400, "remote image URLs are refused (start the server with --allow-remote-images)",
+                                   param="image_url")
+            return load_image(fetch_remote(url, settings.max_body_bytes), window=settings.window,
+                              max_pixels=settings.max_pixels)
+        return load_image(local_image(url, settings), window=settings.window, max_pixels=settings.max_pixels)
+    except ImageError as err:
+        raise RequestError(400, f"image: {err.kind}: {err.reason}", param="image_url", code=err.kind) from None
+
+
+def local_image(url: str, settings: ServeSettings) -> Path:
+    """A local path (plain or file://) inside --image-root; RequestError otherwise."""
+    if settings.image_root is None:
+        raise RequestError(400, "local image paths are refused (start the server with --image-root DIR)",
+                           param="image_url")
+    raw = url.removeprefix("file://")
+    root = settings.image_root.resolve()
+    path = (root / raw).resolve() if not Path(raw).is_absolute() else Path(raw).resolve()
+    if not path.is_relative_to(root):
+        raise RequestError(403, "the image path is outside the server's image root", param="image_url",
+                           kind="permission_error")
+    return path
+
+
+def fetch_remote(url: str, max_bytes: int) -> bytes:
+    """A remote image, at most `max_bytes`, 10 s timeout."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 (opted in by --allow-remote-images)
+            data = response.read(max_bytes + 1)
+    except (urllib.error.URLError, TimeoutError, ValueError) as err:
+        raise RequestError(400, f"cannot fetch the image: {err}", param="image_url") from None
+    if len(data) > max_bytes:
+        raise RequestError(413, "the remote image exceeds the size limit", param="image_url")
+    return data
+
+
+def _content_parts(content: str | list[Part]) -> tuple[str, list[str]]:
+    if isinstance(content, str):
+        return content, []
+    texts, urls = [], []
+    for part in content:
+        if part.type == "text":
+            texts.append(part.text or "")
+        else:
+            urls.append(part.image_url.url)
+    return "\n".join(t for t in texts if t), urls
+
+
+def build_session(model: Any, processor: Any, request: ChatRequest, settings: ServeSettings) -> tuple[ChatSession, str]:
+    """A ChatSession holding the request's earlier turns and pending images, and the last user text."""
+    max_tokens = request.max_completion_tokens or request.max_tokens or settings.default_max_tokens
+    if max_tokens > settings.max_tokens_limit:
+        raise RequestError(400, f"max_tokens {max_tokens} exceeds this server's limit {settings.max_tokens_limit}",
+                           param="max_tokens")
+    messages = list(request.messages)
+    if messages[-1].role != "user":
+        raise RequestError(400, "the last message must be from the user", param="messages")
+    system = settings.system_prompt
+    if messages[0].role == "system":
+        system = _content_parts(messages.pop(0).content)[0]
+    session = ChatSession(model, processor, max_new_tokens=max_tokens, temperature=request.temperature or 0.0,
+                          system_prompt=system)
+    expected = "user"
+    for i, message in enumerate(messages):
+        if message.role != expected:
+            raise RequestError(400, f"messages[{i}]: roles must alternate user/assistant after an optional system "
+                               "message", param="messages")
+        text, urls = _content_parts(message.content)
+        if message.role == "assistant":
+            if urls:
+                raise RequestError(400, f"messages[{i}]: assistant messages cannot hold images", param="messages")
+            session.messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
+        else:
+            images = [read_image(u, settings) for u in urls]
+            if i < len(messages) - 1:
+                session.messages.append({"role": "user", "content": [{"type": "image"} for _ in images]
+                                         + [{"type": "text", "text": text}]})
+                session.images.extend(images)
+            else:
+                session.pending.extend(images)
+                last = text
+        expected = "assistant" if expected == "user" else "user"
+    return session, last
+
+
+class _Gate:
+    """One generation at a time; at most `max_queue` requests wait; past that, refuse."""
+
+    def __init__(self, max_queue: int):
+        self.max_queue = max_queue
+        self.waiting = 0
+        self.running = 0
+        self.lock = asyncio.Lock()
+
+    def check(self) -> None:
+        """Refuse now when the queue is full (a 429 the client sees as such, before any answer is sent)."""
+        if self.waiting >= self.max_queue:
+            raise RequestError(429, f"the server is busy ({self.waiting} requests waiting); retry later",
+                               kind="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+
+    async def enter(self) -> None:
+        self.check()
+        self.waiting += 1
+        try:
+            await self.lock.acquire()
+        finally:
+            self.waiting -= 1
+        self.running += 1
+
+    def leave(self) -> None:
+        self.running -= 1
+        self.lock.release()
+
+
+def _trimmed(pieces: queue.Queue) -> Any:
+    """The streamed pieces with leading and trailing white space dropped, so that the joined stream equals the
+    plain answer (which `ChatSession.ask` strips)."""
+    started, held = False, ""
+    while True:
+        piece = pieces.get()
+        if piece is None:
+            return
+        if not started:
+            piece = piece.lstrip()
+            if not piece:
+                continue
+            started = True
+        body = piece.rstrip()
+        if body:
+            yield held + body
+            held = piece[len(body):]
+        else:
+            held += piece
+
+
+def create_app(model: Any, processor: Any, settings: ServeSettings) -> Any:
+    """The FastAPI application serving one loaded model."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    app = FastAPI(title="medllava", docs_url=None, redoc_url=None, openapi_url=None)
+    gate = _Gate(settings.max_queue)
+    created = int(time.time())
+
+    def fail(err: RequestError) -> JSONResponse:
+        return JSONResponse(error_body(err.message, err.kind, err.param, err.code), status_code=err.status,
+                            headers=err.headers)
+
+    @app.exception_handler(RequestError)
+    async def on_request_error(_: Request, err: RequestError) -> JSONResponse:
+        return fail(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            message = "the request body is not valid JSON"
+        return fail(RequestError(400, f"{where}: {message}" if where else message, param=where or None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        return fail(RequestError(err.status_code, str(err.detail), kind="invalid_request_error"))
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+            return fail(RequestError(413, f"the request body exceeds {settings.max_body_bytes} bytes"))
+        if settings.api_key and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), settings.api_key.encode()):
+                return fail(RequestError(401, "missing or wrong API key (Authorization: Bearer KEY)",
+                                         kind="authentication_error", code="invalid_api_key"))
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": settings.model_id, "running": gate.running, "waiting": gate.waiting}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": settings.model_id, "object": "model", "created": created,
+                                            "owned_by": "medllava"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest) -> Any:
+        if body.model != settings.model_id:
+            raise RequestError(404, f"model {body.model!r} is not served here (GET /v1/models lists {settings.model_id!r})",
+                               param="model", code="model_not_found")
+        session, text = await asyncio.to_thread(build_session, model, processor, body, settings)
+        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if not body.stream:
+            await gate.enter()
+            loop = asyncio.get_running_loop()
+
+            def work() -> str:  # gives the gate back when generation ends, even if the client has gone
+                try:
+                    return session.ask(text)
+                finally:
+                    loop.call_soon_threadsafe(gate.leave)
+
+            answer = await loop.run_in_executor(None, work)
+            usage = session.last_usage
+            return {"id": rid, "object": "chat.completion", "created": now, "model": settings.model_id,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
+                                 "finish_reason": usage["finish_reason"]}],
+                    "usage": {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
+                              "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}}
+        gate.check()
+        return StreamingResponse(_stream(session, text, rid, now), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def _stream(session: ChatSession, text: str, rid: str, now: int) -> AsyncIterator[str]:
+        # The gate is taken when the stream starts and given back by the generating thread when it ends, so a
+        # client that goes away mid-answer never lets a second generation run beside the first.
+        pieces: queue.Queue = queue.Queue()
+        failure: list[BaseException] = []
+        loop = asyncio.get_running_loop()
+
+        def work() -> None:
+            try:
+                session.ask(text, on_text=pieces.put)
+            except Exception as err:  # noqa: BLE001 -- reported to the client as the stream's last event
+                failure.append(err)
+            finally:
+                pieces.put(None)
+                loop.call_soon_threadsafe(gate.leave)
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+            return "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk", "created": now,
+                                          "model": settings.model_id,
+                                          "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}) + "\n\n"
+
+        await gate.enter()
+        worker = threading.Thread(target=work, daemon=True)
+        try:
+            worker.start()
+        except RuntimeError:
+            gate.leave()
+            raise
+        yield chunk({"role": "assistant", "content": ""})
+        trimmed = _trimmed(pieces)
+        while (piece := await asyncio.to_thread(next, trimmed, None)) is not None:
+            yield chunk({"content": piece})
+        await asyncio.to_thread(worker.join)
+        if failure:
+            logger.error("generation failed: %s", failure[0])
+            yield "data: " + json.dumps(error_body(f"generation failed: {failure[0]}", "server_error")) + "\n\n"
+        else:
+            yield chunk({}, session.last_usage.get("finish_reason", "stop"))
+        yield "data: [DONE]\n\n"
+
+    return app
+
+
+def run_server(args: Any) -> int:
+    """Entry point for `medllava serve` (arguments from the CLI parser)."""
+    import os
+
+    import uvicorn
+
+    from medllava.config import ConfigError
+    from medllava.model import load_for_inference
+
+    try:
+        window = Window.parse(args.window) if args.window else None
+    except ValueError as err:
+        raise ConfigError(f"--window: {err}") from None
+    image_root = Path(args.image_root) if args.image_root else None
+    if image_root is not None and not image_root.is_dir():
+        raise ConfigError(f"--image-root {image_root}: no such folder")
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    bits = 4 if args.load_in_4bit else 8 if args.load_in_8bit else None
+    model, processor = load_for_inference(args.model, bits=bits, device=args.device, allow_pickle=args.allow_pickle)
+    settings = ServeSettings(
+        model_id=args.model_id or Path(args.model).resolve().name, image_root=image_root,
+        allow_remote_images=args.allow_remote_images, api_key=api_key, max_body_bytes=int(args.max_body_mb * 2**20),
+        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, max_tokens_limit=args.max_tokens_limit,
+        default_max_tokens=min(args.max_new_tokens, args.max_tokens_limit), max_queue=args.max_queue,
+        window=window, system_prompt=args.system)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("serving on %s: reachable from other machines%s", args.host,
+                       "" if api_key else " and without an API key")
+    print(f"medllava serve: {settings.model_id} on http://{args.host}:{args.port}/v1 (API key "
+          f"{'required' if api_key else 'not required'})", flush=True)
+    uvicorn.run(create_app(model, processor, settings), host=args.host, port=args.port, log_level="warning",
+                access_log=False)
+    return 0

@@ -1,0 +1,209 @@
+"""`medllava serve`: started on loopback with a tiny model, spoken to with the official `openai` client.
+
+Plain and streamed answers equal `medllava chat --prompt`; every bad input gets its 4xx JSON error in the OpenAI
+shape and the next good request still succeeds; a burst past the queue is answered or refused (429), never lost.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx2")  # the HTTP client openai uses
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+KEY = "sk-test-not-a-secret"
+MAX_NEW = 12
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def data_uri(path: Path, media: str = "image/png") -> str:
+    return f"data:{media};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+@pytest.fixture(scope="module")
+def talking_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model whose random LLM writes text (an empty answer would make equality tests prove nothing)."""
+    from medllava.model import build_model, save_model
+    from medllava.presets import make_tiny_pair
+
+    root = tmp_path_factory.mktemp("serve_model")
+    model, processor = build_model(*map(str, make_tiny_pair(root / "pair", "clip", "llama")))
+    save_model(model, processor, root / "model")
+    return root / "model"
+
+
+@pytest.fixture(scope="module")
+def server(talking_model: Path, phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve_log") / "server.log"
+    with log.open("w") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "medllava.cli", "serve", str(talking_model), "--port", str(port),
+             "--image-root", str(phantom / "images"), "--api-key", KEY, "--max-new-tokens", str(MAX_NEW),
+             "--max-queue", "4", "--max-body-mb", "1", "--model-id", "tiny"],
+            stdout=fh, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                raise AssertionError(f"server exited: {log.read_text()[-3000:]}")
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"server did not start: {log.read_text()[-3000:]}")
+        yield {"base": base, "proc": proc, "log": log}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert KEY not in log.read_text()  # the key never reaches the log
+
+
+def _client(server: dict, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server['base']}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def _question(image_uri: str, text: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_uri}},
+                                         {"type": "text", "text": text}]}]
+
+
+def _chat_cli(model: Path, image: Path, question: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "medllava.cli", "chat", str(model), "--image", str(image),
+                          "--prompt", question, "--max-new-tokens", str(MAX_NEW)],
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def test_plain_and_streamed_answers_equal_chat(server: dict, talking_model: Path, phantom: Path) -> None:
+    image = sorted((phantom / "images").rglob("*.png"))[0]
+    question = "Is any lesion visible?"
+    expected = _chat_cli(talking_model, image, question)
+    assert expected  # the model writes something
+    client = _client(server)
+    plain = client.chat.completions.create(model="tiny", messages=_question(data_uri(image), question))
+    assert plain.choices[0].message.content == expected
+    assert plain.usage.completion_tokens > 0 and plain.choices[0].finish_reason in ("stop", "length")
+    stream = client.chat.completions.create(model="tiny", messages=_question(data_uri(image), question), stream=True)
+    pieces, finish = [], None
+    for chunk in stream:
+        pieces.append(chunk.choices[0].delta.content or "")
+        finish = chunk.choices[0].finish_reason or finish
+    assert "".join(pieces) == expected and finish in ("stop", "length")
+    rel = image.relative_to(phantom / "images")  # a local path under --image-root reads the same image
+    by_path = client.chat.completions.create(model="tiny", messages=_question(str(rel), question))
+    assert by_path.choices[0].message.content == expected
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_dicom_data_uri_is_read(server: dict) -> None:
+    pydicom_data = pytest.importorskip("pydicom.data")
+    path = Path(pydicom_data.get_testdata_file("CT_small.dcm"))
+    reply = _client(server).chat.completions.create(
+        model="tiny", messages=_question(data_uri(path, "application/dicom"), "Which organ?"), max_tokens=4)
+    assert reply.choices[0].message.content is not None
+
+
+def _bad_requests(phantom: Path) -> list[tuple[str, dict, bytes | None, int]]:
+    good_image = data_uri(sorted((phantom / "images").rglob("*.png"))[0])
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    ok = {"model": "tiny", "messages": _question(good_image, "Is any lesion visible?"), "max_tokens": 4}
+
+    def body(**change: object) -> bytes:
+        return json.dumps({**ok, **change}).encode()
+
+    corrupt = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 64).decode()
+    text_uri = "data:text/plain;base64," + base64.b64encode(b"hello").decode()
+    return [
+        ("malformed JSON", auth, b'{"model": "tiny", "messages": [', 400),
+        ("messages not a list", auth, body(messages="hello"), 400),
+        ("max_tokens a string", auth, body(max_tokens="many"), 400),
+        ("role unknown", auth, body(messages=[{"role": "robot", "content": "hi"}]), 400),
+        ("huge body", auth, b'{"model": "tiny", "pad": "' + b"x" * (2 * 2**20) + b'"}', 413),
+        ("path outside the image root", auth, body(messages=_question("../../../etc/passwd", "hi")), 403),
+        ("absolute path outside the root", auth, body(messages=_question("/etc/hostname", "hi")), 403),
+        ("corrupt image", auth, body(messages=_question(corrupt, "hi")), 400),
+        ("non-image data URI", auth, body(messages=_question(text_uri, "hi")), 400),
+        ("remote URL not allowed", auth, body(messages=_question("http://example.com/x.png", "hi")), 400),
+        ("max_tokens over the limit", auth, body(max_tokens=10**6), 400),
+        ("unknown model", auth, body(model="gpt-4"), 404),
+        ("missing API key", {"Content-Type": "application/json"}, body(), 401),
+        ("wrong API key", {"Authorization": "Bearer nope", "Content-Type": "application/json"}, body(), 401),
+        ("last message not from the user", auth,
+         body(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]), 400),
+    ]
+
+
+def test_each_bad_request_gets_its_json_error_and_the_server_goes_on(server: dict, phantom: Path) -> None:
+    url = f"{server['base']}/v1/chat/completions"
+    for name, headers, content, status in _bad_requests(phantom):
+        reply = httpx.post(url, headers=headers, content=content, timeout=120)
+        assert reply.status_code == status, (name, reply.status_code, reply.text[:300])
+        error = reply.json()["error"]
+        assert error["message"] and error["type"], name
+        good = _client(server).chat.completions.create(
+            model="tiny", messages=_question(data_uri(sorted((phantom / "images").rglob("*.png"))[0]), "hi"),
+            max_tokens=2)
+        assert good.choices[0].message.content is not None, name
+    assert server["proc"].poll() is None
+
+
+def test_a_burst_past_the_queue_is_answered_or_refused_never_lost(server: dict, phantom: Path) -> None:
+    image = data_uri(sorted((phantom / "images").rglob("*.png"))[0])
+
+    def one(_: int) -> int:
+        reply = httpx.post(f"{server['base']}/v1/chat/completions", timeout=300,
+                           headers={"Authorization": f"Bearer {KEY}"},
+                           json={"model": "tiny", "messages": _question(image, "hi"), "max_tokens": MAX_NEW})
+        if reply.status_code == 429:
+            assert reply.json()["error"]["code"] == "queue_full" and reply.headers.get("retry-after")
+        return reply.status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(one, range(16)))
+    assert len(codes) == 16 and set(codes) <= {200, 429} and codes.count(200) >= 5  # 1 running + 4 waiting
+    assert httpx.get(f"{server['base']}/health", timeout=5).json()["status"] == "ok"
+
+
+def test_streamed_pieces_join_to_the_stripped_answer() -> None:
+    import queue
+
+    from medllava.serve import _trimmed
+
+    q: queue.Queue = queue.Queue()
+    for piece in ["  ", " Yes", ",", " there ", "  ", "is", " a lesion.", "  \n", None]:
+        q.put(piece)
+    assert "".join(_trimmed(q)) == "Yes, there   is a lesion."
+
+
+def test_data_uri_rules() -> None:
+    from medllava.serve import RequestError, decode_data_uri
+
+    media, data = decode_data_uri("data:image/png;base64," + base64.b64encode(b"abc").decode(), max_bytes=100)
+    assert media == "image/png" and data == b"abc"
+    for bad in ("data:image/png,abc", "data:text/plain;base64,YQ==", "data:image/png;base64,***", "http://x"):
+        with pytest.raises(RequestError):
+            decode_data_uri(bad, max_bytes=100)
+    with pytest.raises(RequestError) as err:
+        decode_data_uri("data:image/png;base64," + "A" * 400, max_bytes=100)
+    assert err.value.status == 413
