@@ -1,4 +1,4 @@
-"""The `medllava` command: train | eval | chat | serve | export | bench | summary | tiny.
+"""The `medllava` command: train | eval | chat | serve | web | export | bench | summary | tiny.
 
 User errors (bad config, bad data, missing model or image) print one clear line and exit 2, no traceback.
 """
@@ -78,6 +78,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from medllava.serve import run_server
 
     return run_server(args)
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    from medllava.web import run_web
+
+    return run_web(args)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -246,6 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bits.add_argument("--load-in-8bit", action="store_true", help="8-bit weights (bitsandbytes)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading non-safetensors weights")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("web", help="a browser chat for a model (Gradio; image and DICOM upload, streamed answers)")
+    p.add_argument("model", help="stage output or exported folder (full model, or LoRA adapter with its base)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cuda, mps or cpu")
+    web_bits = p.add_mutually_exclusive_group()
+    web_bits.add_argument("--load-in-4bit", action="store_true", help="4-bit NF4 weights (bitsandbytes)")
+    web_bits.add_argument("--load-in-8bit", action="store_true", help="8-bit weights (bitsandbytes)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading non-safetensors weights")
+    p.set_defaults(func=cmd_web)
 
     p = sub.add_parser("export", help="merge, verify and save a stage output as a standalone model (and push it)")
     p.add_argument("run_dir", help="stage output folder")

@@ -1,0 +1,153 @@
+"""A browser chat for a trained model: `medllava web MODEL` (Gradio, loopback by default).
+
+Upload a PNG/JPEG/DICOM image (CT window presets for DICOM), ask questions, read the answer as it streams, reset.
+Answers come from the same code as `medllava chat` (`ChatSession`), greedy; the model card's medical disclaimer
+is shown above the chat. One answer is generated at a time (Gradio's queue holds the others).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from medllava.chat import ChatSession
+from medllava.imaging import WINDOW_PRESETS, ImageError, Window, load_image
+
+FILE_WINDOW = "file's own window"
+DEFAULT_DISCLAIMER = ("This model is not a medical device and is not intended for diagnosis, treatment, or any "
+                      "clinical decision. Its outputs can be wrong; a qualified professional must review any output "
+                      "used outside research.")
+
+
+def disclaimer_for(model_dir: str | Path) -> str:
+    """The "Medical disclaimer" section of the model card (README.md), or a default one when there is none."""
+    card = Path(model_dir) / "README.md"
+    if card.is_file():
+        lines = card.read_text(encoding="utf-8").splitlines()
+        for i, line in enumerate(lines):
+            if line.strip().lower() == "## medical disclaimer":
+                body = []
+                for rest in lines[i + 1:]:
+                    if rest.startswith("## "):
+                        break
+                    body.append(rest)
+                text = " ".join(" ".join(body).split())
+                if text:
+                    return text
+    return DEFAULT_DISCLAIMER
+
+
+def read_upload(path: str | None, window_name: str, max_pixels: int | None = None) -> Image.Image:
+    """The uploaded file as RGB (DICOM through the chosen window); ImageError names what is wrong."""
+    if not path:
+        raise ImageError("missing_image", "<upload>", "no file")
+    window = None if window_name in ("", FILE_WINDOW) else Window.parse(window_name)
+    return load_image(path, window=window, **({"max_pixels": max_pixels} if max_pixels else {}))
+
+
+def answer_stream(model: Any, processor: Any, state: dict[str, Any], text: str,
+                  max_new_tokens: int) -> Iterator[str]:
+    """The growing answer to `text`, piece by piece, from a ChatSession rebuilt from `state` (earlier turns and
+    images, plus the pending upload); `state` is updated with the finished turn."""
+    session = ChatSession(model, processor, max_new_tokens=max_new_tokens)
+    session.messages = list(state.get("messages", []))
+    session.images = list(state.get("images", []))
+    if state.get("pending") is not None:
+        session.pending = [state["pending"]]
+    pieces: queue.Queue = queue.Queue()
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            session.ask(text, on_text=pieces.put)
+        except Exception as err:  # noqa: BLE001 -- shown to the user below
+            failure.append(err)
+        finally:
+            pieces.put(None)
+
+    threading.Thread(target=work, daemon=True).start()
+    so_far = ""
+    while (piece := pieces.get()) is not None:
+        so_far += piece
+        yield so_far.strip()
+    if failure:
+        raise RuntimeError(f"generation failed: {failure[0]}")
+    state["messages"], state["images"], state["pending"] = session.messages, session.images, None
+    yield session.messages[-1]["content"][0]["text"]
+
+
+def build_app(model: Any, processor: Any, *, title: str, disclaimer: str, max_new_tokens: int = 256,
+              max_pixels: int | None = None) -> Any:
+    """The Gradio Blocks app."""
+    import gradio as gr
+
+    windows = [FILE_WINDOW, *WINDOW_PRESETS]
+    with gr.Blocks(title=f"medllava: {title}") as app:
+        gr.Markdown(f"## {title}\n\n**Medical disclaimer.** {disclaimer}", elem_id="disclaimer")
+        state = gr.State(value=None)
+        with gr.Row():
+            with gr.Column(scale=1):
+                upload = gr.File(label="Image (PNG, JPEG or DICOM)", file_types=[".png", ".jpg", ".jpeg", ".dcm",
+                                                                                 ".dicom", ".tif", ".tiff"],
+                                 elem_id="upload")
+                window = gr.Dropdown(windows, value=FILE_WINDOW, label="DICOM window (CT presets)", elem_id="window")
+                preview = gr.Image(label="Attached to the next question", type="pil", interactive=False,
+                                   height=240, elem_id="preview")
+            with gr.Column(scale=2):
+                chat = gr.Chatbot(label="Conversation", height=420, elem_id="chat")
+                question = gr.Textbox(label="Question", placeholder="Is there a pleural effusion?", elem_id="question")
+                with gr.Row():
+                    send = gr.Button("Ask", variant="primary", elem_id="ask")
+                    reset = gr.Button("Reset", elem_id="reset")
+
+        def attach(path: str | None, window_name: str, current: dict | None) -> tuple[Any, dict]:
+            current = current or {"messages": [], "images": [], "pending": None}
+            if not path:
+                current["pending"] = None
+                return None, current
+            try:
+                image = read_upload(path, window_name, max_pixels)
+            except (ImageError, ValueError) as err:
+                current["pending"] = None
+                raise gr.Error(f"cannot use this file: {err}") from None
+            current["pending"] = image
+            return image, current
+
+        def ask(text: str, history: list | None, current: dict | None) -> Iterator[tuple[list, dict, str]]:
+            current = current or {"messages": [], "images": [], "pending": None}
+            history = list(history or [])
+            if not text.strip():
+                raise gr.Error("type a question first")
+            history.append({"role": "user", "content": text})
+            history.append({"role": "assistant", "content": ""})
+            for partial in answer_stream(model, processor, current, text, max_new_tokens):
+                history[-1] = {"role": "assistant", "content": partial}
+                yield history, current, ""
+
+        def clear() -> tuple[list, None, None, None]:
+            return [], None, None, None
+
+        upload.change(attach, [upload, window, state], [preview, state])
+        window.change(attach, [upload, window, state], [preview, state])
+        send.click(ask, [question, chat, state], [chat, state, question])
+        question.submit(ask, [question, chat, state], [chat, state, question])
+        reset.click(clear, None, [chat, state, preview, upload])
+    app.queue(default_concurrency_limit=1)
+    return app
+
+
+def run_web(args: Any) -> int:
+    """Entry point for `medllava web` (arguments from the CLI parser)."""
+    from medllava.model import load_for_inference
+
+    bits = 4 if args.load_in_4bit else 8 if args.load_in_8bit else None
+    model, processor = load_for_inference(args.model, bits=bits, device=args.device, allow_pickle=args.allow_pickle)
+    app = build_app(model, processor, title=Path(args.model).resolve().name, disclaimer=disclaimer_for(args.model),
+                    max_new_tokens=args.max_new_tokens)
+    app.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False, show_error=True)
+    return 0
