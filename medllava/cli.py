@@ -177,6 +177,16 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_loading_args(p: argparse.ArgumentParser) -> None:
+    """MODEL, --device, --load-in-4bit/8bit and --allow-pickle: how chat, serve and web load a model."""
+    p.add_argument("model", help="stage output or exported folder (full model, or LoRA adapter with its base)")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cuda, mps or cpu")
+    bits = p.add_mutually_exclusive_group()
+    bits.add_argument("--load-in-4bit", action="store_true", help="4-bit NF4 weights (bitsandbytes)")
+    bits.add_argument("--load-in-8bit", action="store_true", help="8-bit weights (bitsandbytes)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading non-safetensors weights")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medllava", description="Train LLaVA-style medical VLMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -212,25 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("chat", help="chat about medical images with a trained model")
-    p.add_argument("model", help="stage output or exported folder (full model, or LoRA adapter with its base)")
+    add_loading_args(p)
     p.add_argument("--image", action="append", help="image for the first question (repeatable): PNG/JPEG/TIFF/DICOM")
     p.add_argument("--prompt", default=None, help="one-shot: ask this, print the answer, exit")
     p.add_argument("--system", default=None, help="system prompt (if the chat template accepts one)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cuda, mps or cpu")
-    bits = p.add_mutually_exclusive_group()
-    bits.add_argument("--load-in-4bit", action="store_true", help="4-bit NF4 weights (bitsandbytes)")
-    bits.add_argument("--load-in-8bit", action="store_true", help="8-bit weights (bitsandbytes)")
     p.add_argument("--window", default=None,
                    help="DICOM window: preset (lung, mediastinum, bone, brain, abdomen, ...) or CENTER,WIDTH "
                         "(default: the file's own)")
     p.add_argument("--frame", type=int, default=None, help="frame of a multi-frame DICOM (default: the middle one)")
-    p.add_argument("--allow-pickle", action="store_true", help="allow loading non-safetensors weights")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions)")
-    p.add_argument("model", help="stage output or exported folder (full model, or LoRA adapter with its base)")
+    add_loading_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-id", default=None, help="the id clients send as `model` (default: the folder's name)")
@@ -246,23 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "decoders' decompression-bomb limit, as in training)")
     p.add_argument("--system", default=None, help="system prompt when a request has none")
     p.add_argument("--window", default=None, help="DICOM window: preset or CENTER,WIDTH (default: the file's own)")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cuda, mps or cpu")
-    serve_bits = p.add_mutually_exclusive_group()
-    serve_bits.add_argument("--load-in-4bit", action="store_true", help="4-bit NF4 weights (bitsandbytes)")
-    serve_bits.add_argument("--load-in-8bit", action="store_true", help="8-bit weights (bitsandbytes)")
-    p.add_argument("--allow-pickle", action="store_true", help="allow loading non-safetensors weights")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("web", help="a browser chat for a model (Gradio; image and DICOM upload, streamed answers)")
-    p.add_argument("model", help="stage output or exported folder (full model, or LoRA adapter with its base)")
+    add_loading_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cuda, mps or cpu")
-    web_bits = p.add_mutually_exclusive_group()
-    web_bits.add_argument("--load-in-4bit", action="store_true", help="4-bit NF4 weights (bitsandbytes)")
-    web_bits.add_argument("--load-in-8bit", action="store_true", help="8-bit weights (bitsandbytes)")
-    p.add_argument("--allow-pickle", action="store_true", help="allow loading non-safetensors weights")
     p.set_defaults(func=cmd_web)
 
     p = sub.add_parser("export", help="merge, verify and save a stage output as a standalone model (and push it)")
