@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=4, help="requests per client")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--max-queue", type=int, default=16)
+    parser.add_argument("--label", default=None, help="how the model is named in the report (default: its path)")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     args = parser.parse_args(argv)
 
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     lost = [s for s, _ in results if s not in ("200", "429", "503")]
     q = statistics.quantiles(answered, n=20) if len(answered) >= 2 else [float("nan")] * 19
     report = {
-        "machine": machine(), "model": "demo-sized random" if args.model is None else str(args.model),
+        "machine": machine(), "model": args.label or ("demo-sized random" if args.model is None else str(args.model)),
         "clients": args.clients, "requests_per_client": args.requests, "max_tokens": args.max_tokens,
         "max_queue": args.max_queue, "sent": len(results), "answered": len(answered), "refused": refused,
         "lost": len(lost), "lost_kinds": sorted(set(lost)), "server_alive_after": alive, "wall_s": round(wall, 2),
