@@ -69,11 +69,10 @@ class DataSection:
     allow_absolute_paths: bool = False
     """Allow absolute image paths in records (otherwise they must stay inside image_folder)."""
     packing: Literal["auto"] | bool = "auto"
-    """Each micro-batch's samples packed into as few rows as fit, attention isolated per sample (no padding
-    between samples). auto: on when a start-up probe shows packed logits equal separate ones for this model
-    (else padded, with a warning); true: the probe must pass. Batch sizes count samples either way."""
-    pack_length: int | None = None
-    """Most tokens in one packed row (default: max_length)."""
+    """Each micro-batch's samples packed into one row without padding, attention isolated per sample by the row's
+    sample boundaries (medllava.attention). auto: on when the LLM's attention can isolate them and a start-up
+    probe shows packed logits equal separate ones (else padded, with a warning); true: both must hold. Batch
+    sizes count samples either way."""
     num_workers: int = 0
     """DataLoader worker processes."""
     max_samples: int | None = None
@@ -368,12 +367,22 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")
 
 
+RETIRED = types.MappingProxyType({
+    "data.pack_length": "no longer used: packing puts each micro-batch in one row whose samples attend only to "
+                        "themselves (variable-length attention); remove the key",
+})
+"""Keys earlier versions accepted, with what to do instead (an unknown key would only list the known ones)."""
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"{prefix}." if prefix else ""
+        for key in (where + u for u in unknown):
+            if key in RETIRED:
+                raise ConfigError(f"{key}: {RETIRED[key]}")
         raise ConfigError(f"unknown key(s) {', '.join(where + u for u in unknown)}; known: {sorted(names)}")
     kwargs = {}
     for name, value in data.items():

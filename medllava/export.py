@@ -136,9 +136,8 @@ def _reproduction(stage: StageInfo) -> list[str]:
     lines.append(f"- global batch: {batch}" + (f" (stated: {o['global_batch_size']})" if o.get("global_batch_size") else ""))
     if c.get("kind") != "grpo":
         packing = f.get("packing")
-        lines.append(f"- packing: {'on' if packing else 'off' if packing is False else d.get('packing')} "
-                     f"(at most {d.get('pack_length') or d.get('max_length')} tokens per row); max_length {d.get('max_length')}, "
-                     f"rendering {d.get('format')}")
+        lines.append(f"- packing: {'on (one row per micro-batch, samples isolated)' if packing else 'off' if packing is False else d.get('packing')}"
+                     f"; max_length {d.get('max_length')}, rendering {d.get('format')}")
     length = f"{o.get('max_steps')} steps" if (o.get("max_steps") or -1) > 0 else f"{o.get('epochs')} epochs"
     lr = f"{o.get('lr')}" + (f", projector {o['projector_lr']}" if o.get("projector_lr") else "")
     lines.append(f"- optimizer: {o.get('optimizer')}, learning rate {lr}, weight decay {o.get('weight_decay')}, "

@@ -518,8 +518,12 @@ def apply_trainable(
     lora: LoraSection,
     *,
     gradient_checkpointing: bool = False,
+    frozen_tower_without_grad: bool = True,
 ) -> nn.Module:
     """Set what trains from a `trainable:` spec; wrap in LoRA adapters where asked. Logs the counts.
+
+    A vision tower with nothing trainable then runs its forward without autograd (`NoGradForward`;
+    `frozen_tower_without_grad=False` keeps the plain behaviour, for tests that compare the two).
 
     vision/llm: frozen | full | lora; projector: frozen | full. With any LoRA component, full components are
     saved alongside the adapter (`modules_to_save`), so the adapter folder holds everything that changed.
@@ -574,4 +578,34 @@ def apply_trainable(
             logger.info("%-9s %-6s trainable %12s / %12s", comp, mode, f"{c['trainable']:,}", f"{c['total']:,}")
     if unused:
         logger.info("vision: %d parameter tensors above the feature layer stay frozen (they get no gradient)", len(unused))
+    tower = (model.get_base_model() if hasattr(model, "get_base_model") else model).model.vision_tower
+    if frozen_tower_without_grad and not any(p.requires_grad for p in tower.parameters()):
+        NoGradForward(tower)
     return model
+
+
+class NoGradForward:
+    """Runs a module's forward with autograd off: for a frozen vision tower, which nothing below trains.
+
+    A frozen tower needs no graph, but one is recorded all the same once anything makes its input require grad:
+    `enable_input_require_grads` (gradient checkpointing, PEFT) hooks every sub-model's input embeddings, the
+    tower's patch embedding included, and then the whole tower's activations are kept and its backward runs,
+    for gradients nobody reads. Forward hooks (module API, no patching) switch grad mode off around the tower's
+    forward and restore it after, also when the forward raises; the projector above runs with autograd as before.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.modes: list[bool] = []  # a stack: a module may run inside itself (nested or re-entered forwards)
+        self.handles = [module.register_forward_pre_hook(self.enter),
+                        module.register_forward_hook(self.exit, always_call=True)]
+
+    def enter(self, module: nn.Module, args: Any) -> None:
+        self.modes.append(torch.is_grad_enabled())
+        torch.set_grad_enabled(False)
+
+    def exit(self, module: nn.Module, args: Any, output: Any) -> None:
+        torch.set_grad_enabled(self.modes.pop())
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()

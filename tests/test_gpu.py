@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from medllava.attention import llm_attention, packed_implementation, set_llm_attention
 from medllava.config import config_from_dict
-from medllava.data.packing import SamplePackingCollator, one_row_layout, packing_isolates
+from medllava.data.packing import SamplePackingCollator, packing_isolates
 from medllava.model import load_model
 from medllava.train.sft import prepare_sft, run_sft
 
@@ -58,18 +59,16 @@ def test_deepspeed_zero2_on_gpu(tmp_path: Path, phantom: Path, base_models: dict
 
 @pytest.mark.parametrize("attn", ["sdpa", "flash_attention_2"])
 def test_packing_isolates_in_bf16_on_gpu(attn: str, base_models: dict) -> None:
+    """The training layout (one row per micro-batch with its cu_seq_lens) on the attention training uses: SDPA run
+    sample by sample for an sdpa LLM, flash-attention's variable-length kernel for a flash LLM."""
     if attn == "flash_attention_2":
         pytest.importorskip("flash_attn")
     model, processor = load_model(base_models[("siglip", "qwen2")], dtype=torch.bfloat16, attn_implementation=attn)
     model.cuda()
-    pad = processor.tokenizer.pad_token_id
-    # the layout training uses on this implementation (one row for flash), and the multi-row one for SDPA
-    collator = SamplePackingCollator(pad, 512, one_row=one_row_layout(model))
-    isolated, diff, leak = packing_isolates(model, len(processor.tokenizer), collator)
+    set_llm_attention(model, packed_implementation(attn))
+    assert llm_attention(model) == packed_implementation(attn)
+    isolated, diff, leak = packing_isolates(model, len(processor.tokenizer), SamplePackingCollator())
     assert isolated, (diff, leak)
-    if attn == "sdpa":
-        isolated, diff, leak = packing_isolates(model, len(processor.tokenizer), SamplePackingCollator(pad, 16))
-        assert isolated, (diff, leak)
 
 
 LIGER_CHECK = r'''
@@ -86,25 +85,34 @@ ids[:, 1:1 + n_img] = model.config.image_token_id
 labels = ids.clone()
 labels[:, :1 + n_img] = -100
 batch = dict(input_ids=ids, labels=labels, pixel_values=torch.randn(2, 3, size, size, device="cuda"))
-def loss_and_grads():
+from medllava.train.loss import head_inputs, supervised_loss
+def loss_and_grads(kind):
     model.zero_grad()
-    loss = model(**batch).loss
+    if kind == "full":  # the stock forward: head and loss over every position
+        loss = model(**batch).loss
+    else:  # the training path: head and loss on the supervised positions (fused by Liger once patched)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        out = model(**inputs, **head_inputs(batch["labels"], liger=kind == "liger"))
+        loss = supervised_loss(out, head_inputs(batch["labels"])["labels"])
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-plain_loss, plain_grads = loss_and_grads()
+plain_loss, plain_grads = loss_and_grads("full")
+kept_loss, kept_grads = loss_and_grads("supervised")
 apply_liger_kernel(model, None)  # patches the Llava forward (fused linear cross-entropy) and the LLM's layers
-liger_loss, liger_grads = loss_and_grads()
-worst = max((liger_grads[n] - g).abs().max().item() / (g.abs().max().item() + 1e-8) for n, g in plain_grads.items())
-print(plain_loss, liger_loss, worst)
-assert abs(plain_loss - liger_loss) < 1e-4 * max(1.0, abs(plain_loss)), (plain_loss, liger_loss)
-assert worst < 1e-3, worst
+liger_loss, liger_grads = loss_and_grads("liger")
+for name, (loss, grads) in {"supervised": (kept_loss, kept_grads), "liger": (liger_loss, liger_grads)}.items():
+    worst = max((grads[n] - g).abs().max().item() / (g.abs().max().item() + 1e-8) for n, g in plain_grads.items())
+    print(name, plain_loss, loss, worst)
+    assert abs(plain_loss - loss) < 1e-4 * max(1.0, abs(plain_loss)), (name, plain_loss, loss)
+    assert worst < 1e-3, (name, worst)
 '''
 
 
 @pytest.mark.parametrize("pair", [("clip", "llama"), ("siglip", "qwen2")])
 def test_liger_kernels_compute_the_same_loss_and_gradients(pair: tuple, base_models: dict) -> None:
-    """The fast path (Liger's fused linear cross-entropy, RMSNorm, RoPE, SwiGLU) equals the plain one in fp32.
-    Liger patches the model class in place, so the check runs in its own process."""
+    """The fast paths equal the plain one in fp32: the head and loss on supervised positions, and Liger's fused
+    linear cross-entropy (on the same positions), RMSNorm, RoPE and SwiGLU. Liger patches the model class in place,
+    so the check runs in its own process."""
     import subprocess
     import sys
 

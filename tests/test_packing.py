@@ -1,4 +1,5 @@
-"""Packing computes exactly what unpacked training computes: logits, loss (per token) and gradients."""
+"""Packing computes exactly what unpacked training computes (logits, loss per token, gradients), isolated by the
+batch's own sample boundaries under every attention implementation, at the cost of the samples' own lengths."""
 
 from __future__ import annotations
 
@@ -6,16 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from medllava.attention import VARLEN_SDPA, llm_attention, packed_implementation, set_llm_attention
 from medllava.data.collate import SFTCollator, SFTDataset
-from medllava.data.packing import (
-    PackedCollator,
-    PackedDataset,
-    SamplePackingCollator,
-    pack_bins,
-    pack_items,
-    packing_isolates,
-)
+from medllava.data.packing import BOUNDARY_KEYS, SamplePackingCollator, packing_isolates
 from medllava.data.render import IGNORE_INDEX, Renderer
 from medllava.data.validate import prepare_samples
 from medllava.model import build_model
@@ -38,6 +34,7 @@ def setup(request: pytest.FixtureRequest, tiny_pair_dirs: dict, phantom: Path) -
     samples, _ = prepare_samples([str(phantom / "instruct.jsonl")], renderer, image_folder=phantom / "images",
                                  progress=False)
     dataset = SFTDataset(samples[:4], processor.image_processor, renderer.image_token_id, num_image_tokens(processor))
+    set_llm_attention(model, VARLEN_SDPA)  # what the runner does for an sdpa LLM when it packs
     return model, processor, dataset
 
 
@@ -74,8 +71,10 @@ def test_packed_logits_loss_and_gradients_equal_per_sample(setup: tuple) -> None
     model, processor, dataset = setup
     ref_logits, ref_loss, ref_grads = _reference(model, dataset)
 
-    batch = PackedCollator(processor.tokenizer.pad_token_id)([pack_items([dataset[i] for i in range(len(dataset))])])
-    assert "attention_mask" not in batch and batch["use_cache"] is False
+    batch = SamplePackingCollator()([dataset[i] for i in range(len(dataset))])
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch and "use_cache" not in batch
+    assert batch["cu_seq_lens_q"].tolist() == [0, *torch.tensor([lg.shape[0] for lg in ref_logits]).cumsum(0).tolist()]
+    assert batch["max_length_q"] == max(lg.shape[0] for lg in ref_logits)
     out = _forward(model, batch)
     start = 0
     for logits in ref_logits:
@@ -90,141 +89,193 @@ def test_packed_logits_loss_and_gradients_equal_per_sample(setup: tuple) -> None
     model.zero_grad(set_to_none=True)
 
 
-def test_two_packed_rows_with_padding_equal_per_sample(setup: tuple) -> None:
-    model, processor, dataset = setup
-    model.eval()
-    with torch.no_grad():
-        ref_logits, ref_loss = _per_sample(model, dataset)
-        rows = [pack_items([dataset[0], dataset[1]]), pack_items([dataset[2]]), pack_items([dataset[3]])]
-        batch = PackedCollator(processor.tokenizer.pad_token_id)(rows)
-        out = _forward(model, batch)
-    lengths = [lg.shape[0] for lg in ref_logits]
-    torch.testing.assert_close(out.logits[0, :lengths[0]], ref_logits[0], atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(out.logits[0, lengths[0]:lengths[0] + lengths[1]], ref_logits[1], atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(out.logits[1, :lengths[2]], ref_logits[2], atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(out.logits[2, :lengths[3]], ref_logits[3], atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(out.loss, ref_loss, atol=1e-6, rtol=1e-6)
-
-
 def test_micro_batch_packing_equals_per_sample_with_and_without_the_image_filler(setup: tuple) -> None:
-    """The training path: a micro-batch of samples packed into rows of at most `capacity` tokens. Loss and
-    gradients equal per-sample training; a text-only micro-batch's blank-image filler adds exactly nothing."""
+    """A text-only micro-batch's blank-image filler adds exactly nothing, packed or padded."""
     model, processor, dataset = setup
-    ref_logits, ref_loss, ref_grads = _reference(model, dataset)
-    lengths = sorted(lg.shape[0] for lg in ref_logits)
-    capacity = max(lengths[-1], lengths[0] + lengths[1])  # the two shortest share a row, the longest fits alone
-    collate = SamplePackingCollator(processor.tokenizer.pad_token_id, capacity, filler=dataset.image_filler())
-    batch = collate([dataset[i] for i in range(len(dataset))])
-    assert 1 < batch["input_ids"].shape[0] < len(dataset) and batch["input_ids"].shape[1] <= capacity
-    assert len(batch["sample_ids"]) == len(dataset) and batch["pixel_values"].shape[0] == len(dataset)  # no filler
-    out = _forward(model, batch)
-    torch.testing.assert_close(out.loss, ref_loss.detach(), atol=1e-6, rtol=1e-6)
-    out.loss.backward()
-    for name, p in model.named_parameters():
-        if name in ref_grads:
-            torch.testing.assert_close(p.grad, ref_grads[name], atol=1e-6, rtol=1e-4, msg=name)
-    model.zero_grad(set_to_none=True)
-
-    # text only: the same samples without their images (and placeholders) -> the filler brings one blank image
     text = [dict(dataset[i]) for i in range(2)]
     for item in text:
         keep = item["input_ids"] != dataset.image_token_id
         item["input_ids"], item["labels"] = item["input_ids"][keep], item["labels"][keep]
         del item["pixel_values"]
+    collate = SamplePackingCollator(filler=dataset.image_filler())
+    model.eval()
     with torch.no_grad():
-        plain = _forward(model, PackedCollator(processor.tokenizer.pad_token_id)([pack_items(text)]))
+        plain = _forward(model, SamplePackingCollator()(text))
         filled_batch = collate(text)
         filled = _forward(model, filled_batch)
+        with_images = collate([dataset[i] for i in range(len(dataset))])
+    assert "pixel_values" not in SamplePackingCollator()(text)
     assert filled_batch["pixel_values"].shape[0] == 1 and len(filled_batch["sample_ids"]) == 2
+    assert len(filled_batch["cu_seq_lens_q"]) == 4  # two samples and the filler, each its own sequence
+    assert with_images["pixel_values"].shape[0] == len(dataset) and len(with_images["cu_seq_lens_q"]) == 5  # no filler
     torch.testing.assert_close(filled.loss, plain.loss, atol=1e-6, rtol=1e-6)
     padded = SFTCollator(processor.tokenizer.pad_token_id, filler=dataset.image_filler())(text)
     assert padded["pixel_values"].shape[0] == 1 and padded["input_ids"].shape[0] == 3
-    with torch.no_grad():
-        torch.testing.assert_close(_forward(model, padded).loss, plain.loss, atol=1e-6, rtol=1e-6)
+    set_llm_attention(model, "sdpa")  # padded batches (a padding mask) run on plain SDPA
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(_forward(model, padded).loss, plain.loss, atol=1e-6, rtol=1e-6)
+    finally:
+        set_llm_attention(model, VARLEN_SDPA)
 
 
 def test_padded_batches_equal_per_sample(setup: tuple) -> None:
     model, processor, dataset = setup
+    set_llm_attention(model, "sdpa")
     model.eval()
-    with torch.no_grad():
-        _, ref_loss = _per_sample(model, dataset)
-        batch = SFTCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
-        out = _forward(model, batch)
+    try:
+        with torch.no_grad():
+            _, ref_loss = _per_sample(model, dataset)
+            batch = SFTCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
+            out = _forward(model, batch)
+    finally:
+        set_llm_attention(model, VARLEN_SDPA)
     torch.testing.assert_close(out.loss, ref_loss, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("trap", ["attention_mask", "use_cache"])
-def test_a_mask_or_a_cache_would_break_isolation(setup: tuple, trap: str) -> None:
-    """The traps: with a 2D attention mask, or with the KV cache on, restarting positions no longer isolate
-    samples in transformers 5.x; packed batches carry neither."""
+@pytest.mark.parametrize("use_cache", [True, False, None])
+def test_isolation_is_stated_by_the_batch_alone(setup: tuple, use_cache: bool | None) -> None:
+    """The same packed batch is isolated whatever the KV-cache setting (it used to leak with the cache on);
+    without its boundaries the row is one long sequence and the samples see each other."""
     model, processor, dataset = setup
     model.eval()
     with torch.no_grad():
         ref_logits, _ = _per_sample(model, dataset)
-        batch = PackedCollator(processor.tokenizer.pad_token_id)([pack_items([dataset[0], dataset[1]])])
-        if trap == "attention_mask":
-            batch["attention_mask"] = torch.ones_like(batch["input_ids"])
-        else:
-            batch["use_cache"] = True
-        out = _forward(model, batch)
-    n0 = ref_logits[0].shape[0]
-    assert (out.logits[0, n0:n0 + ref_logits[1].shape[0]] - ref_logits[1]).abs().max() > 1e-3
-    isolated, diff, leak = packing_isolates(model, len(processor.tokenizer))
+        batch = SamplePackingCollator()([dataset[0], dataset[1]])
+        inputs = {k: v for k, v in batch.items() if k != "sample_ids"}
+        if use_cache is not None:
+            inputs["use_cache"] = use_cache
+        out = model(**inputs)
+        bare = model(**{k: v for k, v in inputs.items() if k not in BOUNDARY_KEYS})
+    n0, n1 = ref_logits[0].shape[0], ref_logits[1].shape[0]
+    torch.testing.assert_close(out.logits[0, n0:n0 + n1], ref_logits[1], atol=2e-5, rtol=1e-5)
+    assert (bare.logits[0, n0:n0 + n1] - ref_logits[1]).abs().max() > 1e-3
+
+
+def test_sdpa_alone_does_not_read_the_boundaries(setup: tuple) -> None:
+    """Why the runner switches an sdpa LLM to VARLEN_SDPA: stock SDPA with the cache on runs the packed row as one
+    causal sequence, and the start-up probe sees it."""
+    model, processor, dataset = setup
+    set_llm_attention(model, "sdpa")
+    try:
+        isolated, diff, leak = packing_isolates(model, len(processor.tokenizer), SamplePackingCollator())
+    finally:
+        set_llm_attention(model, VARLEN_SDPA)
+    assert not isolated and diff > 1e-3
+    isolated, diff, leak = packing_isolates(model, len(processor.tokenizer), SamplePackingCollator())
     assert isolated and diff < 1e-4 < leak
 
 
-def test_packed_dataset_keeps_every_sample_once(setup: tuple) -> None:
-    _, processor, dataset = setup
-    packed = PackedDataset(dataset, capacity=max(dataset.lengths) * 2)
-    assert sorted(i for b in packed.bins for i in b) == list(range(len(dataset)))
-    assert all(length <= packed.capacity for length in packed.lengths)
-    row = packed[0]
-    ids = row["sample_id"]
-    assert len(ids) == len(packed.bins[0]) and row["input_ids"].shape[0] == packed.lengths[0]
-    starts = (row["position_ids"] == 0).nonzero().flatten().tolist()
-    assert len(starts) == len(ids) and all(row["labels"][s] == IGNORE_INDEX for s in starts)
+class AttentionWork(TorchDispatchMode):
+    """Counts query x key positions of every attention kernel call (per batch row and head), whichever SDPA
+    kernel runs: the work attention does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pairs = 0
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's signature)
+        if "scaled_dot_product" in func.__name__ and "backward" not in func.__name__:
+            q, k = args[0], args[1]
+            self.pairs += q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
 
 
-def test_pack_bins_first_fit_decreasing() -> None:
-    assert pack_bins([5, 3, 8, 2, 7], capacity=10) == [[2, 3], [1, 4], [0]]  # decreasing: 8+2, 7+3, 5
-    shuffled = pack_bins([5, 3, 8, 2, 7], capacity=10, seed=0)
-    assert sorted(i for b in shuffled for i in b) == list(range(5)) and shuffled == pack_bins([5, 3, 8, 2, 7], 10, seed=0)
-    assert sorted(i for b in pack_bins([1] * 7, 3) for i in b) == list(range(7))
-    with pytest.raises(ValueError, match="more than the packing capacity"):
-        pack_bins([4, 11], 10)
+def test_attention_costs_the_sum_of_squared_sample_lengths(setup: tuple) -> None:
+    """Variable-length attention computes each sample against itself only: query x key pairs equal the sum of the
+    samples' squared lengths, where a block-diagonal mask over the row (the layout before) costs the row squared."""
+    model, processor, dataset = setup
+    batch = SamplePackingCollator()([dataset[i] for i in range(len(dataset))])
+    lengths = batch["cu_seq_lens_q"].diff().tolist()
+    inputs = {k: v for k, v in batch.items() if k not in ("sample_ids", "labels")}
+    text = model.config.get_text_config()
+    layers, heads = text.num_hidden_layers, text.num_attention_heads
+    model.eval()
+    with torch.no_grad(), AttentionWork() as work:
+        model.model.language_model(inputs_embeds=model.get_input_embeddings()(inputs["input_ids"]),
+                                   **{k: inputs[k] for k in BOUNDARY_KEYS})
+    assert work.calls == layers * len(lengths)
+    assert work.pairs == layers * heads * sum(n * n for n in lengths)
+    set_llm_attention(model, "sdpa")  # the dense route: transformers' block-diagonal mask over the whole row
+    try:
+        with torch.no_grad(), AttentionWork() as dense:
+            model.model.language_model(inputs_embeds=model.get_input_embeddings()(inputs["input_ids"]),
+                                       position_ids=inputs["position_ids"], use_cache=False)
+    finally:
+        set_llm_attention(model, VARLEN_SDPA)
+    assert dense.pairs == layers * heads * sum(lengths) ** 2 > 2 * work.pairs
 
 
-def _first_fit_by_scan(lengths: list[int], capacity: int, order: list[int]) -> list[list[int]]:
-    """The plain first fit: scan every bin in order for the first with room."""
-    bins: list[list[int]] = []
-    room: list[int] = []
-    for i in order:
-        for b, free in enumerate(room):
-            if lengths[i] <= free:
-                bins[b].append(i)
-                room[b] -= lengths[i]
-                break
-        else:
-            bins.append([i])
-            room.append(capacity - lengths[i])
-    return [sorted(b) for b in bins]
+def test_every_attention_implementation_gets_the_boundaries_or_no_packing(setup: tuple) -> None:
+    """sdpa and eager LLMs train packed on VARLEN_SDPA; flash-attention keeps its own kernel, which takes the
+    batch's cu_seq_lens/max_length keywords (the spy below stands in for the kernel, which needs a GPU: it sees
+    exactly those keywords and no mask); flex attention and other kernels are not offered packing."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    from medllava.attention import varlen_sdpa_forward
+
+    assert packed_implementation("sdpa") == packed_implementation("eager") == VARLEN_SDPA
+    for flash in ("flash_attention_2", "flash_attention_3"):
+        assert packed_implementation(flash) == flash
+    assert packed_implementation("flex_attention") is None and packed_implementation("paged|eager") is None
+
+    model, processor, dataset = setup
+    seen: list[dict] = []
+
+    def spy(module, query, key, value, attention_mask, **kwargs):  # noqa: ANN001, ANN202
+        seen.append({"mask": attention_mask, **{k: kwargs.get(k) for k in BOUNDARY_KEYS}})
+        return varlen_sdpa_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("test_boundary_spy", spy)
+    AttentionMaskInterface.register("test_boundary_spy", flash_attention_mask)  # what flash_attention_2 uses
+    batch = SamplePackingCollator()([dataset[0], dataset[1]])
+    set_llm_attention(model, "test_boundary_spy")
+    try:
+        assert llm_attention(model) == "test_boundary_spy"
+        with torch.no_grad():
+            _forward(model, batch)
+    finally:
+        set_llm_attention(model, VARLEN_SDPA)
+    assert len(seen) == model.config.get_text_config().num_hidden_layers
+    for call in seen:
+        assert call["mask"] is None
+        assert torch.equal(call["cu_seq_lens_q"], batch["cu_seq_lens_q"])
+        assert torch.equal(call["cu_seq_lens_k"], batch["cu_seq_lens_k"])
+        assert call["max_length_q"] == call["max_length_k"] == batch["max_length_q"]
 
 
-@pytest.mark.parametrize("seed", [None, 0, 1])
-def test_pack_bins_tree_equals_first_fit_by_scan(seed: int | None) -> None:
-    """The segment-tree search picks exactly the bins a scan would (the fast path computes the same)."""
-    rng = torch.Generator().manual_seed(7)
-    for low, high, capacity in ((600, 1600, 2048), (20, 700, 4096), (1, 10, 10), (10, 10, 10)):
-        lengths = torch.randint(low, high + 1, (3000,), generator=rng).tolist()
-        if seed is None:
-            order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-        else:
-            order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
-        assert pack_bins(lengths, capacity, seed) == _first_fit_by_scan(lengths, capacity, order)
+def test_varlen_attention_keeps_sliding_windows_and_refuses_padding() -> None:
+    """A Mistral-style sliding window shorter than a sample: each sample's attention is banded as the model's
+    own mask would band it; a padding mask (not a packed row) is an error, not a silent leak."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
+    model = MistralForCausalLM(config).eval()
+    model.set_attn_implementation("sdpa")
+    seqs = [torch.randint(0, 64, (n,)) for n in (9, 3, 12)]
+    with torch.no_grad():
+        separate = [model(input_ids=s[None], use_cache=False).logits[0] for s in seqs]
+        batch = SamplePackingCollator()([{"input_ids": s, "labels": s.clone(), "sample_id": str(i)}
+                                         for i, s in enumerate(seqs)])
+        from medllava.attention import register
+
+        register()
+        model.set_attn_implementation(VARLEN_SDPA)
+        packed = model(**{k: batch[k] for k in ("input_ids", *BOUNDARY_KEYS)}).logits[0]
+        with pytest.raises(ValueError, match="packed rows"):
+            model(input_ids=seqs[0][None], attention_mask=torch.ones(1, 9, dtype=torch.long).index_fill(1, torch.tensor([0]), 0))
+    torch.testing.assert_close(packed, torch.cat(separate), atol=1e-5, rtol=1e-5)
 
 
-def test_runner_packs_by_default_and_respects_the_probe(tmp_path: Path, phantom: Path, base_models: dict,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_runner_packs_by_default_and_respects_the_probe(tmp_path: Path, phantom: Path, base_models: dict) -> None:
+    """The runner packs with the LLM on VARLEN_SDPA; a collator whose rows leak (its own probe shows it, nothing
+    is patched) falls back to padded batches on plain SDPA with packing 'auto' and is an error with 'true'; an LLM
+    whose attention cannot read the boundaries is not packed."""
     from medllava.config import ConfigError, config_from_dict
     from medllava.train import sft
 
@@ -234,71 +285,58 @@ def test_runner_packs_by_default_and_respects_the_probe(tmp_path: Path, phantom:
     run = sft.prepare_sft(config_from_dict(cfg))
     assert isinstance(run.trainer.train_dataset, SFTDataset)  # batches count samples; each is packed
     assert isinstance(run.trainer.data_collator, SamplePackingCollator)
+    assert llm_attention(run.trainer.model) == VARLEN_SDPA
+    assert run.trainer.model.config.vision_config._attn_implementation == "sdpa"  # the tower keeps its own
     run.trainer.train()  # packed micro-batches train end to end
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in run.trainer.state.log_history if "loss" in h)
 
-    monkeypatch.setattr(sft, "packing_isolates", lambda *a, **k: (False, 0.9, 1.0))  # a model that leaks
-    cfg["run"]["resume"] = "never"  # the same folder, other packing settings: these are new runs, not resumes
+    cfg["run"]["resume"] = "never"  # the same folder, other settings: these are new runs, not resumes
     run = sft.prepare_sft(config_from_dict(cfg))
+    run.trainer.data_collator = LeakyCollator(filler=run.trainer.data_collator.filler)
+    sft.check_packing(config_from_dict(cfg), run.trainer, run.processor)
     assert isinstance(run.trainer.data_collator, SFTCollator)  # auto: padded instead, with a warning
+    assert llm_attention(run.trainer.model) == "sdpa"
     cfg["data"]["packing"] = True
+    run = sft.prepare_sft(config_from_dict(cfg))
+    run.trainer.data_collator = LeakyCollator(filler=run.trainer.data_collator.filler)
     with pytest.raises(ConfigError, match="not isolated"):
-        sft.prepare_sft(config_from_dict(cfg))
+        sft.check_packing(config_from_dict(cfg), run.trainer, run.processor)
     cfg["data"]["packing"] = False
     assert isinstance(sft.prepare_sft(config_from_dict(cfg)).trainer.data_collator, SFTCollator)
 
+    cfg["model"]["attn_implementation"] = "flex_attention"
+    cfg["data"]["packing"] = True
+    with pytest.raises(ConfigError, match="cannot isolate packed samples"):
+        sft.prepare_sft(config_from_dict(cfg))
+    cfg["data"]["packing"] = "auto"
+    assert isinstance(sft.prepare_sft(config_from_dict(cfg)).trainer.data_collator, SFTCollator)
 
-def test_flash_attention_gets_one_packed_row_and_sdpa_rows(setup: tuple) -> None:
-    """transformers takes the variable-length flash path only for a batch of one row; the collator gives flash
-    models exactly that, and other implementations rows that the block-diagonal mask isolates."""
-    from transformers.modeling_flash_attention_utils import _is_packed_sequence
 
-    from medllava.data.packing import one_row_layout
+def test_retired_pack_length_says_what_changed() -> None:
+    from medllava.config import ConfigError, config_from_dict
 
-    model, processor, dataset = setup
-    features = [dataset[i] for i in range(len(dataset))]
-    capacity = max(f["input_ids"].shape[0] for f in features) + 1  # room for one sample a row: several rows
-    rows = SamplePackingCollator(processor.tokenizer.pad_token_id, capacity)(features)
-    one = SamplePackingCollator(processor.tokenizer.pad_token_id, capacity, one_row=True)(features)
-    assert rows["input_ids"].shape[0] > 1 and one["input_ids"].shape[0] == 1
-    assert not _is_packed_sequence(rows["position_ids"], rows["input_ids"].shape[0])  # flash would leak here
-    assert _is_packed_sequence(one["position_ids"], 1)  # ... and isolates here
-    assert one["input_ids"].shape[1] == sum(f["input_ids"].shape[0] for f in features)  # no padding at all
-    assert sorted(one["sample_ids"]) == sorted(rows["sample_ids"])
-    for impl, expected in (("sdpa", False), ("eager", False), ("flash_attention_2", True), ("flash_attention_3", True)):
-        model.config._attn_implementation = impl  # what one_row_layout reads (no kernel runs here)
-        model.config.get_text_config()._attn_implementation = impl
-        assert one_row_layout(model) is expected, impl
-    model.config._attn_implementation = model.config.get_text_config()._attn_implementation = "sdpa"
-    model.eval()
-    with torch.no_grad():  # and the one-row layout computes the same as separate samples
-        ref_logits, _ = _per_sample(model, dataset)
-        out = _forward(model, one)
-    start = 0
-    for ref in ref_logits:
-        torch.testing.assert_close(out.logits[0, start:start + ref.shape[0]], ref, atol=1e-5, rtol=1e-5)
-        start += ref.shape[0]
+    with pytest.raises(ConfigError, match="data.pack_length: no longer used"):
+        config_from_dict({"model": {"init_from": "x"}, "data": {"train_files": ["a.jsonl"], "pack_length": 512}})
 
 
 class LeakyCollator(SamplePackingCollator):
-    """A packing collator with the classic mistake: a 2D attention mask of ones beside restarting positions."""
+    """A packing collator with the classic mistake: the row forgets its boundaries (no cu_seq_lens, positions
+    counting through the whole row), so every implementation runs it as one sequence."""
 
     def __call__(self, features: list) -> dict:
         batch = super().__call__(features)
-        batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+        del batch["cu_seq_lens_q"], batch["cu_seq_lens_k"], batch["max_length_q"], batch["max_length_k"]
+        batch["position_ids"] = torch.arange(batch["input_ids"].shape[1])[None]
         return batch
 
 
 def test_the_probe_checks_the_collators_own_layout(setup: tuple) -> None:
     """No monkeypatching: the probe runs the collator it is given, so a leaking layout returns False."""
     model, processor, dataset = setup
-    pad = processor.tokenizer.pad_token_id
     filler = dataset.image_filler()
-    for one_row in (False, True):
-        isolated, diff, leak = packing_isolates(model, len(processor.tokenizer),
-                                                SamplePackingCollator(pad, 512, filler=filler, one_row=one_row))
-        assert isolated and diff < 1e-4 < leak, (one_row, diff, leak)
-    isolated, diff, leak = packing_isolates(model, len(processor.tokenizer), LeakyCollator(pad, 512, filler=filler))
+    isolated, diff, leak = packing_isolates(model, len(processor.tokenizer), SamplePackingCollator(filler=filler))
+    assert isolated and diff < 1e-4 < leak, (diff, leak)
+    isolated, diff, leak = packing_isolates(model, len(processor.tokenizer), LeakyCollator(filler=filler))
     assert not isolated and diff > 1e-3, (diff, leak)
 
 
@@ -313,4 +351,5 @@ def test_the_runner_probes_on_the_placed_model_in_its_precision(tmp_path: Path, 
     cfg = stage_dict(tmp_path, phantom, init_from=base_models[("siglip", "qwen2")], run={"precision": "bf16"},
                      data={"packing": True})
     run = sft.prepare_sft(config_from_dict(cfg))
-    assert isinstance(run.trainer.data_collator, SamplePackingCollator) and not run.trainer.data_collator.one_row
+    assert isinstance(run.trainer.data_collator, SamplePackingCollator)
+    assert llm_attention(run.trainer.model) == VARLEN_SDPA

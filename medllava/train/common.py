@@ -362,6 +362,8 @@ def check_resume_config(cfg: StageConfig, checkpoint: str) -> None:
         return
     old, new = saved.get("fields", {}), now["fields"]
     changed = sorted(k for k in set(old) | set(new) if json.dumps(old.get(k), default=str) != json.dumps(new.get(k), default=str))
+    if not changed:  # only keys added or retired since, at their defaults
+        return
     detail = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed[:8]) + (" ..." if len(changed) > 8 else "")
     if cfg.run.resume == "force":
         logger.warning("resuming from %s although the config changed: %s (run.resume: force)", checkpoint, detail)

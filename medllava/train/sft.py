@@ -14,16 +14,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import Trainer, TrainingArguments
 
+from medllava.attention import llm_attention, packed_implementation, set_llm_attention
 from medllava.config import ConfigError, StageConfig
 from medllava.data.cache import CachedSamples, cache_key, is_complete, save_samples, tokenizer_fingerprint
 from medllava.data.collate import SFTCollator, SFTDataset
-from medllava.data.packing import SamplePackingCollator, one_row_layout, packing_isolates
+from medllava.data.packing import SamplePackingCollator, packing_isolates
 from medllava.data.render import Rendered, Renderer
 from medllava.data.validate import REPORT_NAME, prepare_samples
 from medllava.imaging import Window
-from medllava.model import apply_trainable
+from medllava.model import apply_trainable, default_attn_implementation
 from medllava.processor import num_image_tokens
 from medllava.train import ranks
 from medllava.train.common import (
@@ -38,12 +40,27 @@ from medllava.train.common import (
     train_and_save,
     trainer_kwargs,
 )
+from medllava.train.loss import head_inputs, supervised_loss
 
 logger = logging.getLogger(__name__)
 
 
 class MedLlavaTrainer(MedLlavaTrainerMixin, Trainer):
-    """The HF Trainer with medllava's optimizer groups, guarded loss, atomic checkpoints and strict resume."""
+    """The HF Trainer with medllava's optimizer groups, guarded loss, atomic checkpoints and strict resume; the LM
+    head and loss run only where labels are supervised (medllava.train.loss; `supervised_head=False` runs the
+    stock forward over every position, the reference the tests compare with)."""
+
+    def __init__(self, *args: Any, supervised_head: bool = True, **kwargs: Any) -> None:
+        self.supervised_head = supervised_head
+        if supervised_head:
+            kwargs["compute_loss_func"] = supervised_loss
+        super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None) -> Any:
+        if self.supervised_head and "labels" in inputs:
+            inputs = {**inputs, **head_inputs(inputs["labels"], liger=bool(self.args.use_liger_kernel))}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
 
 def training_arguments(cfg: StageConfig, precision: str) -> TrainingArguments:
@@ -52,14 +69,22 @@ def training_arguments(cfg: StageConfig, precision: str) -> TrainingArguments:
 
 
 def batching(cfg: StageConfig, model: Any, processor: Any, dataset: SFTDataset) -> Any:
-    """The collator: packed micro-batches (in the layout this model's attention isolates, see `one_row_layout`)
-    unless packing is off; `check_packing` then probes it on the placed model."""
-    pad = processor.tokenizer.pad_token_id
+    """The collator: each micro-batch packed into one row (the LLM switched to the attention that reads the row's
+    sample boundaries, see medllava.attention) unless packing is off or no such attention exists for this LLM;
+    `check_packing` then probes it on the placed model."""
     filler = dataset.image_filler()
-    if cfg.data.packing is False:
-        return SFTCollator(pad, filler=filler)
-    return SamplePackingCollator(pad, cfg.data.pack_length or cfg.data.max_length, filler=filler,
-                                 one_row=one_row_layout(model))
+    if cfg.data.packing is not False:
+        running = llm_attention(model)
+        isolating = packed_implementation(running)
+        if isolating is not None:
+            set_llm_attention(model, isolating)
+            return SamplePackingCollator(filler)
+        message = (f"the LLM's attention implementation {running!r} cannot isolate packed samples (sdpa, eager and "
+                   "flash_attention_2/3 can)")
+        if cfg.data.packing is True:
+            raise ConfigError(f"data.packing: {message}")
+        logger.warning("packing off: %s", message)
+    return SFTCollator(processor.tokenizer.pad_token_id, filler=filler)
 
 
 def check_packing(cfg: StageConfig, trainer: Any, processor: Any) -> None:
@@ -71,14 +96,15 @@ def check_packing(cfg: StageConfig, trainer: Any, processor: Any) -> None:
     isolated, diff, leak = packing_isolates(trainer.model, len(processor.tokenizer), collator,
                                             autocast=trainer.accelerator.autocast())
     if isolated:
-        logger.info("packing on (%s): isolation checked on %s (max |logit diff| %.2e, leak would be %.2e)",
-                    "one row per micro-batch" if collator.one_row else "rows", trainer.args.device, diff, leak)
+        logger.info("packing on: one row per micro-batch, attention %s; isolation checked on %s (max |logit diff| "
+                    "%.2e, leak would be %.2e)", llm_attention(trainer.model), trainer.args.device, diff, leak)
         return
     message = (f"packed samples are not isolated on this model (max |logit diff| {diff:.2e} vs {leak:.2e} when "
-               "leaking); check the attention implementation")
+               f"leaking, attention {llm_attention(trainer.model)!r}); check the attention implementation")
     if cfg.data.packing is True:
         raise ConfigError(f"data.packing: {message}")
     logger.warning("packing off: %s", message)
+    set_llm_attention(trainer.model, cfg.model.attn_implementation or default_attn_implementation())
     trainer.data_collator = SFTCollator(processor.tokenizer.pad_token_id, filler=collator.filler)
 
 
