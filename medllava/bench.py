@@ -2,13 +2,19 @@
 
 Architectures are built from configs with random weights (nothing is downloaded): CLIP ViT-L/14-336 with
 Qwen2.5-0.5B / 1.5B / 7B or Mistral-7B shapes, and a tiny pair for CPU. Data is synthetic LLaVA-Med-like
-conversations, one image each, with a skewed (log-normal) answer length. Reported per mode: real tokens/s
-(image tokens included, padding excluded), samples/s, step time, model FLOPs utilisation (vision forward +
-projector and LLM forward/backward, counted analytically; on GPUs with a known peak), and peak memory.
+conversations, one image each, with a skewed (log-normal) answer length. Every mode trains on the same samples
+per step (`batch_size`): packed is the training path (each micro-batch one row, samples isolated by variable-length
+attention), padded pads each micro-batch to its longest sample. Reported per mode: real tokens/s (image tokens
+included, padding excluded), samples/s, step time, model FLOPs utilisation (vision forward + projector and LLM
+forward/backward, counted analytically; on GPUs with a known peak), peak memory (GPU: allocator peak; CPU: the
+process's peak resident set), and, measured in one step after the timed ones, the activations autograd keeps for
+backward and the size of the LM head's output (logits). With `rounds` > 1 the modes alternate and each figure is
+the median over the rounds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -34,12 +40,13 @@ from transformers import (
     TrainerCallback,
 )
 
+from medllava.attention import llm_attention, packed_implementation, set_llm_attention
 from medllava.config import ConfigError, LoraSection, TrainableSection
 from medllava.data.collate import SFTCollator, SFTDataset
-from medllava.data.packing import PackedCollator, PackedDataset
+from medllava.data.packing import SamplePackingCollator
 from medllava.data.render import Renderer
 from medllava.data.validate import prepare_samples
-from medllava.model import add_image_token, apply_trainable, finalize_generation_config
+from medllava.model import NoGradForward, add_image_token, apply_trainable, finalize_generation_config
 from medllava.presets import QWEN2_CHAT_TEMPLATE, tiny_corpus, train_tokenizer
 from medllava.processor import build_processor, image_processor_for_tower, num_image_tokens
 
@@ -81,7 +88,7 @@ class BenchSettings:
     steps: int = 10
     warmup: int = 2
     batch_size: int = 8
-    """Samples per step for padded / TRL; packed uses as many rows as hold about as many tokens."""
+    """Samples per step, in every mode."""
     max_length: int = 2048
     median_answer_tokens: int = 150
     trainable: str = "full"
@@ -92,6 +99,10 @@ class BenchSettings:
     seed: int = 0
     profile_steps: int = 0
     """Steps profiled with torch.profiler after the measured ones (top operators land in the report)."""
+    supervised_head: bool = True
+    """medllava modes: LM head and loss only where labels are supervised (False: over every position)."""
+    rounds: int = 1
+    """Times the modes run, alternating; each reported figure is the median over the rounds."""
 
     def check(self) -> None:
         """Refuse settings that cannot run here, before anything is built."""
@@ -118,6 +129,10 @@ class ModeResult:
     padded_tokens: int
     flops: float
     peak_memory_gb: float | None
+    activation_mb: float = 0.0
+    """Saved for backward at the end of the forward pass (parameters excluded), one step after the timed ones."""
+    logits_mb: float = 0.0
+    """The LM head's output in that step."""
     tokens_per_s: float = 0.0
     samples_per_s: float = 0.0
     step_time_s: float = 0.0
@@ -199,14 +214,16 @@ def count_flops(model: Any, lengths: list[int], n_images: int, trainable: str) -
 
 
 class StepWindow(TrainerCallback):
-    """Times the measured steps (after warm-up) and, when asked, profiles a few steps after them.
+    """Times the measured steps (after warm-up), then measures memory in one step and, when asked, profiles a few.
 
-    Steps [warmup, warmup + steps) are timed; steps [warmup + steps, warmup + steps + profile_steps) run under
-    torch.profiler, so the profile never slows the measured window.
+    Steps [warmup, warmup + steps) are timed; step warmup + steps counts the activations (`ActivationMemory`);
+    the `profile_steps` after it run under torch.profiler. Neither slows the measured window.
     """
 
     def __init__(self, warmup: int, steps: int, profile_steps: int = 0) -> None:
         self.warmup, self.steps, self.profile_steps = warmup, steps, profile_steps
+        self.memory_step = warmup + steps
+        self.total_steps = self.memory_step + 1 + profile_steps
         self.start: float | None = None
         self.end: float | None = None
         self.profile_table: str | None = None
@@ -219,7 +236,7 @@ class StepWindow(TrainerCallback):
         if state.global_step == self.warmup:
             _sync()
             self.start = time.perf_counter()
-        if self.profile_steps and state.global_step == self.warmup + self.steps:
+        if self.profile_steps and state.global_step == self.memory_step + 1:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if torch.cuda.is_available():
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -231,12 +248,59 @@ class StepWindow(TrainerCallback):
         if self.measured(step):
             _sync()
             self.end = time.perf_counter()
-        if self._profiler is not None and step == self.warmup + self.steps + self.profile_steps - 1:
+        if self._profiler is not None and step == self.total_steps - 1:
             _sync()
             self._profiler.__exit__(None, None, None)
             sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
             self.profile_table = self._profiler.key_averages().table(sort_by=sort, row_limit=30)
             self._profiler = None
+
+
+class ActivationMemory:
+    """During one training step: the bytes autograd saves for backward in the forward pass (each storage once,
+    parameters excluded), i.e. the activations held when backward starts, and the bytes of the LM head's output.
+
+    Counted from the tensors themselves (saved-tensor hooks), so the figure is the same on any machine and
+    comparable between modes in one process, unlike a process's resident set."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.saved: dict[int, int] = {}
+        self.logits = 0
+        self.forward_running = False
+        self._stack = contextlib.ExitStack()
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.forward_running:
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in self.parameters:
+                self.saved[storage.data_ptr()] = max(self.saved.get(storage.data_ptr(), 0), storage.nbytes())
+        return tensor
+
+    def _forward(self, running: bool) -> Any:
+        def hook(*_: Any) -> None:
+            self.forward_running = running
+        return hook
+
+    def _head_output(self, module: Any, args: Any, output: torch.Tensor) -> None:
+        self.logits += output.numel() * output.element_size()
+
+    def __enter__(self) -> ActivationMemory:
+        head = self.model.get_output_embeddings()
+        for handle in (self.model.register_forward_pre_hook(self._forward(True)),
+                       self.model.register_forward_hook(self._forward(False), always_call=True),
+                       head.register_forward_hook(self._head_output)):
+            self._stack.callback(handle.remove)
+        self._stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.close()
+
+    @property
+    def activation_mb(self) -> float:
+        return sum(self.saved.values()) / 2**20
 
 
 def _sync() -> None:
@@ -276,6 +340,9 @@ def counting(trainer_cls: type) -> type:
         def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
             if self.window.measured(self.state.global_step):
                 self.counter.record(inputs)
+            if self.state.global_step == self.window.memory_step:
+                with ActivationMemory(model) as self.memory:
+                    return super().training_step(model, inputs, *args, **kwargs)
             return super().training_step(model, inputs, *args, **kwargs)
 
     Counting.__name__ = f"Counting{trainer_cls.__name__}"
@@ -296,8 +363,9 @@ def _reset_memory(device: torch.device) -> None:
 
 
 def run_mode(mode: str, s: BenchSettings, model: Any, processor: Any, samples: list[Any], records: Path,
-             image_folder: Path, device: torch.device, precision: str, workdir: Path) -> ModeResult:
-    """Train `warmup + steps` steps in one mode and measure the steps after warm-up."""
+             image_folder: Path, device: torch.device, precision: str, workdir: Path, attention: str) -> ModeResult:
+    """Train `warmup + steps` steps in one mode and measure the steps after warm-up (`attention`: the LLM's
+    implementation as built, which packed modes switch to its packed counterpart)."""
     from transformers import TrainingArguments
 
     from medllava.train.common import checkpointing_arguments
@@ -305,25 +373,26 @@ def run_mode(mode: str, s: BenchSettings, model: Any, processor: Any, samples: l
 
     _reset_memory(device)
     image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    args_common = dict(output_dir=str(workdir / mode), max_steps=s.warmup + s.steps + s.profile_steps,
+    window, counter = StepWindow(s.warmup, s.steps, s.profile_steps), BatchCounter()
+    args_common = dict(output_dir=str(workdir / mode), max_steps=window.total_steps,
                        learning_rate=1e-5, logging_steps=10**6, save_strategy="no", report_to=[],
                        bf16=precision == "bf16", use_cpu=device.type == "cpu", remove_unused_columns=False,
                        disable_tqdm=True, dataloader_num_workers=4 if device.type == "cuda" else 0, seed=s.seed,
                        **checkpointing_arguments(s.gradient_checkpointing))
-    window, counter = StepWindow(s.warmup, s.steps, s.profile_steps), BatchCounter()
     pad = processor.tokenizer.pad_token_id
+    packed = mode in ("packed", "liger")
+    isolating = packed_implementation(attention) if packed else attention
+    if isolating is None:
+        raise ConfigError(f"bench: mode {mode}: attention {attention!r} cannot isolate packed samples")
+    set_llm_attention(model, isolating)  # packed: the variable-length attention training uses; else as built
     if mode in ("packed", "padded", "liger"):
         dataset = SFTDataset(samples, processor.image_processor, image_token_id, num_image_tokens(processor))
-        if mode in ("packed", "liger"):
-            mean_len = sum(dataset.lengths) / len(dataset)
-            rows = max(1, round(s.batch_size * mean_len / s.max_length))
-            collator, dataset, batch = PackedCollator(pad), PackedDataset(dataset, s.max_length, seed=s.seed), rows
-        else:
-            collator, batch = SFTCollator(pad), s.batch_size
-        arguments = TrainingArguments(per_device_train_batch_size=batch, label_names=["labels"],
+        collator = SamplePackingCollator() if packed else SFTCollator(pad)
+        arguments = TrainingArguments(per_device_train_batch_size=s.batch_size, label_names=["labels"],
                                       use_liger_kernel=mode == "liger", **args_common)
         trainer = counting(MedLlavaTrainer)(model=model, args=arguments, train_dataset=dataset, data_collator=collator,
-                                            processing_class=processor, counter=counter, window=window)
+                                            processing_class=processor, counter=counter, window=window,
+                                            supervised_head=s.supervised_head)
     elif mode == "trl":
         import datasets
         from trl import SFTConfig, SFTTrainer
@@ -338,12 +407,20 @@ def run_mode(mode: str, s: BenchSettings, model: Any, processor: Any, samples: l
                                        train_dataset=ds, processing_class=processor, counter=counter, window=window)
     else:
         raise ConfigError(f"bench: unknown mode {mode!r} (packed, padded, trl, liger)")
-    trainer.train()
+    # medllava's modes run the frozen tower without autograd, as training does; TRL runs the stock model
+    no_grad = NoGradForward(model.get_base_model().model.vision_tower if hasattr(model, "get_base_model")
+                            else model.model.vision_tower) if mode != "trl" else None
+    try:
+        trainer.train()
+    finally:
+        if no_grad is not None:
+            no_grad.remove()
     seconds = (window.end or 0.0) - (window.start or 0.0)
     lengths = counter.lengths
     flops = count_flops(model, lengths, counter.images, s.trainable)
     result = ModeResult(mode=mode, steps=s.steps, seconds=seconds, samples=len(lengths), tokens=sum(lengths),
-                        padded_tokens=counter.positions, flops=flops, peak_memory_gb=_peak_memory_gb(device))
+                        padded_tokens=counter.positions, flops=flops, peak_memory_gb=_peak_memory_gb(device),
+                        activation_mb=trainer.memory.activation_mb, logits_mb=trainer.memory.logits / 2**20)
     result.tokens_per_s = result.tokens / seconds if seconds else 0.0
     result.samples_per_s = result.samples / seconds if seconds else 0.0
     result.step_time_s = seconds / s.steps if s.steps else 0.0
@@ -355,6 +432,16 @@ def run_mode(mode: str, s: BenchSettings, model: Any, processor: Any, samples: l
         result.extra["profile"] = window.profile_table
     del trainer
     return result
+
+
+def median_result(results: list[ModeResult]) -> ModeResult:
+    """The round with the median throughput (its own figures, so they stay consistent with each other), with every
+    round's tokens/s in `extra`."""
+    ordered = sorted(results, key=lambda r: r.tokens_per_s)
+    middle = ordered[(len(ordered) - 1) // 2]
+    if len(results) > 1:
+        middle.extra["tokens_per_s_rounds"] = [round(r.tokens_per_s, 1) for r in results]
+    return middle
 
 
 def run_benchmark(s: BenchSettings) -> dict[str, Any]:
@@ -384,12 +471,15 @@ def run_benchmark(s: BenchSettings) -> dict[str, Any]:
                                      skip_invalid=True)
         trainable = TrainableSection(vision="frozen", projector="full", llm="full" if s.trainable == "full" else "lora")
         model = apply_trainable(model, trainable, LoraSection(r=64, alpha=128, dropout=0.0),
-                                gradient_checkpointing=s.gradient_checkpointing)
-        results = []
-        for mode in s.modes:
-            logger.info("bench: %s", mode)
-            results.append(run_mode(mode, s, model, processor, samples, records, workdir / "images", device,
-                                    precision, workdir))
+                                gradient_checkpointing=s.gradient_checkpointing, frozen_tower_without_grad=False)
+        attention = llm_attention(model)
+        rounds: dict[str, list[ModeResult]] = {mode: [] for mode in s.modes}
+        for r in range(s.rounds):
+            for mode in s.modes:
+                logger.info("bench: %s (round %d of %d)", mode, r + 1, s.rounds)
+                rounds[mode].append(run_mode(mode, s, model, processor, samples, records, workdir / "images", device,
+                                             precision, workdir / f"round{r}", attention))
+        results = [median_result(rs) for rs in rounds.values()]
     lengths = [x.length for x in samples]
     return {
         "settings": asdict(s),
@@ -412,8 +502,9 @@ def markdown(report: dict[str, Any]) -> str:
              f"{report['parameters'] / 1e6:.1f}M parameters; {report['length_mix']['samples']} samples, length mean "
              f"{report['length_mix']['mean']:.0f}, median {report['length_mix']['median']:.0f}, p90 "
              f"{report['length_mix']['p90']:.0f}, max {report['length_mix']['max']} tokens", "",
-             "| mode | tokens/s | samples/s | step s | padding | TFLOP/s | MFU | peak mem GB | vs padded | vs TRL |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| mode | tokens/s | samples/s | step s | padding | TFLOP/s | MFU | peak mem GB | activations MB | "
+             "logits MB | vs padded | vs TRL |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     def ratio(r: dict[str, Any], other: str) -> str:
         base = res.get(other, {}).get("tokens_per_s")
         return f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
@@ -421,7 +512,16 @@ def markdown(report: dict[str, Any]) -> str:
     for mode, r in res.items():
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         mem = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else "-"
+        logits = f"{r['logits_mb']:,.1f}" if r["logits_mb"] else "-"  # '-': the head's output never materialised
         lines.append(f"| {mode} | {r['tokens_per_s']:,.0f} | {r['samples_per_s']:.1f} | {r['step_time_s']:.3f} | "
                      f"{100 * r['padding_fraction']:.0f}% | {r['achieved_tflops']:.3f} | {mfu} | {mem} | "
-                     f"{ratio(r, 'padded')} | {ratio(r, 'trl')} |")
+                     f"{r['activation_mb']:,.1f} | {logits} | {ratio(r, 'padded')} | {ratio(r, 'trl')} |")
+    settings = report["settings"]
+    rounds = settings.get("rounds", 1)
+    head = "on supervised positions only" if settings.get("supervised_head", True) else "on every position"
+    lines += ["", f"{settings['batch_size']} samples per step in every mode; {settings['steps']} timed steps after "
+              f"{settings['warmup']} of warm-up" + (f", median of {rounds} alternating rounds" if rounds > 1 else "")
+              + f"; medllava modes: LM head and loss {head}. Activations: bytes autograd keeps for backward at the end "
+              "of the forward pass, parameters excluded; logits: the LM head's output (both from one step after the "
+              "timed ones; '-' where the head's output is never materialised, as in TRL's fused head)."]
     return "\n".join(lines) + "\n"

@@ -120,7 +120,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    from medllava.bench import PRESETS, BenchSettings, markdown, run_benchmark
+    from medllava.bench import PRESETS, BenchSettings, ModeResult, markdown, median_result, run_benchmark
 
     if args.preset not in PRESETS:
         raise ConfigError(f"--preset {args.preset!r}: one of {sorted(PRESETS)}")
@@ -130,16 +130,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         median_answer_tokens=args.median_answer_tokens, trainable=args.trainable,
         gradient_checkpointing=args.gradient_checkpointing, precision=args.precision,
         attn_implementation=args.attn_implementation, seed=args.seed, profile_steps=args.profile_steps,
+        supervised_head=not args.full_head, rounds=args.rounds,
     )
     settings.check()
-    if not torch.cuda.is_available() and len(settings.modes) > 1:
-        # On CPU the peak-memory figure is the process's high-water mark: one fresh process per mode keeps it honest.
-        reports = []
-        for mode in settings.modes:
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                reports.append(pool.submit(run_benchmark, dataclasses.replace(settings, modes=(mode,))).result())
-        report = {**reports[0], "results": [r["results"][0] for r in reports]}
-        report["settings"]["modes"] = list(settings.modes)
+    if not torch.cuda.is_available() and len(settings.modes) * settings.rounds > 1:
+        # On CPU the peak-memory figure is the process's high-water mark: one fresh process per mode and round keeps
+        # it honest; the modes alternate within each round, and each figure is the median over the rounds.
+        runs: dict[str, list[ModeResult]] = {mode: [] for mode in settings.modes}
+        for _ in range(settings.rounds):
+            for mode in settings.modes:
+                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                    one = pool.submit(run_benchmark, dataclasses.replace(settings, modes=(mode,), rounds=1)).result()
+                runs[mode].append(ModeResult(**one["results"][0]))
+        report = {**one, "results": [dataclasses.asdict(median_result(rs)) for rs in runs.values()]}
+        report["settings"] = dataclasses.asdict(settings)
     else:
         report = run_benchmark(settings)
     table = markdown(report)
@@ -282,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=256, help="synthetic samples (one image each)")
     p.add_argument("--steps", type=int, default=10, help="measured optimizer steps per mode")
     p.add_argument("--warmup", type=int, default=2, help="steps before measuring")
-    p.add_argument("--batch-size", type=int, default=8, help="samples per step (packed: rows holding as many tokens)")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per step, in every mode")
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--median-answer-tokens", type=int, default=150, help="median of the log-normal answer length")
     p.add_argument("--trainable", choices=["full", "lora", "qlora"], default="full")
@@ -292,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile-steps", type=int, default=0,
                    help="profile this many steps after the measured ones (top operators per mode beside --out)")
+    p.add_argument("--rounds", type=int, default=1, help="run the modes this many times, alternating; report medians")
+    p.add_argument("--full-head", action="store_true",
+                   help="medllava modes: LM head and loss over every position (default: supervised positions only)")
     p.add_argument("--out", default=None, help="write the report here (JSON) and a .md table beside it")
     p.set_defaults(func=cmd_bench)
 

@@ -19,9 +19,14 @@ def test_tiny_benchmark_all_modes(tmp_path: Path) -> None:
     assert set(modes) == {"packed", "padded", "trl"}
     for r in modes.values():
         assert r["tokens_per_s"] > 0 and r["samples"] > 0 and r["flops"] > 0 and r["peak_memory_gb"] > 0
-    assert modes["packed"]["padding_fraction"] < modes["padded"]["padding_fraction"]
-    # exactly the measured steps are counted (not warm-up, not the profiled step after them)
-    assert modes["padded"]["samples"] == modes["trl"]["samples"] == 3 * 4
+        assert r["activation_mb"] > 0
+    assert modes["packed"]["padding_fraction"] == 0 < modes["padded"]["padding_fraction"]
+    # exactly the measured steps are counted (not warm-up, not the memory or profiled steps after them), and every
+    # mode trains on the same samples per step
+    assert modes["packed"]["samples"] == modes["padded"]["samples"] == modes["trl"]["samples"] == 3 * 4
+    # the same samples without padding keep less for backward, and the head runs on supervised positions only
+    assert modes["packed"]["activation_mb"] < modes["padded"]["activation_mb"]
+    assert 0 < modes["packed"]["logits_mb"] < modes["padded"]["logits_mb"]  # TRL's fused head materialises none
     assert all("aten::" in r["extra"]["profile"] for r in modes.values())
     table = markdown(report)
     assert "| packed |" in table and "vs TRL" in table
