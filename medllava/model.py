@@ -482,6 +482,18 @@ def unused_vision_parameters(model: LlavaForConditionalGeneration) -> set[str]:
     return unused
 
 
+def keep_4bit_training_layout(model: nn.Module) -> None:
+    """Keep every 4-bit layer in the layout training runs through.
+
+    On a CPU with AVX512-BF16, bitsandbytes rewrites a 4-bit weight into an inference-only layout the first time
+    its layer runs in eval mode without gradients (the packing probe, a generation), and never back: every later
+    training step then takes the inference kernel and fails ("a view of a leaf Variable that requires grad is being
+    used in an in-place operation"). The switch is the layer's own `support_avx512bf16_for_cpu` attribute."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def lora_target_names(model: nn.Module, components: set[str], target_modules: list[str] | str, exclude: set[str]) -> list[str]:
     """Full names of the linear layers that get LoRA adapters: inside `components`, matching `target_modules`."""
     names = []
@@ -535,6 +547,7 @@ def apply_trainable(
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        keep_4bit_training_layout(model)
     for name, p in model.named_parameters():
         comp = component_of(name)
         used = comp != "vision" or name.split("vision_tower.", 1)[-1] not in unused

@@ -56,8 +56,10 @@ def main() -> int:
 
             def nan_forward(*a, **k):  # noqa: ANN002, ANN003, ANN202
                 out = forward(*a, **k)
-                if trainer.state.global_step + 1 == args.nan_step:
-                    out.loss = out.loss * float("nan")
+                if trainer.state.global_step + 1 == args.nan_step:  # the loss comes from these logits (train/loss.py)
+                    out.logits = out.logits * float("nan")
+                    if out.loss is not None:
+                        out.loss = out.loss * float("nan")
                 return out
 
             trainer.model.forward = nan_forward

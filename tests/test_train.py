@@ -121,6 +121,26 @@ def test_qlora_instruct_with_bitsandbytes_on_cpu(tmp_path: Path, phantom: Path, 
     assert (Path(cfg["run"]["output_dir"]) / "adapter_config.json").is_file()
 
 
+def test_qlora_trains_after_an_eval_forward_on_any_cpu(tmp_path: Path, phantom: Path, base_models: dict) -> None:
+    """The packing probe runs the 4-bit model in eval mode without gradients before training. On a CPU with
+    AVX512-BF16 bitsandbytes then rewrote each 4-bit weight into an inference-only layout for good, and the first
+    training step failed; the layers now keep their training layout (on any CPU the switch is checked)."""
+    pytest.importorskip("bitsandbytes")
+    from medllava.data.packing import SamplePackingCollator
+
+    cfg = demo_stage("instruct_qlora", tmp_path, phantom, "--data.packing=true", "--optim.max_steps=2",
+                     init_from=base_models[("siglip", "qwen2")])
+    run = prepare_sft(config_from_dict(cfg))  # the probe has run: eval mode, no gradients
+    assert isinstance(run.trainer.data_collator, SamplePackingCollator)
+    from bitsandbytes.nn import Linear4bit
+
+    layers = [m for m in run.trainer.model.modules() if isinstance(m, Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    run.trainer.train()
+    assert all(math.isfinite(h["loss"]) for h in run.trainer.state.log_history if "loss" in h)
+
+
 class StopAt(TrainerCallback):
     """Stops training after a given step, as a crash would (the schedule stays that of the full run)."""
 
