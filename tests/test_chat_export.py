@@ -208,8 +208,31 @@ def test_export_keeps_one_model_in_memory_and_verifies_in_the_saved_dtype(base_m
     with safe_open(str(out / "model.safetensors"), framework="pt") as fh:
         assert {fh.get_slice(k).get_dtype() for k in fh.keys()} == {"BF16"}
     v = report["verification"]
-    assert v["probe"] == "float32 on cpu" and v["max_abs_logit_diff"] <= v["tolerance"] < 1e-2  # CPU: fp32 probe
+    probe = "bfloat16" if ex.cpu_computes_natively(torch.bfloat16) else "float32"  # what this CPU computes natively
+    assert v["probe"] == f"{probe} on cpu" and v["max_abs_logit_diff"] <= v["tolerance"] < 0.1
     assert v["max_abs_logit_diff"] < 1e-6  # the same values through the same function (rotary buffers not rounded)
     assert ex.stored_dtype(out) == torch.bfloat16 and ex.stored_dtype(base_models[("clip", "llama")]) == torch.float32
     assert ex.reload_tolerance("float32", np.array([10.0])) == pytest.approx(1e-3)
     assert ex.reload_tolerance("bfloat16", np.array([0.5])) == pytest.approx(2e-2)
+
+
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_cpu_export_probes_in_what_the_cpu_computes(base_models: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    native_bf16: bool) -> None:
+    """A CPU with bf16 instructions probes the bf16 export in bf16 (one copy of the weights in memory: fp32 weights
+    stay views of their files); one without them probes in fp32 on the rounded values. Either way the reload gives
+    the saved model's logits, and the bf16 files hold the same values."""
+    from safetensors.torch import load_file
+
+    import medllava.export as ex
+
+    monkeypatch.setattr(ex, "cpu_computes_natively", lambda dtype: dtype == torch.float32 or native_bf16)
+    report = ex.export(base_models[("clip", "llama")], tmp_path / "export")
+    v = report["verification"]
+    assert v["probe"] == ("bfloat16 on cpu" if native_bf16 else "float32 on cpu")
+    assert v["passed"] and v["max_abs_logit_diff"] < 1e-6 and v["rounding_drift_max_abs_logit_diff"] > 0
+    other = tmp_path / f"other-{native_bf16}"
+    monkeypatch.setattr(ex, "cpu_computes_natively", lambda dtype: dtype == torch.float32 or not native_bf16)
+    ex.export(base_models[("clip", "llama")], other)
+    a, b = load_file(str(tmp_path / "export" / "model.safetensors")), load_file(str(other / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
