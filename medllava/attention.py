@@ -25,6 +25,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
+from medllava.model import llava_of
+
 VARLEN_SDPA = "medllava_varlen_sdpa"
 FLASH_PREFIX = "flash_attention"
 SWITCHED = ("sdpa", "eager")
@@ -96,8 +98,7 @@ def register() -> None:
 
 def llm_of(model: torch.nn.Module) -> Any:
     """The decoder (the LLM without its head) inside a Llava model, PEFT-wrapped or not."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model.language_model
+    return llava_of(model).model.language_model
 
 
 def llm_attention(model: torch.nn.Module) -> str:

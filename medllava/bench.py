@@ -46,7 +46,7 @@ from medllava.data.collate import SFTCollator, SFTDataset
 from medllava.data.packing import SamplePackingCollator
 from medllava.data.render import Renderer
 from medllava.data.validate import prepare_samples
-from medllava.model import NoGradForward, add_image_token, apply_trainable, finalize_generation_config
+from medllava.model import NoGradForward, add_image_token, apply_trainable, finalize_generation_config, llava_of
 from medllava.presets import QWEN2_CHAT_TEMPLATE, tiny_corpus, train_tokenizer
 from medllava.processor import build_processor, image_processor_for_tower, num_image_tokens
 
@@ -408,8 +408,7 @@ def run_mode(mode: str, s: BenchSettings, model: Any, processor: Any, samples: l
     else:
         raise ConfigError(f"bench: unknown mode {mode!r} (packed, padded, trl, liger)")
     # medllava's modes run the frozen tower without autograd, as training does; TRL runs the stock model
-    no_grad = NoGradForward(model.get_base_model().model.vision_tower if hasattr(model, "get_base_model")
-                            else model.model.vision_tower) if mode != "trl" else None
+    no_grad = NoGradForward(llava_of(model).model.vision_tower) if mode != "trl" else None
     try:
         trainer.train()
     finally:

@@ -324,17 +324,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean the user asked for something impossible: one line, no traceback."""
-    from medllava.data.validate import DataValidationError
-    from medllava.export import ExportError
-    from medllava.imaging import ImageError
-    from medllava.model import ModelLoadError
-    from medllava.train.ranks import OtherRankFailed
-    from medllava.train.safety import DivergenceError
+USER_ERRORS = (("medllava.data.validate", "DataValidationError"), ("medllava.imaging", "ImageError"),
+               ("medllava.model", "ModelLoadError"), ("medllava.export", "ExportError"),
+               ("medllava.train.safety", "DivergenceError"), ("medllava.train.ranks", "OtherRankFailed"))
 
-    return (ConfigError, DataValidationError, ImageError, ModelLoadError, ExportError, DivergenceError, FileNotFoundError,
-            OtherRankFailed)
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the user asked for something impossible: one line, no traceback.
+
+    Only the classes of modules already loaded: an exception whose module was never imported cannot have been
+    raised, and importing them here would load torch and transformers (ten seconds) to report a missing file."""
+    loaded = [getattr(sys.modules[module], name) for module, name in USER_ERRORS if module in sys.modules]
+    return (ConfigError, FileNotFoundError, *loaded)
 
 
 def take_launcher_arguments(argv: list[str]) -> list[str]:

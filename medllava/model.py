@@ -440,11 +440,16 @@ def merge_adapter_to_folder(adapter_dir: str | Path, out_dir: str | Path, dtype:
     return Path(out_dir)
 
 
+def llava_of(model: Any) -> Any:
+    """The LlavaForConditionalGeneration inside a PEFT wrapper, or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def save_model(model: Any, processor: LlavaProcessor, out_dir: str | Path, max_shard_size: str = "5GB") -> None:
     """Save weights (safetensors), config, generation config and processor so plain transformers loads them."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = llava_of(model)
     text_config = base.config.text_config
     if not getattr(text_config, "architectures", None):
         raise ModelLoadError("text_config.architectures is unset; the saved model would not reload")
@@ -591,7 +596,7 @@ def apply_trainable(
             logger.info("%-9s %-6s trainable %12s / %12s", comp, mode, f"{c['trainable']:,}", f"{c['total']:,}")
     if unused:
         logger.info("vision: %d parameter tensors above the feature layer stay frozen (they get no gradient)", len(unused))
-    tower = (model.get_base_model() if hasattr(model, "get_base_model") else model).model.vision_tower
+    tower = llava_of(model).model.vision_tower
     if frozen_tower_without_grad and not any(p.requires_grad for p in tower.parameters()):
         NoGradForward(tower)
     return model

@@ -9,11 +9,11 @@ number of vision features. `parts_to_text` is the same rule in Python, for recor
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import AutoImageProcessor, LlavaProcessor, PreTrainedTokenizerBase
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from transformers.utils import is_torchvision_available
+if TYPE_CHECKING:  # transformers is imported where it is used: the text helpers here stay free of it (the
+    # self-instruct generator and the data readers use them and start in a fraction of a second)
+    from transformers import LlavaProcessor, PreTrainedTokenizerBase
 
 IMAGE_TOKEN = "<image>"
 
@@ -95,6 +95,10 @@ def image_processor_for_tower(
     None for a tower built from a config); otherwise the usual values for its family (0.5 for SigLIP, OpenAI
     CLIP statistics for the rest).
     """
+    from transformers import AutoImageProcessor
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from transformers.utils import is_torchvision_available
+
     mean: list[float] | None = None
     std: list[float] | None = None
     if vision_source is not None:
@@ -139,6 +143,8 @@ def build_processor(
     chat_template: str,
 ) -> LlavaProcessor:
     """Assemble the LlavaProcessor; `<image>` must already be a special token of `tokenizer`."""
+    from transformers import LlavaProcessor
+
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,

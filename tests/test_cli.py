@@ -34,6 +34,16 @@ def test_user_errors_are_one_line(args: tuple, message: str, tmp_path: Path) -> 
     assert len(lines) == 1 and message in lines[0]
 
 
+def test_a_config_error_is_reported_without_loading_torch(tmp_path: Path) -> None:
+    """Reporting a user error imports nothing heavy: a missing or mistyped config is one line at once (it used to
+    import torch, transformers and bitsandbytes, ten seconds, only to name the exception classes)."""
+    code = ("import sys; from medllava.cli import main; rc = main(['train', 'missing.yaml']); "
+            "print(rc, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.stdout.split() == ["2", "False", "False"], result.stderr[-2000:]
+    assert "no such config file" in result.stderr
+
+
 def test_train_reports_bad_records_before_training(tmp_path: Path, phantom: Path, base_models: dict) -> None:
     import yaml
 

@@ -3,11 +3,12 @@ processes with tiny models of the family's architectures and fixtures in the cor
 
 Both families run through every variant (align, instruct, instruct_lora, instruct_qlora, pass-rate filter, grpo,
 grpo_lora, eval after each stage, export): LLaVA-Med v1.5 under torchrun, SigLIP + Qwen2.5 under the DeepSpeed
-launcher; accelerate runs a shorter chain. Running a finished family again retrains nothing.
+launcher; accelerate runs a shorter chain; all three at once. Running a finished family again retrains nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -32,11 +33,27 @@ def published_fixtures(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return work
 
 
-def rehearse(family: str, work: Path, launcher: str, stages: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LAUNCHER": launcher, "STAGES": " ".join(stages), "MASTER_PORT": str(free_port()),
-           "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run([str(REPO / "scripts/rehearse.sh"), family, str(work)], capture_output=True, text=True,
-                          env=env, timeout=1800)
+def _env(launcher: str, stages: list[str]) -> dict[str, str]:
+    return {**os.environ, "LAUNCHER": launcher, "STAGES": " ".join(stages), "MASTER_PORT": str(free_port()),
+            "CUDA_VISIBLE_DEVICES": ""}
+
+
+def rehearse_together(jobs: dict[str, tuple[str, Path, str, list[str]]]) -> dict[str, subprocess.CompletedProcess]:
+    """Several runs of scripts/rehearse.sh at once ({name: (family, work, launcher, stages)}). On 2 cores
+    one family's single-process phases (interpreter start-up, evaluation, filter, export) overlap the other's
+    training, so together they take much less than one after the other."""
+    procs = {}
+    with contextlib.ExitStack() as files:
+        for name, (family, work, launcher, stages) in jobs.items():
+            work.mkdir(parents=True, exist_ok=True)
+            out, err = (files.enter_context((work / f"rehearsal.{kind}").open("w")) for kind in ("out", "err"))
+            procs[name] = subprocess.Popen([str(REPO / "scripts/rehearse.sh"), family, str(work)], text=True,
+                                           stdout=out, stderr=err, env=_env(launcher, stages))
+        for proc in procs.values():
+            proc.wait(timeout=1800)
+    return {name: subprocess.CompletedProcess(proc.args, proc.returncode, (jobs[name][1] / "rehearsal.out").read_text(),
+                                              (jobs[name][1] / "rehearsal.err").read_text())
+            for name, proc in procs.items()}
 
 
 def check_family(work: Path, family: str, stages: list[str], log: str) -> None:
@@ -71,30 +88,34 @@ def fresh_work(tmp_path: Path, fixtures: Path) -> Path:
     return work
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("family", "launcher"), [("llava_med_v15", "torchrun"), ("siglip_qwen25", "deepspeed")])
-def test_rehearsal_of_a_recipe_family(family: str, launcher: str, tmp_path: Path, published_fixtures: Path) -> None:
-    if launcher == "deepspeed":
-        pytest.importorskip("deepspeed")
-    work = fresh_work(tmp_path, published_fixtures)
-    result = rehearse(family, work, launcher, ALL_STAGES)
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-6000:]
-    check_family(work, family, ALL_STAGES, log)
-
-    again = rehearse(family, work, launcher, ALL_STAGES)  # a finished family: nothing retrains
-    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
-    assert again.stdout.count("; skipped)") == len(ALL_STAGES)
-    assert "== export: " in again.stdout and "is up to date" in again.stdout
-    assert "medllava.train" not in again.stderr
+FAMILIES = {"llava_med_v15": "torchrun", "siglip_qwen25": "deepspeed"}
 
 
 @pytest.mark.slow
-def test_rehearsal_under_accelerate(tmp_path: Path, published_fixtures: Path) -> None:
-    work = fresh_work(tmp_path, published_fixtures)
-    stages = ["align", "instruct_lora"]
-    result = rehearse("siglip_qwen25", work, "accelerate", stages)
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-6000:]
+def test_rehearsal_of_the_recipe_families(tmp_path: Path, published_fixtures: Path) -> None:
+    """Both families through every variant (LLaVA-Med v1.5 under torchrun, SigLIP + Qwen2.5 under the DeepSpeed
+    launcher) and the accelerate launcher on a shorter chain, run at the same time; then each family again:
+    nothing retrains."""
+    import importlib.util
+
+    jobs = {f"{family}-{launcher}": (family, fresh_work(tmp_path / family, published_fixtures), launcher, ALL_STAGES)
+            for family, launcher in FAMILIES.items() if launcher != "deepspeed" or importlib.util.find_spec("deepspeed")}
+    accelerate_stages = ["align", "instruct_lora"]
+    jobs["accelerate"] = ("siglip_qwen25", fresh_work(tmp_path / "accelerate", published_fixtures), "accelerate",
+                          accelerate_stages)
+    results = rehearse_together(jobs)
+    for name, result in results.items():
+        log = result.stdout + result.stderr
+        assert result.returncode == 0, f"{name}: {log[-6000:]}"
+        family, work, _, stages = jobs[name]
+        check_family(work, family, stages, log)
+    log = results["accelerate"].stdout + results["accelerate"].stderr
     assert log.count("rank 1 of 2 joined the process group (gloo)") == 2
-    check_family(work, "siglip_qwen25", stages, log)
+
+    del jobs["accelerate"]
+    again = rehearse_together(jobs)  # a finished family: nothing retrains
+    for name, result in again.items():
+        assert result.returncode == 0, f"{name}: {(result.stdout + result.stderr)[-4000:]}"
+        assert result.stdout.count("; skipped)") == len(ALL_STAGES)
+        assert "== export: " in result.stdout and "is up to date" in result.stdout
+        assert "medllava.train" not in result.stderr

@@ -120,13 +120,24 @@ def web_server(browser_model: Path, tmp_path: Path) -> Iterator[str]:
         proc.wait(timeout=30)
 
 
+def _browser_missing() -> str:
+    """Why the browser test cannot run here ('' when it can), decided before its server starts."""
+    import importlib.util
+
+    if importlib.util.find_spec("selenium") is None:
+        return "needs selenium (pip install selenium)"
+    if not shutil.which("chromium") or not shutil.which("chromedriver"):
+        return "needs Debian's chromium and chromium-driver"
+    return ""
+
+
 @pytest.mark.browser
 @pytest.mark.slow
+@pytest.mark.skipif(bool(_browser_missing()), reason=_browser_missing() or "ready")
 def test_browser_upload_ask_and_read_the_streamed_answer(web_server: str, browser_model: Path, phantom: Path) -> None:
-    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium import webdriver
+
     chromium, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
-    if not chromium or not driver_bin:
-        pytest.skip("needs Debian's chromium and chromium-driver")
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

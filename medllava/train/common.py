@@ -24,6 +24,7 @@ from medllava.model import (
     ADAPTER_CONFIG,
     build_model,
     is_adapter_dir,
+    llava_of,
     load_model,
     merge_adapter_to_folder,
     quantization_config,
@@ -593,7 +594,7 @@ def save_stage_output(cfg: StageConfig, trainer: Any, processor: LlavaProcessor,
             data = json.loads(adapter_cfg.read_text(encoding="utf-8"))
             data["base_model_name_or_path"] = os.path.relpath(Path(base_ref).resolve(), out.resolve())
             adapter_cfg.write_text(json.dumps(data, indent=2), encoding="utf-8")
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = llava_of(model)
         if not getattr(base.config.text_config, "architectures", None):
             raise RuntimeError("text_config.architectures is unset; the saved model would not reload")
         processor.save_pretrained(staging)

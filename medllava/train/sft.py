@@ -79,12 +79,16 @@ def batching(cfg: StageConfig, model: Any, processor: Any, dataset: SFTDataset) 
         if isolating is not None:
             set_llm_attention(model, isolating)
             return SamplePackingCollator(filler)
-        message = (f"the LLM's attention implementation {running!r} cannot isolate packed samples (sdpa, eager and "
-                   "flash_attention_2/3 can)")
-        if cfg.data.packing is True:
-            raise ConfigError(f"data.packing: {message}")
-        logger.warning("packing off: %s", message)
+        packing_off(cfg, f"the LLM's attention implementation {running!r} cannot isolate packed samples (sdpa, "
+                         "eager and flash_attention_2/3 can)")
     return SFTCollator(processor.tokenizer.pad_token_id, filler=filler)
+
+
+def packing_off(cfg: StageConfig, reason: str) -> None:
+    """Packing cannot run: an error when the stage asks for it (`packing: true`), else a warning."""
+    if cfg.data.packing is True:
+        raise ConfigError(f"data.packing: {reason}")
+    logger.warning("packing off: %s", reason)
 
 
 def check_packing(cfg: StageConfig, trainer: Any, processor: Any) -> None:
@@ -99,11 +103,8 @@ def check_packing(cfg: StageConfig, trainer: Any, processor: Any) -> None:
         logger.info("packing on: one row per micro-batch, attention %s; isolation checked on %s (max |logit diff| "
                     "%.2e, leak would be %.2e)", llm_attention(trainer.model), trainer.args.device, diff, leak)
         return
-    message = (f"packed samples are not isolated on this model (max |logit diff| {diff:.2e} vs {leak:.2e} when "
-               f"leaking, attention {llm_attention(trainer.model)!r}); check the attention implementation")
-    if cfg.data.packing is True:
-        raise ConfigError(f"data.packing: {message}")
-    logger.warning("packing off: %s", message)
+    packing_off(cfg, f"packed samples are not isolated on this model (max |logit diff| {diff:.2e} vs {leak:.2e} when "
+                     f"leaking, attention {llm_attention(trainer.model)!r}); check the attention implementation")
     set_llm_attention(trainer.model, cfg.model.attn_implementation or default_attn_implementation())
     trainer.data_collator = SFTCollator(processor.tokenizer.pad_token_id, filler=collator.filler)
 
