@@ -130,16 +130,16 @@ class SFTCollator:
         attention_mask = torch.zeros_like(input_ids)
         for row, f in enumerate(features):
             attention_mask[row, : f["input_ids"].shape[0]] = 1
-        batch: dict[str, Any] = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": labels,
-            "sample_ids": real_ids(features),
-        }
-        add_pixels(batch, features)
-        if errors := image_errors(features):
-            batch[IMAGE_ERRORS] = errors
-        return batch
+        return with_bookkeeping({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}, features)
+
+
+def with_bookkeeping(batch: dict[str, Any], features: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The batch with its features' images (in order), their sample ids and any loader-time image errors."""
+    batch["sample_ids"] = real_ids(features)
+    add_pixels(batch, features)
+    if errors := image_errors(features):
+        batch[IMAGE_ERRORS] = errors
+    return batch
 
 
 def pad_right(features: Sequence[dict[str, Any]], longest: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from medllava.data.collate import IMAGE_ERRORS, add_pixels, image_errors, real_ids, with_image
+from medllava.data.collate import IMAGE_ERRORS, with_bookkeeping, with_image
 from medllava.data.render import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class SamplePackingCollator:
         lengths = torch.tensor([f["input_ids"].shape[0] for f in features])
         cu_seq_lens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
         longest = int(lengths.max())
-        out: dict[str, Any] = {
+        return with_bookkeeping({
             "input_ids": torch.cat([f["input_ids"] for f in features])[None],
             "labels": torch.cat(labels)[None],
             "position_ids": torch.cat([torch.arange(int(n)) for n in lengths])[None],
@@ -54,12 +54,7 @@ class SamplePackingCollator:
             "cu_seq_lens_k": cu_seq_lens,
             "max_length_q": longest,
             "max_length_k": longest,
-            "sample_ids": real_ids(features),
-        }
-        add_pixels(out, features)
-        if errors := image_errors(features):
-            out[IMAGE_ERRORS] = errors
-        return out
+        }, features)
 
 
 BOUNDARY_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
