@@ -96,3 +96,33 @@ def test_bench_command_runs_each_mode_in_its_own_process_on_cpu(tmp_path: Path) 
     assert report["settings"]["modes"] == ["packed", "padded"]
     assert all(r["tokens_per_s"] > 0 and r["peak_memory_gb"] > 0 for r in report["results"])
     assert "| padded |" in out.with_suffix(".md").read_text()
+
+
+def test_peer_benchmark_writes_the_bench_samples_in_llamafactory_form(tmp_path: Path) -> None:
+    """benchmarks/peer_llamafactory.py gives LLaMA-Factory the bench's own model and samples (sharegpt form, images
+    that exist) and reports its modes against medllava's packed path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("peer", Path(__file__).parents[1] / "benchmarks/peer_llamafactory.py")
+    peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer)
+    meta = peer.prepare(tmp_path, samples=6, max_length=1024, median_answer_tokens=20, seed=0)
+    assert meta["samples"] == 6 and (tmp_path / "model" / "config.json").is_file()
+    info = json.loads((tmp_path / "data" / "dataset_info.json").read_text())["bench"]
+    rows = json.loads((tmp_path / "data" / info["file_name"]).read_text())
+    assert info["columns"] == {"messages": "conversations", "images": "images"} and len(rows) == 6
+    for row in rows:
+        assert row["conversations"][0]["value"].startswith("<image>") and Path(row["images"][0]).is_file()
+
+    def result(mode: str, tps: list[float]) -> dict:
+        return {"mode": mode, "tokens_per_s": sorted(tps)[1], "samples_per_s": 1.0, "padding_fraction": 0.0,
+                "tokens": 3000, "samples": 10, "rounds": tps}
+
+    report = {"machine": "CPU", "llamafactory": "0.9.5", "packed_over_neat_rounds": [2.0, 1.0, 1.5],
+              "settings": {"samples": 6, "steps": 1, "warmup": 0, "rounds": 3, "batch_size": 8, "lf_rows": 3,
+                           "max_length": 1024},
+              "results": [result("packed", [300.0, 100.0, 150.0]), result("lf_neat_packing", [150.0, 100.0, 100.0]),
+                          result("lf_packing", [200.0, 200.0, 200.0])]}
+    table = peer.markdown(report)
+    assert "| medllava packed | 150 |" in table and "| 1.50x |" in table
+    assert "| LLaMA-Factory packing | 200 | 1.0 | 300 | 0% | **no** | 2.00x |" in table
