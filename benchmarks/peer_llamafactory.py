@@ -228,10 +228,9 @@ def main() -> int:
     table = markdown(report)
     print(table)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        out.with_suffix(".md").write_text(table, encoding="utf-8")
+        from medllava.bench import write_report
+
+        write_report(report, table, args.out)
     return 0
 
 

@@ -524,3 +524,12 @@ def markdown(report: dict[str, Any]) -> str:
               "of the forward pass, parameters excluded; logits: the LM head's output (both from one step after the "
               "timed ones; '-' where the head's output is never materialised, as in TRL's fused head)."]
     return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], table: str, out: str | Path) -> Path:
+    """Write a benchmark report as JSON at `out` and its markdown table beside it (same stem, .md)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    out.with_suffix(".md").write_text(table, encoding="utf-8")
+    return out

@@ -120,7 +120,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    from medllava.bench import PRESETS, BenchSettings, ModeResult, markdown, median_result, run_benchmark
+    from medllava.bench import PRESETS, BenchSettings, ModeResult, markdown, median_result, run_benchmark, write_report
 
     if args.preset not in PRESETS:
         raise ConfigError(f"--preset {args.preset!r}: one of {sorted(PRESETS)}")
@@ -149,10 +149,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     table = markdown(report)
     print(table)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        out.with_suffix(".md").write_text(table, encoding="utf-8")
+        out = write_report(report, table, args.out)
         for r in report["results"]:
             if r["extra"].get("profile"):
                 out.with_name(f"{out.stem}.{r['mode']}.profile.txt").write_text(r["extra"]["profile"], encoding="utf-8")
