@@ -23,7 +23,7 @@ pip_install() {  # quiet pip; drop the warnings some machines' pip config prints
   "$py" -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 }
 
-echo "[setup] installing medllava into $venv (one-time, about a minute)" >&2
+echo "[setup] installing medllava into $venv (one-time, about 3 minutes)" >&2
 pip_install --upgrade pip
 if ! "$py" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
