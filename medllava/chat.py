@@ -14,13 +14,14 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-import torch
 from PIL import Image
 
 from medllava.imaging import Window, load_image
-from medllava.model import decoding_config
+
+if TYPE_CHECKING:
+    import torch
 
 HELP = "commands: /image PATH (attach to next question), /reset, /help, /exit"
 
@@ -52,9 +53,16 @@ class ChatSession:
         messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + self.messages
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-    @torch.no_grad()
     def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
         """Add a user turn (with pending images), generate the answer (streamed to `on_text`), keep it."""
+        import torch
+
+        with torch.no_grad():
+            return self._ask(text, on_text)
+
+    def _ask(self, text: str, on_text: Callable[[str], None] | None) -> str:
+        from medllava.model import decoding_config
+
         content: list[dict[str, Any]] = [{"type": "image"} for _ in self.pending] + [{"type": "text", "text": text}]
         self.messages.append({"role": "user", "content": content})
         self.images.extend(self.pending)
@@ -146,14 +154,17 @@ def interactive(session: ChatSession, stdin: TextIO, stdout: TextIO, window: Win
 
 def run_chat(args: Any) -> int:
     """Entry point for `medllava chat` (arguments from the CLI parser)."""
-    from medllava.config import ConfigError
-    from medllava.model import load_for_inference
+    from medllava.config import ConfigError, missing_model_folder
 
     try:
         window = Window.parse(args.window) if args.window else None
     except ValueError as err:
         raise ConfigError(f"--window: {err}") from None
     images = [_read_image(p, window, args.frame) for p in args.image or []]  # fail before loading the model
+    if missing_model_folder(args.model):  # and before importing torch
+        raise ConfigError(f"{args.model}: no such model folder")
+    from medllava.model import load_for_inference
+
     bits = 4 if args.load_in_4bit else 8 if args.load_in_8bit else None
     model, processor = load_for_inference(args.model, bits=bits, device=args.device, allow_pickle=args.allow_pickle)
     session = ChatSession(model, processor, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -44,12 +44,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from medllava.evaluate import evaluate, markdown_table, stage_prompt_settings, update_summary
+    from medllava.config import missing_model_folder
     from medllava.imaging import Window
-    from medllava.model import load_for_inference
+
+    # the user's mistakes first, before torch is imported
+    if missing_model_folder(args.model):
+        raise ConfigError(f"{args.model}: no such model folder")
+    if not Path(args.data).is_file():
+        raise ConfigError(f"{args.data}: no such data file")
+    if args.window:
+        try:
+            Window.parse(args.window)
+        except ValueError as err:
+            raise ConfigError(f"--window: {err}") from None
     from medllava.prior import build_prior
 
     prior = build_prior(args.prior_from) if args.prior_from else None  # read first: a bad path fails fast
+    from medllava.evaluate import evaluate, markdown_table, stage_prompt_settings, update_summary
+    from medllava.model import load_for_inference
+
     model, processor = load_for_inference(args.model, allow_pickle=args.allow_pickle)  # bf16 on a GPU that has it
     out_dir = args.out or str(Path(args.model) / "eval")
     title = args.stage or Path(args.model).name

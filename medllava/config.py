@@ -7,6 +7,7 @@ wrong types are errors that name the offending key, so a typo never silently fal
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -447,3 +448,15 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> StageCo
 def save_config(cfg: StageConfig, path: str | Path) -> None:
     """Write the resolved configuration (every field, defaults included) as YAML."""
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+"""A Hugging Face Hub model id: `name` or `org/name`."""
+
+
+def missing_model_folder(path: str | Path) -> bool:
+    """True when nothing is at `path` and it cannot be a Hub id (`org/name`, checked only by loading it): a
+    missing `no/such/model`, `./model` or `/abs/model` is the user's typo. Light on purpose: callers check before
+    importing torch."""
+    text = str(path)
+    return not Path(text).expanduser().exists() and not HUB_ID.fullmatch(text)

@@ -123,6 +123,25 @@ def test_load_model_missing_folder_is_clear(tmp_path: Path) -> None:
         load_model(tmp_path / "missing" / "model")
 
 
+@pytest.mark.parametrize(("path", "missing"), [
+    ("llava-hf/llava-1.5-7b-hf", False), ("microsoft/llava-med-v1.5-mistral-7b", False), ("gpt2", False),
+    ("no/such/model", True), ("./model", True), ("../runs/x", True), ("/abs/model", True), ("~/model", True),
+])
+def test_a_hub_id_is_not_taken_for_a_missing_folder(path: str, missing: bool) -> None:
+    from medllava.config import missing_model_folder
+
+    assert missing_model_folder(path) is missing
+
+
+def test_loading_a_hub_id_offline_names_the_id(tmp_path: Path) -> None:
+    """A Hub id goes to from_pretrained (it used to be refused as a missing folder); offline, its failure is one
+    clear ModelLoadError."""
+    from medllava.model import ModelLoadError, load_for_inference
+
+    with pytest.raises(ModelLoadError, match="cannot load model 'medllava-test/no-such-model'"):
+        load_for_inference("medllava-test/no-such-model", device="cpu")
+
+
 def test_component_names() -> None:
     assert component_of("model.vision_tower.encoder.layers.0.mlp.fc1.weight") == "vision"
     assert component_of("base_model.model.model.vision_tower.x") == "vision"
