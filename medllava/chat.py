@@ -154,15 +154,11 @@ def interactive(session: ChatSession, stdin: TextIO, stdout: TextIO, window: Win
 
 def run_chat(args: Any) -> int:
     """Entry point for `medllava chat` (arguments from the CLI parser)."""
-    from medllava.config import ConfigError, missing_model_folder
+    from medllava.config import require_model_folder, window_option
 
-    try:
-        window = Window.parse(args.window) if args.window else None
-    except ValueError as err:
-        raise ConfigError(f"--window: {err}") from None
+    window = window_option(args.window)
     images = [_read_image(p, window, args.frame) for p in args.image or []]  # fail before loading the model
-    if missing_model_folder(args.model):  # and before importing torch
-        raise ConfigError(f"{args.model}: no such model folder")
+    require_model_folder(args.model)  # and before importing torch
     from medllava.model import load_for_inference
 
     bits = 4 if args.load_in_4bit else 8 if args.load_in_8bit else None

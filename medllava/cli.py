@@ -44,19 +44,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from medllava.config import missing_model_folder
-    from medllava.imaging import Window
+    from medllava.config import require_model_folder, window_option
 
     # the user's mistakes first, before torch is imported
-    if missing_model_folder(args.model):
-        raise ConfigError(f"{args.model}: no such model folder")
+    require_model_folder(args.model)
     if not Path(args.data).is_file():
         raise ConfigError(f"{args.data}: no such data file")
-    if args.window:
-        try:
-            Window.parse(args.window)
-        except ValueError as err:
-            raise ConfigError(f"--window: {err}") from None
+    window = window_option(args.window)
     from medllava.prior import build_prior
 
     prior = build_prior(args.prior_from) if args.prior_from else None  # read first: a bad path fails fast
@@ -70,11 +64,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.prompt is not None:
         prompt.mode = args.prompt
     max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else prompt.max_new_tokens
-    window_text = args.window or prompt.window
-    try:
-        window = Window.parse(window_text) if window_text else None
-    except ValueError as err:
-        raise ConfigError(f"--window: {err}") from None
+    if window is None:  # no --window: the stage's own
+        window = window_option(prompt.window)
     metrics = evaluate(
         model, processor, args.data, image_folder=args.image_folder, out_dir=out_dir, batch_size=args.batch_size,
         max_new_tokens=max_new_tokens, blind=args.blind, limit=args.limit, title=title,

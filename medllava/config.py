@@ -12,9 +12,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
+
+if TYPE_CHECKING:
+    from medllava.imaging import Window
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Trainability = Literal["frozen", "full", "lora"]
@@ -460,3 +463,21 @@ def missing_model_folder(path: str | Path) -> bool:
     importing torch."""
     text = str(path)
     return not Path(text).expanduser().exists() and not HUB_ID.fullmatch(text)
+
+
+def require_model_folder(path: str | Path, error: type[Exception] = ConfigError) -> None:
+    """Raise `error` naming `path` when `missing_model_folder(path)`."""
+    if missing_model_folder(path):
+        raise error(f"{path}: no such model folder")
+
+
+def window_option(text: str | None, option: str = "--window") -> Window | None:
+    """A command's window option parsed (None when unset); a bad value is a ConfigError naming the option."""
+    if not text:
+        return None
+    from medllava.imaging import Window
+
+    try:
+        return Window.parse(text)
+    except ValueError as err:
+        raise ConfigError(f"{option}: {err}") from None

@@ -34,7 +34,7 @@ from transformers import (
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 from transformers.utils import is_flash_attn_2_available
 
-from medllava.config import LoraSection, QuantizationSection, TrainableSection, missing_model_folder
+from medllava.config import LoraSection, QuantizationSection, TrainableSection, require_model_folder
 from medllava.processor import (
     IMAGE_TOKEN,
     build_processor,
@@ -368,8 +368,7 @@ def load_model(
     Weights load from safetensors only unless `allow_pickle`.
     """
     path = str(path)
-    if missing_model_folder(path):
-        raise ModelLoadError(f"{path}: no such model folder")
+    require_model_folder(path, ModelLoadError)
     refuse_pickle_only(path, allow_pickle)
     kwargs: dict[str, Any] = {
         "dtype": dtype,
@@ -419,8 +418,7 @@ def load_for_inference(path: str | Path, *, bits: int | None = None, device: str
     """Load a stage output / exported folder for generation (chat, eval, the pass-rate filter) on the chosen
     device, in bf16 where the device supports it, optionally quantized to 4 or 8 bits; in eval mode."""
     path = str(path)
-    if missing_model_folder(path):
-        raise ModelLoadError(f"{path}: no such model folder")
+    require_model_folder(path, ModelLoadError)
     target = pick_device(device)
     dtype = inference_dtype(target)
     quant = quantization_config(QuantizationSection(bits=bits), dtype) if bits else None

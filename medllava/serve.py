@@ -405,13 +405,10 @@ def run_server(args: Any) -> int:
 
     import uvicorn
 
-    from medllava.config import ConfigError
+    from medllava.config import ConfigError, window_option
     from medllava.model import load_for_inference
 
-    try:
-        window = Window.parse(args.window) if args.window else None
-    except ValueError as err:
-        raise ConfigError(f"--window: {err}") from None
+    window = window_option(args.window)
     image_root = Path(args.image_root) if args.image_root else None
     if image_root is not None and not image_root.is_dir():
         raise ConfigError(f"--image-root {image_root}: no such folder")
