@@ -131,8 +131,8 @@ def medllava_run(mode: str, args: argparse.Namespace, workdir: Path) -> dict[str
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """The median table, isolation stated per mode, ratios to medllava packed and to LLaMA-Factory's isolated
-    packing."""
+    """The median table: isolation stated per mode, each mode's ratio to LLaMA-Factory's isolated packing
+    (neat_packing), every round's tokens/s."""
     res = {r["mode"]: r for r in report["results"]}
     isolates = {"packed": "yes", "padded": "n/a", "lf_neat_packing": "yes", "lf_packing": "**no**", "lf_plain": "n/a"}
     names = {"packed": "medllava packed", "padded": "medllava padded", "lf_neat_packing": "LLaMA-Factory neat_packing",
