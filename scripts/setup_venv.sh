@@ -8,14 +8,21 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv="$root/.venv"
 python_bin=${PYTHON:-python3}
-cpu_torch=${MEDLLAVA_CPU_TORCH:-torch==2.13.0}
+# Qwen-VL processors need torchvision (transformers 5.x). PyPI's torchvision does not import beside the CPU-only
+# torch 2.13.0 file, so CPU machines take a matching pair: on x86_64 torch 2.14.1 + torchvision 0.29.1 (a CUDA build
+# that runs on the CPU; about 5.5 GB in the venv), on aarch64 the CPU build torch 2.9.1 + torchvision 0.24.1.
+case "$(uname -m)" in
+  aarch64|arm64) default_cpu_torch="torch==2.9.1 torchvision==0.24.1" ;;
+  *) default_cpu_torch="torch==2.14.1 torchvision==0.29.1" ;;
+esac
+cpu_torch=${MEDLLAVA_CPU_TORCH:-$default_cpu_torch}
 
 [ -x "$venv/bin/python" ] || "$python_bin" -m venv "$venv"
 py="$venv/bin/python"
 stamp="$venv/.medllava-install"
 lock="$root/requirements/lock.txt"
 want=$(cat "$root/pyproject.toml" "$root/scripts/setup_venv.sh" "$lock" | sha256sum | cut -c1-16)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$py" -c "import medllava, torch" 2>/dev/null; then
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$py" -c "import medllava, torch, torchvision" 2>/dev/null; then
   exit 0
 fi
 
@@ -23,16 +30,19 @@ pip_install() {  # quiet pip; drop the warnings some machines' pip config prints
   "$py" -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 }
 
-echo "[setup] installing medllava into $venv (one-time, about 3 minutes)" >&2
+echo "[setup] installing medllava into $venv (one-time, about 5 minutes)" >&2
 pip_install --upgrade pip
-if ! "$py" -c "import torch" 2>/dev/null; then
+if ! "$py" -c "import torch, torchvision" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    pip_install torch
+    "$py" -c "import torch" 2>/dev/null || pip_install torch
+    # torchvision matching the torch already there (the GPU image's CUDA build is kept)
+    pip_install "torchvision" -c <("$py" -c "import torch; print('torch==' + torch.__version__.split('+')[0])")
   else
-    # CPU machine: pin the CPU build (set PIP_EXTRA_INDEX_URL to PyTorch's CPU index where no local wheel exists).
-    pip_install "$cpu_torch"
+    # CPU machine: pin the pair (set PIP_EXTRA_INDEX_URL to PyTorch's CPU index where no local wheel exists).
+    # shellcheck disable=SC2086
+    pip_install $cpu_torch
   fi
 fi
 pip_install -c "$lock" -e "$root[dev]"
-"$py" -c "import medllava, torch; print(f'[setup] medllava ready: torch {torch.__version__}')" >&2
+"$py" -c "import medllava, torch, torchvision; print(f'[setup] medllava ready: torch {torch.__version__}, torchvision {torchvision.__version__}')" >&2
 echo "$want" >"$stamp"
