@@ -16,7 +16,6 @@ from medllava.data.packing import SamplePackingCollator
 from medllava.data.render import IGNORE_INDEX, Renderer
 from medllava.data.validate import prepare_samples
 from medllava.model import apply_trainable, build_model
-from medllava.processor import num_image_tokens
 from medllava.train.loss import head_inputs, supervised_positions
 from medllava.train.sft import MedLlavaTrainer
 
@@ -39,14 +38,14 @@ def pieces(tiny_pair_dirs: dict, phantom: Path) -> tuple:
     renderer = Renderer(processor, "chat", 512)
     samples, _ = prepare_samples([str(phantom / "instruct.jsonl")], renderer, image_folder=phantom / "images",
                                  progress=False)
-    dataset = SFTDataset(samples[:8], processor.image_processor, renderer.image_token_id, num_image_tokens(processor))
+    dataset = SFTDataset(samples[:8], renderer.images)
     return model, processor, dataset
 
 
 def _trainer(model: torch.nn.Module, processor: object, dataset: SFTDataset, tmp: Path, supervised_head: bool,
-             collator: object, accumulation: int = 1) -> MedLlavaTrainer:
+             collator: object, accumulation: int = 1, optim: str = "adamw_torch") -> MedLlavaTrainer:
     args = TrainingArguments(output_dir=str(tmp), per_device_train_batch_size=4, gradient_accumulation_steps=accumulation,
-                             max_steps=1, learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
+                             max_steps=1, learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no", optim=optim,
                              remove_unused_columns=False, label_names=["labels"], seed=0, disable_tqdm=True,
                              logging_steps=1, dataloader_num_workers=0)
     return MedLlavaTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
@@ -86,7 +85,11 @@ def test_supervised_head_equals_the_full_head(pieces: tuple, tmp_path: Path, lay
 
 def test_supervised_head_trains_like_the_full_head_over_accumulation(pieces: tuple, tmp_path: Path) -> None:
     """A whole optimizer step of 2 x 4 samples (gradient accumulation 2) ends with the same weights either way:
-    the loss is normalised over the accumulated batch's supervised tokens exactly as the stock loss is."""
+    the loss is normalised over the accumulated batch's supervised tokens exactly as the stock loss is.
+
+    Plain SGD, so the step shows the accumulated gradient itself: Adam divides each gradient by its own magnitude,
+    so for a weight whose gradient is near Adam's epsilon a rounding difference of 1e-9 moves it by up to lr x 1e-4
+    (2.4e-6 measured on an AMD EPYC with 2 threads), which says nothing about the normalisation."""
     model, processor, dataset = pieces
     start = {k: v.clone() for k, v in model.state_dict().items()}
     ends = []
@@ -95,12 +98,12 @@ def test_supervised_head_trains_like_the_full_head_over_accumulation(pieces: tup
         for p in model.parameters():
             p.requires_grad_(True)
         collator = SFTCollator(processor.tokenizer.pad_token_id)
-        _trainer(model, processor, dataset, tmp_path / str(fast), fast, collator, accumulation=2).train()
+        _trainer(model, processor, dataset, tmp_path / str(fast), fast, collator, accumulation=2, optim="sgd").train()
         ends.append({k: v.clone() for k, v in model.state_dict().items()})
     model.load_state_dict(start)
     changed = 0
     for name in ends[0]:
-        torch.testing.assert_close(ends[1][name], ends[0][name], atol=1e-6, rtol=1e-5, msg=name)
+        torch.testing.assert_close(ends[1][name], ends[0][name], atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
         changed += not torch.equal(ends[0][name], start[name])
     assert changed > 0
 
