@@ -15,6 +15,7 @@
 #   EVAL_DATA=FILE EVAL_IMAGES=DIR   evaluate every stage output on a VQA set (with the stage's own prompt)
 #   EVAL_PRIOR="FILE ..."   training files for the text-prior baseline beside each evaluation (--prior-from)
 #   VISION_TOWER=ID LLM=ID  another encoder + LLM pair for the first stage (hub ids or local folders)
+#   INIT_FROM=ID            another starting model for the first stage of a model-family recipe (qwen25vl_*, medgemma)
 #   TRAIN_ARGS="--optim.lr=1e-5 ..."  overrides for every stage (and for the pass-rate filter)
 #   WORKDIR=DIR             where the recipes' relative data/ and runs/ paths resolve (default: this folder)
 #   EXPORT=0                skip the export of the last stage
@@ -118,6 +119,7 @@ family() {
     else
       [ -z "${VISION_TOWER:-}" ] || args+=(--model.vision_tower="$VISION_TOWER")
       [ -z "${LLM:-}" ] || args+=(--model.llm="$LLM")
+      [ -z "${INIT_FROM:-}" ] || args+=(--model.init_from="$INIT_FROM")
     fi
     args+=("${extra[@]}")
     out=$(stage_field "$recipe" "cfg.run.output_dir" "${args[@]}")

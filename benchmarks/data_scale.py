@@ -123,7 +123,6 @@ def child(mode: str, records: Path, images: Path, pair: Path, cache: Path, out: 
     from medllava.data.collate import SFTCollator, SFTDataset
     from medllava.data.render import Renderer
     from medllava.model import build_model
-    from medllava.processor import num_image_tokens
     from medllava.train.sft import prepared_samples
 
     torch.set_num_threads(1)
@@ -140,7 +139,7 @@ def child(mode: str, records: Path, images: Path, pair: Path, cache: Path, out: 
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         result["render_processes_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         return result
-    dataset = SFTDataset(samples, processor.image_processor, renderer.image_token_id, num_image_tokens(processor))
+    dataset = SFTDataset(samples, renderer.images)
     loader = DataLoader(dataset, batch_size=64, shuffle=True, num_workers=loader_workers, persistent_workers=True,
                         collate_fn=SFTCollator(processor.tokenizer.pad_token_id), prefetch_factor=4)
     it = iter(loader)
@@ -159,8 +158,7 @@ def child(mode: str, records: Path, images: Path, pair: Path, cache: Path, out: 
     del it, loader
     # ... and every sample's ids, labels and metadata read in the workers (what a worker would copy if samples
     # were Python objects); pixels are transient and left out of this pass.
-    text = SFTDataset(WithoutImages(samples), processor.image_processor, renderer.image_token_id,
-                      num_image_tokens(processor))
+    text = SFTDataset(WithoutImages(samples), renderer.images)
     loader = DataLoader(text, batch_size=256, shuffle=True, num_workers=loader_workers, persistent_workers=True,
                         collate_fn=SFTCollator(processor.tokenizer.pad_token_id), prefetch_factor=4)
     it = iter(loader)

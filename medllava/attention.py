@@ -25,7 +25,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
-from medllava.model import llava_of
+from medllava.families import family_of
 
 VARLEN_SDPA = "medllava_varlen_sdpa"
 FLASH_PREFIX = "flash_attention"
@@ -97,8 +97,8 @@ def register() -> None:
 
 
 def llm_of(model: torch.nn.Module) -> Any:
-    """The decoder (the LLM without its head) inside a Llava model, PEFT-wrapped or not."""
-    return llava_of(model).model.language_model
+    """The decoder (the LLM without its head) of a model of any family, PEFT-wrapped or not."""
+    return family_of(model).language_model_of(model)
 
 
 def llm_attention(model: torch.nn.Module) -> str:

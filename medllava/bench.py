@@ -43,6 +43,7 @@ from transformers import (
 from medllava.attention import llm_attention, packed_implementation, set_llm_attention
 from medllava.config import ConfigError, LoraSection, TrainableSection
 from medllava.data.collate import SFTCollator, SFTDataset
+from medllava.data.expand import ImageExpander
 from medllava.data.packing import SamplePackingCollator
 from medllava.data.render import Renderer
 from medllava.data.validate import prepare_samples
@@ -372,7 +373,6 @@ def run_mode(mode: str, s: BenchSettings, model: Any, processor: Any, samples: l
     from medllava.train.sft import MedLlavaTrainer
 
     _reset_memory(device)
-    image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     window, counter = StepWindow(s.warmup, s.steps, s.profile_steps), BatchCounter()
     args_common = dict(output_dir=str(workdir / mode), max_steps=window.total_steps,
                        learning_rate=1e-5, logging_steps=10**6, save_strategy="no", report_to=[],
@@ -386,7 +386,7 @@ def run_mode(mode: str, s: BenchSettings, model: Any, processor: Any, samples: l
         raise ConfigError(f"bench: mode {mode}: attention {attention!r} cannot isolate packed samples")
     set_llm_attention(model, isolating)  # packed: the variable-length attention training uses; else as built
     if mode in ("packed", "padded", "liger"):
-        dataset = SFTDataset(samples, processor.image_processor, image_token_id, num_image_tokens(processor))
+        dataset = SFTDataset(samples, ImageExpander(processor))
         collator = SamplePackingCollator() if packed else SFTCollator(pad)
         arguments = TrainingArguments(per_device_train_batch_size=s.batch_size, label_names=["labels"],
                                       use_liger_kernel=mode == "liger", **args_common)

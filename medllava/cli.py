@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 from medllava.config import ConfigError
+from medllava.families import FAMILIES
 
 USER_ERROR_EXIT = 2
 
@@ -173,6 +174,12 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     from medllava.presets import make_tiny_pair, tiny_corpus
 
     extra = Path(args.corpus).read_text(encoding="utf-8").splitlines() if args.corpus else []
+    if args.family:
+        from medllava.families import by_name
+
+        folder = by_name(args.family).build_tiny(args.out, seed=args.seed, corpus=tiny_corpus(extra))
+        print(json.dumps({"family": args.family, "model": str(folder)}))
+        return 0
     vision_dir, llm_dir = make_tiny_pair(
         args.out, args.vision, args.llm, corpus=tiny_corpus(extra), image_size=args.image_size,
         patch_size=args.patch_size, vision_hidden=args.vision_hidden, vision_layers=args.vision_layers,
@@ -308,8 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timing", default=None, help="JSON with {\"seconds\": N} to print the total time")
     p.set_defaults(func=cmd_summary)
 
-    p = sub.add_parser("tiny", help="write a tiny random-init vision tower + LLM pair (tests, CPU demo)")
-    p.add_argument("out", help="output folder (gets vision/ and llm/)")
+    p = sub.add_parser("tiny", help="write a tiny random-init vision tower + LLM pair, or a tiny model of a family "
+                                    "(tests, CPU demo, rehearsals)")
+    p.add_argument("out", help="output folder (gets vision/ and llm/; with --family: the model folder itself)")
+    p.add_argument("--family", choices=[f.name for f in FAMILIES], default=None,
+                   help="write a tiny stock model + processor of this family (its published chat template, a "
+                        "tokenizer trained in-process) instead of a tower + LLM pair")
     p.add_argument("--vision", choices=["clip", "siglip"], default="clip")
     p.add_argument("--llm", choices=["llama", "mistral", "qwen2"], default="llama")
     p.add_argument("--corpus", default=None, help="text file whose lines join the tokenizer's training corpus")

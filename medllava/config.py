@@ -45,6 +45,11 @@ class ModelSection:
     """'pad' = LLaVA expand2square with the mean colour, 'resize' = stretch; None keeps the processor's setting."""
     chat_template: str | None = None
     """A Jinja chat template to use instead of the LLM's own (image parts are still rendered as <image>)."""
+    min_pixels: int | None = None
+    """Dynamic-resolution families (Qwen-VL): the fewest pixels an image is resized to (None: the processor's)."""
+    max_pixels: int | None = None
+    """Dynamic-resolution families (Qwen-VL): the most pixels an image is resized to, so the most tokens it becomes
+    (Med-R1: 401408). Part of the data cache key; every image's token count is checked against max_length."""
     attn_implementation: str | None = None
     """'sdpa', 'eager', 'flash_attention_2', ...; None = flash_attention_2 when installed on CUDA, else sdpa."""
     trust_remote_code: bool = False

@@ -85,13 +85,14 @@ def stage_prompt_settings(model_dir: str | Path) -> PromptSettings:
 def build_prompt(processor: Any, record: VQARecord, system_prompt: str | None = None, mode: str = "plain",
                  instruction: str | None = None) -> str:
     """The chat-template prompt for one question (the same wording as the instruction data and GRPO)."""
+    from medllava.data.render import user_content
     from medllava.data.rl import prompt_text
 
-    messages = []
+    messages: list[dict[str, Any]] = []
     if system_prompt:
         messages.append({"role": "system", "content": system_prompt})
     text = format_question(record.question, record.options) if mode == "plain" else f"<image>\n{prompt_text(record, mode, instruction)}"
-    messages.append({"role": "user", "content": text})
+    messages.append({"role": "user", "content": user_content(processor, text)})
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
@@ -104,7 +105,8 @@ def generate_batch(model: Any, processor: Any, prompts: Sequence[str], images: S
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        inputs = processor(text=list(prompts), images=list(images), padding=True, return_tensors="pt")
+        # one image list per prompt (Gemma 3's processor needs the nesting; the others accept it)
+        inputs = processor(text=list(prompts), images=[[image] for image in images], padding=True, return_tensors="pt")
     finally:
         tokenizer.padding_side = side
     device = next(model.parameters()).device

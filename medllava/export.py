@@ -81,6 +81,8 @@ class Lineage:
     stages: list[StageInfo] = field(default_factory=list)
     vision_tower: str | None = None
     llm: str | None = None
+    starting_model: str | None = None
+    """The checkpoint the first stage started from (a Qwen2.5-VL, a MedGemma ...), when it was not assembled."""
 
 
 def stage_lineage(run_dir: str | Path, limit: int = 16) -> Lineage:
@@ -107,6 +109,8 @@ def stage_lineage(run_dir: str | Path, limit: int = 16) -> Lineage:
             lineage.vision_tower, lineage.llm = model["vision_tower"], model["llm"]
         init = model.get("init_from")
         folder = Path(init) if init else None
+        if init and not (folder / STAGE_CONFIG_NAME).is_file() and not is_adapter_dir(folder):
+            lineage.starting_model = init
     return lineage
 
 
@@ -174,7 +178,8 @@ def _reproduction(stage: StageInfo) -> list[str]:
 
 def model_card(lineage: Lineage, *, license_id: str, repo_id: str | None, verification: dict[str, Any]) -> str:
     """README.md with Hub metadata, the training lineage, evaluation figures and the medical disclaimer."""
-    base_models = [m for m in (lineage.vision_tower, lineage.llm) if m and not Path(m).exists()]
+    base_models = [m for m in (lineage.vision_tower, lineage.llm, lineage.starting_model) if m and not Path(m).exists()]
+    architecture = verification.get("class") or "transformers model"
     meta: dict[str, Any] = {
         "license": license_id,
         "library_name": "transformers",
@@ -185,13 +190,16 @@ def model_card(lineage: Lineage, *, license_id: str, repo_id: str | None, verifi
         meta["base_model"] = base_models
     name = repo_id or "medllava model"
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {name}", "",
-             "A LLaVA-style medical vision-language assistant trained with medllava. It is a stock "
-             "`LlavaForConditionalGeneration`: it loads with plain `transformers` (no custom code, no "
+             "A medical vision-language assistant trained with medllava. It is a stock "
+             f"`{architecture}`: it loads with plain `transformers` (no custom code, no "
              "`trust_remote_code`).", "",
-             "## Model", "",
-             f"- Vision encoder: `{lineage.vision_tower or 'unknown'}`",
-             f"- Language model: `{lineage.llm or 'unknown'}`",
-             "- Projector: LLaVA-1.5 two-layer GELU MLP", ""]
+             "## Model", ""]
+    if lineage.starting_model:
+        lines += [f"- Started from: `{lineage.starting_model}`", ""]
+    else:
+        lines += [f"- Vision encoder: `{lineage.vision_tower or 'unknown'}`",
+                  f"- Language model: `{lineage.llm or 'unknown'}`",
+                  "- Projector: LLaVA-1.5 two-layer GELU MLP", ""]
     if lineage.stages:
         lines += ["## Training", "", "| stage | kind | data | trainable | learning rate | length | precision |",
                   "|---|---|---|---|---|---|---|"]

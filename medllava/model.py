@@ -1,9 +1,10 @@
 """Model assembly, loading, saving, and the one function that decides what trains.
 
-Every model here is a stock `transformers.LlavaForConditionalGeneration` with a `LlavaProcessor`:
-`build_model` joins any AutoModel vision encoder and any AutoModelForCausalLM with a freshly initialised
-LLaVA-1.5 projector; `load_model` reads a stage output (full model, or LoRA adapter + its base);
-`apply_trainable` turns a `trainable:` spec into requires_grad flags / LoRA adapters and logs the counts.
+Every model here is a stock transformers model of its own family (medllava.families): `build_model` joins any
+AutoModel vision encoder and any AutoModelForCausalLM into a `LlavaForConditionalGeneration` with a freshly
+initialised LLaVA-1.5 projector; `load_model` reads any supported family's folder (a stage output, an export, a
+downloaded checkpoint: full model, or LoRA adapter + its base) with `AutoModelForImageTextToText`/`AutoProcessor`;
+`apply_trainable` turns a `trainable:` spec into requires_grad flags / LoRA adapters on the family's modules.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
     AutoTokenizer,
     BitsAndBytesConfig,
     GenerationConfig,
@@ -35,6 +38,8 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 from transformers.utils import is_flash_attn_2_available
 
 from medllava.config import LoraSection, QuantizationSection, TrainableSection, require_model_folder
+from medllava.families import LLAVA, Family, UnsupportedModelError, family_of
+from medllava.families.base import unwrap
 from medllava.processor import (
     IMAGE_TOKEN,
     build_processor,
@@ -47,22 +52,15 @@ logger = logging.getLogger(__name__)
 
 COMPONENTS = ("vision", "projector", "llm")
 ADAPTER_CONFIG = "adapter_config.json"
-# Modules bitsandbytes must leave in 16-bit: only the LLM's linear layers are quantized. transformers matches
-# these from the start of the full module name (or as a suffix), so the full prefixes are needed.
-QUANT_SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
 
 
 class ModelLoadError(RuntimeError):
     """A model folder or hub id cannot be used; the message says which and why."""
 
 
-def component_of(name: str) -> str:
-    """Which part of a Llava model a parameter/module name belongs to: vision, projector or llm."""
-    if ".vision_tower." in f".{name}." or name.startswith("vision_tower"):
-        return "vision"
-    if "multi_modal_projector" in name:
-        return "projector"
-    return "llm"
+def component_of(name: str, family: Family = LLAVA) -> str:
+    """Which part of a model of `family` a parameter/module name belongs to: vision, projector or llm."""
+    return family.component_of(name)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -83,10 +81,14 @@ def default_attn_implementation() -> str:
     return "sdpa"
 
 
-def quantization_config(quant: QuantizationSection, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
-    """bitsandbytes settings for QLoRA (None when the section asks for no quantization)."""
+def quantization_config(quant: QuantizationSection, compute_dtype: torch.dtype,
+                        family: Family = LLAVA) -> BitsAndBytesConfig | None:
+    """bitsandbytes settings for QLoRA (None when the section asks for no quantization): only the LLM's linear
+    layers are quantized; the family's tower, projector and the head stay in 16 bits (transformers matches the
+    skip list from the start of the full module name, so the family gives full prefixes)."""
     if quant.bits is None:
         return None
+    skip = family.quant_skip_modules()
     if quant.bits == 4:
         return BitsAndBytesConfig(
             load_in_4bit=True,
@@ -94,9 +96,9 @@ def quantization_config(quant: QuantizationSection, compute_dtype: torch.dtype) 
             bnb_4bit_use_double_quant=quant.double_quant,
             bnb_4bit_compute_dtype=compute_dtype,
             bnb_4bit_quant_storage=compute_dtype,
-            llm_int8_skip_modules=QUANT_SKIP_MODULES,
+            llm_int8_skip_modules=skip,
         )
-    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=QUANT_SKIP_MODULES)
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
 
 def quantized_device_map() -> dict[str, Any] | str:
@@ -263,7 +265,8 @@ def end_of_turn_ids(processor: LlavaProcessor) -> list[int]:
         logger.warning("chat template could not render a probe conversation: %s", err)
         return ids
     tail = text.split("medllava-probe-answer", 1)[-1]
-    special = set(tok.all_special_tokens)
+    # named special tokens and added special ones (Gemma's <end_of_turn> is only the latter)
+    special = set(tok.all_special_tokens) | {t.content for t in tok.added_tokens_decoder.values() if t.special}
     for token in tok.tokenize(tail.strip()) if tail.strip() else []:
         if token in special:
             tid = tok.convert_tokens_to_ids(token)
@@ -388,19 +391,35 @@ def load_model(
             refuse_pickle_only(base_path, allow_pickle)
             if quantization is not None and adapter == "merge":
                 raise ModelLoadError("cannot merge a LoRA adapter into a quantized base; load it in 16-bit first")
-            base = LlavaForConditionalGeneration.from_pretrained(base_path, **kwargs)
+            family_of_source(base_path, trust_remote_code=trust_remote_code)
+            base = AutoModelForImageTextToText.from_pretrained(base_path, **kwargs)
             model = PeftModel.from_pretrained(base, path, is_trainable=adapter == "trainable")
             if adapter == "merge":
                 model = model.merge_and_unload()
                 model.config._name_or_path = path
             proc_source = path if (Path(path) / "processor_config.json").exists() else base_path
         else:
-            model = LlavaForConditionalGeneration.from_pretrained(path, **kwargs)
+            family_of_source(path, trust_remote_code=trust_remote_code)
+            model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
             proc_source = path
-        processor = LlavaProcessor.from_pretrained(proc_source, trust_remote_code=trust_remote_code)
+        processor = AutoProcessor.from_pretrained(proc_source, trust_remote_code=trust_remote_code)
     except OSError as err:
         raise ModelLoadError(f"cannot load model {path!r}: {err}") from err
     return model, processor
+
+
+def family_of_source(path: str | Path, *, trust_remote_code: bool = False) -> Family:
+    """The model family of a folder or hub id (an adapter folder: of its base), from its config alone; a model of
+    no supported family is one ModelLoadError naming the supported ones."""
+    path = str(path)
+    if is_adapter_dir(path):
+        path = adapter_base_path(path)
+    try:
+        return family_of(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
+    except UnsupportedModelError as err:
+        raise ModelLoadError(f"{path}: {err}") from None
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load model {path!r}: {err}") from err
 
 
 def widest_dtype(dtypes: Any) -> torch.dtype:
@@ -421,7 +440,7 @@ def load_for_inference(path: str | Path, *, bits: int | None = None, device: str
     require_model_folder(path, ModelLoadError)
     target = pick_device(device)
     dtype = inference_dtype(target)
-    quant = quantization_config(QuantizationSection(bits=bits), dtype) if bits else None
+    quant = quantization_config(QuantizationSection(bits=bits), dtype, family_of_source(path)) if bits else None
     device_map = ({"": target.index or 0} if target.type == "cuda" else "cpu") if quant is not None else None
     model, processor = load_model(path, dtype=dtype, quantization=quant, device_map=device_map, allow_pickle=allow_pickle)
     if quant is None:
@@ -439,20 +458,23 @@ def merge_adapter_to_folder(adapter_dir: str | Path, out_dir: str | Path, dtype:
 
 
 def llava_of(model: Any) -> Any:
-    """The LlavaForConditionalGeneration inside a PEFT wrapper, or the model itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    """The transformers model (of any family) inside a PEFT wrapper, or the model itself."""
+    return unwrap(model)
 
 
 def save_model(model: Any, processor: LlavaProcessor, out_dir: str | Path, max_shard_size: str = "5GB") -> None:
     """Save weights (safetensors), config, generation config and processor so plain transformers loads them."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    base = llava_of(model)
-    text_config = base.config.text_config
-    if not getattr(text_config, "architectures", None):
-        raise ModelLoadError("text_config.architectures is unset; the saved model would not reload")
+    check_reloadable(llava_of(model))
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)
     processor.save_pretrained(out_dir)
+
+
+def check_reloadable(model: Any) -> None:
+    """A Llava assembled here needs its text config's architecture named, or the saved model would not reload."""
+    if family_of(model).assembled and not getattr(model.config.get_text_config(), "architectures", None):
+        raise ModelLoadError("text_config.architectures is unset; the saved model would not reload")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -465,6 +487,8 @@ def unused_vision_parameters(model: LlavaForConditionalGeneration) -> set[str]:
     Found with one backward pass through the image-feature path, so it holds for any tower. They stay frozen:
     training them is a no-op, and DDP fails on parameters that never receive a gradient.
     """
+    if not family_of(model).assembled:
+        return set()  # the family's own checkpoints feed every tower layer forward
     tower = model.model.vision_tower
     params = dict(tower.named_parameters())
     flags = {n: p.requires_grad for n, p in params.items()}
@@ -497,13 +521,16 @@ def keep_4bit_training_layout(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def lora_target_names(model: nn.Module, components: set[str], target_modules: list[str] | str, exclude: set[str]) -> list[str]:
-    """Full names of the linear layers that get LoRA adapters: inside `components`, matching `target_modules`."""
+def lora_target_names(model: nn.Module, components: set[str], target_modules: list[str] | str, exclude: set[str],
+                      family: Family = LLAVA) -> list[str]:
+    """Full names of the linear layers that get LoRA adapters: inside `components` (never the projector, which
+    trains fully or not at all), matching `target_modules`."""
     names = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or name.endswith("lm_head") or name in exclude:
             continue
-        if component_of(name) not in components or component_of(name) == "projector":
+        part = family.component_of(name)
+        if part not in components or part == "projector":
             continue
         if target_modules != "all-linear" and name.rsplit(".", 1)[-1] not in target_modules:
             continue
@@ -513,6 +540,7 @@ def lora_target_names(model: nn.Module, components: set[str], target_modules: li
 
 def parameter_counts(model: nn.Module) -> dict[str, dict[str, int]]:
     """Trainable and total parameter counts per component (vision, projector, llm, lora)."""
+    family = family_of(model)
     counts = {c: {"trainable": 0, "total": 0} for c in (*COMPONENTS, "lora")}
     seen: set[int] = set()
     for name, p in model.named_parameters():
@@ -520,7 +548,7 @@ def parameter_counts(model: nn.Module) -> dict[str, dict[str, int]]:
             continue
         seen.add(id(p))
         n = p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1)
-        key = "lora" if "lora_" in name else component_of(name.replace("base_model.model.", "", 1))
+        key = "lora" if "lora_" in name else family.component_of(name)
         counts[key]["total"] += n
         if p.requires_grad:
             counts[key]["trainable"] += n
@@ -544,6 +572,7 @@ def apply_trainable(
     saved alongside the adapter (`modules_to_save`), so the adapter folder holds everything that changed.
     """
     modes = {"vision": trainable.vision, "projector": trainable.projector, "llm": trainable.llm}
+    family = family_of(model)
     quantized = bool(getattr(model, "is_quantized", False))
     unused = unused_vision_parameters(model) if modes["vision"] != "frozen" else set()
     if quantized:
@@ -552,7 +581,7 @@ def apply_trainable(
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
         keep_4bit_training_layout(model)
     for name, p in model.named_parameters():
-        comp = component_of(name)
+        comp = family.component_of(name)
         used = comp != "vision" or name.split("vision_tower.", 1)[-1] not in unused
         p.requires_grad_(modes[comp] == "full" and used and p.is_floating_point())
 
@@ -561,14 +590,14 @@ def apply_trainable(
         from peft import LoraConfig, get_peft_model
 
         unused_modules = {f"model.vision_tower.{n.rsplit('.', 1)[0]}" for n in unused}
-        targets = lora_target_names(model, lora_components, lora.target_modules, unused_modules)
+        targets = lora_target_names(model, lora_components, lora.target_modules, unused_modules, family)
         if not targets:
             raise ValueError(f"LoRA: no linear layer matches target_modules={lora.target_modules!r}")
         to_save = []
         if modes["projector"] == "full":
-            to_save.append("multi_modal_projector")
+            to_save += family.saved_names(model, family.projector)
         if modes["vision"] == "full":
-            to_save.append("vision_tower")
+            to_save += family.saved_names(model, family.vision)
         if modes["llm"] == "full":
             raise ValueError("trainable: llm 'full' with vision 'lora' is not supported; use llm 'lora'")
         peft_config = LoraConfig(
@@ -594,9 +623,10 @@ def apply_trainable(
             logger.info("%-9s %-6s trainable %12s / %12s", comp, mode, f"{c['trainable']:,}", f"{c['total']:,}")
     if unused:
         logger.info("vision: %d parameter tensors above the feature layer stay frozen (they get no gradient)", len(unused))
-    tower = llava_of(model).model.vision_tower
-    if frozen_tower_without_grad and not any(p.requires_grad for p in tower.parameters()):
-        NoGradForward(tower)
+    if frozen_tower_without_grad:
+        for tower in family.vision_modules(model):
+            if not any(p.requires_grad for p in tower.parameters()):  # (Qwen's projector sits inside its tower)
+                NoGradForward(tower)
     return model
 
 

@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from tokenizers import pre_tokenizers, trainers
 from transformers import (
+    AddedToken,
     AutoTokenizer,
     CLIPVisionConfig,
     CLIPVisionModel,
@@ -205,3 +206,20 @@ def make_tiny_pair(
         num_layers=llm_layers, seed=seed + 1,
     )
     return vision_dir, llm_dir
+
+
+def train_family_tokenizer(tok: PreTrainedTokenizerBase, special: list[str], chat_template: str, *,
+                           byte_level: bool, corpus: Iterable[str] | None = None,
+                           vocab_size: int = 512) -> PreTrainedTokenizerBase:
+    """Train a VLM family's own tokenizer class in-process on the tiny corpus, with the family's special tokens
+    (first, so their ids are small) and its published chat template; returned after a save/load round trip."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet() if byte_level else []
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, initial_alphabet=alphabet,
+                                  show_progress=False)
+    tok._tokenizer.train_from_iterator(list(corpus if corpus is not None else tiny_corpus()), trainer=trainer)
+    # registered as special (atomic) tokens, as the published tokenizers have them; their ids do not change
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in special], special_tokens=True)
+    tok.chat_template = chat_template
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        return AutoTokenizer.from_pretrained(tmp)

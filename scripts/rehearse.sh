@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Rehearse a real recipe family on CPU before anyone rents GPUs for it:
 #
-#   scripts/rehearse.sh llava_med_v15 [WORKDIR]      (or siglip_qwen25)
+#   scripts/rehearse.sh llava_med_v15 [WORKDIR]      (or siglip_qwen25, qwen25vl_medvlthinker, medgemma)
 #
 # It runs ./train.sh stages/<family> as a user would -- the same YAML files, stage order, launcher, pass-rate
 # filter, per-stage evaluation and export -- with two swaps made through train.sh's ordinary environment:
 #   - the models: tiny random-init models of the family's architectures (VISION_TOWER, LLM):
-#       llava_med_v15 -> CLIP-like tower + Mistral-like LLM;  siglip_qwen25 -> SigLIP-like tower + Qwen2-like LLM
+#       llava_med_v15 -> CLIP-like tower + Mistral-like LLM;  siglip_qwen25 -> SigLIP-like tower + Qwen2-like LLM;
+#     or, for the recipes that start from a released VLM (INIT_FROM), a tiny stock model of its family:
+#       qwen25vl_medvlthinker -> Qwen2.5-VL;  medgemma -> Gemma 3 (`medllava tiny --family`)
 #   - the data: small fixtures in the corpora's published layouts (LLaVA-Med JSON, VQA-RAD JSON, SLAKE JSON,
 #     PMC-VQA CSV, PathVQA parquet), converted by data_recipes/ into the paths the recipes name (WORKDIR).
 # Two overrides go to every stage (TRAIN_ARGS): the pass-rate filter keeps every question
@@ -23,10 +25,14 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 family=${1:?usage: scripts/rehearse.sh FAMILY [WORKDIR]}
 family=$(basename "${family%/}")
 work=${2:-$repo/runs/rehearsal/$family-${LAUNCHER:-torchrun}}
+vision="" llm="" model_family=""
 case $family in
   llava_med_v15) vision=clip; llm=mistral ;;
   siglip_qwen25) vision=siglip; llm=qwen2 ;;
-  *) echo "no rehearsal models for family $family (known: llava_med_v15, siglip_qwen25)" >&2; exit 2 ;;
+  qwen25vl_medvlthinker) model_family=qwen2_5_vl ;;
+  medgemma) model_family=gemma3 ;;
+  *) echo "no rehearsal models for family $family (known: llava_med_v15, siglip_qwen25, qwen25vl_medvlthinker," \
+       "medgemma)" >&2; exit 2 ;;
 esac
 "$repo/scripts/setup_venv.sh"
 # shellcheck disable=SC1091
@@ -35,13 +41,22 @@ mkdir -p "$work"
 work=$(cd "$work" && pwd)
 start=$(date +%s)
 [ -f "$work/data/corpus.txt" ] || python "$repo/scripts/rehearsal_data.py" "$work"
-[ -f "$work/base/llm/config.json" ] || medllava tiny "$work/base" --corpus "$work/data/corpus.txt" --vision "$vision" \
-  --llm "$llm" --vision-hidden 32 --llm-hidden 64 --llm-layers 2 >/dev/null
+if [ -n "$model_family" ]; then
+  [ -f "$work/base/config.json" ] || medllava tiny "$work/base" --family "$model_family" \
+    --corpus "$work/data/corpus.txt" >/dev/null
+  export INIT_FROM=$work/base
+  default_stages="${INSTRUCT:-instruct} ${GRPO:-grpo}"
+else
+  [ -f "$work/base/llm/config.json" ] || medllava tiny "$work/base" --corpus "$work/data/corpus.txt" --vision "$vision" \
+    --llm "$llm" --vision-hidden 32 --llm-hidden 64 --llm-layers 2 >/dev/null
+  export VISION_TOWER=$work/base/vision LLM=$work/base/llm
+  default_stages="align instruct instruct_lora instruct_qlora grpo grpo_lora"
+fi
 
-export WORKDIR=$work VISION_TOWER=$work/base/vision LLM=$work/base/llm
+export WORKDIR=$work
 export NPROC=${NPROC:-2} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
 export EVAL_DATA=data/vqa/vqa_rad_test.jsonl EVAL_IMAGES=data/vqa/images
-export STAGES=${STAGES:-align instruct instruct_lora instruct_qlora grpo grpo_lora}
+export STAGES=${STAGES:-$default_stages}
 export TRAIN_ARGS="--grpo.pass_rate_filter.min_rate=-1 --grpo.max_completion_length=32 ${TRAIN_ARGS:-}"
 echo "== rehearsal of stages/$family on $NPROC CPU processes (${LAUNCHER:-torchrun}) in $work: $STAGES"
 "$repo/train.sh" "$repo/stages/$family"

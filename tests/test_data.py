@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from medllava.data.collate import SFTCollator, SFTDataset, expand_image_tokens
+from medllava.data.collate import SFTCollator, SFTDataset
+from medllava.data.expand import ImageExpander
 from medllava.data.records import Record, RecordError, Turn, iter_raw, normalize
 from medllava.data.render import IGNORE_INDEX, Renderer
 from medllava.data.validate import DataValidationError, prepare_samples
@@ -149,18 +150,22 @@ def test_record_error_kind_must_be_known() -> None:
 # Batching
 
 
-def test_expand_image_tokens() -> None:
-    ids = np.array([1, 9, 5, 6])
-    labels = np.array([-100, -100, 5, 6])
-    out_ids, out_labels = expand_image_tokens(ids, labels, image_token_id=9, n=3)
-    assert out_ids.tolist() == [1, 9, 9, 9, 5, 6]
-    assert out_labels.tolist() == [-100, -100, -100, -100, 5, 6]
+def test_splice_expands_each_placeholder_with_its_own_ids(processor) -> None:
+    images = ImageExpander(processor)
+    p = images.placeholder_id
+    ids = np.array([1, p, 5, p, 6])
+    labels = np.array([-100, -100, 5, -100, 6])
+    out_ids, out_labels = images.splice(ids, labels, [[p, p, p], [7, p, 8]])
+    assert out_ids.tolist() == [1, p, p, p, 5, 7, p, 8, 6]
+    assert out_labels.tolist() == [-100, -100, -100, -100, 5, -100, -100, -100, 6]
+    with pytest.raises(ValueError, match="2 image placeholder"):
+        images.splice(ids, labels, [[p]])
 
 
 def test_dataset_and_collator_shapes(phantom: Path, processor) -> None:
     renderer = Renderer(processor, "chat", 256)
     samples, _ = prepare_samples([str(phantom / "instruct.jsonl")], renderer, image_folder=phantom / "images", progress=False)
-    ds = SFTDataset(samples, processor.image_processor, renderer.image_token_id, num_image_tokens(processor))
+    ds = SFTDataset(samples, renderer.images)
     batch = SFTCollator(processor.tokenizer.pad_token_id)([ds[0], ds[1], ds[2]])
     n_img = int((batch["input_ids"] == renderer.image_token_id).sum())
     assert n_img == 3 * num_image_tokens(processor)

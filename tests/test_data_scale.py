@@ -140,7 +140,6 @@ def test_dataloader_workers_freeze_the_inherited_heap(phantom: Path, base_models
     from medllava.data.collate import SFTDataset
     from medllava.data.render import Renderer
     from medllava.model import load_model
-    from medllava.processor import num_image_tokens
 
     class Probe(SFTDataset):
         def __getitem__(self, index: int) -> dict:
@@ -151,7 +150,7 @@ def test_dataloader_workers_freeze_the_inherited_heap(phantom: Path, base_models
     _, processor = load_model(base_models[("clip", "llama")])
     renderer = Renderer(processor, "chat", 256)
     samples = [renderer.render(normalize(raw)) for raw in iter_raw(phantom / "instruct.jsonl")][:4]
-    dataset = Probe(samples, processor.image_processor, renderer.image_token_id, num_image_tokens(processor))
+    dataset = Probe(samples, renderer.images)
     before = gc.get_freeze_count()
     loader = DataLoader(dataset, batch_size=None, num_workers=1, multiprocessing_context="fork")
     assert all(item["frozen"] > 0 for item in loader)

@@ -135,7 +135,8 @@ class Poisoned(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         item = self.inner[i]
         if i == self.index:
-            item = {**item, "pixel_values": torch.full_like(item["pixel_values"], float("nan"))}
+            pixels = item["image_inputs"]["pixel_values"]
+            item = {**item, "image_inputs": {**item["image_inputs"], "pixel_values": torch.full_like(pixels, float("nan"))}}
         return item
 
 

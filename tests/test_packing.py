@@ -15,7 +15,6 @@ from medllava.data.packing import BOUNDARY_KEYS, SamplePackingCollator, packing_
 from medllava.data.render import IGNORE_INDEX, Renderer
 from medllava.data.validate import prepare_samples
 from medllava.model import build_model
-from medllava.processor import num_image_tokens
 
 COMBOS = [("clip", "llama"), ("clip", "qwen2"), ("siglip", "llama"), ("siglip", "qwen2")]
 
@@ -33,7 +32,7 @@ def setup(request: pytest.FixtureRequest, tiny_pair_dirs: dict, phantom: Path) -
     renderer = Renderer(processor, "chat", 512)
     samples, _ = prepare_samples([str(phantom / "instruct.jsonl")], renderer, image_folder=phantom / "images",
                                  progress=False)
-    dataset = SFTDataset(samples[:4], processor.image_processor, renderer.image_token_id, num_image_tokens(processor))
+    dataset = SFTDataset(samples[:4], renderer.images)
     set_llm_attention(model, VARLEN_SDPA)  # what the runner does for an sdpa LLM when it packs
     return model, processor, dataset
 
@@ -43,7 +42,7 @@ def _per_sample(model: torch.nn.Module, dataset: SFTDataset) -> tuple[list[torch
     logits, total, count = [], 0.0, 0
     for i in range(len(dataset)):
         item = dataset[i]
-        out = model(input_ids=item["input_ids"][None], labels=item["labels"][None], pixel_values=item["pixel_values"])
+        out = model(input_ids=item["input_ids"][None], labels=item["labels"][None], pixel_values=item["image_inputs"]["pixel_values"])
         n = int((item["labels"][1:] != IGNORE_INDEX).sum())
         total = total + out.loss * n
         count += n
@@ -96,7 +95,7 @@ def test_micro_batch_packing_equals_per_sample_with_and_without_the_image_filler
     for item in text:
         keep = item["input_ids"] != dataset.image_token_id
         item["input_ids"], item["labels"] = item["input_ids"][keep], item["labels"][keep]
-        del item["pixel_values"]
+        del item["image_inputs"]
     collate = SamplePackingCollator(filler=dataset.image_filler())
     model.eval()
     with torch.no_grad():

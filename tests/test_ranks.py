@@ -120,13 +120,12 @@ def test_packing_keeps_the_samples_per_batch(tmp_path: Path, phantom: Path, base
     from medllava.data.render import Renderer
     from medllava.data.validate import prepare_samples
     from medllava.model import load_model
-    from medllava.processor import num_image_tokens
 
     _, processor = load_model(base_models[("clip", "llama")])
     renderer = Renderer(processor, "chat", 256)
     samples, _ = prepare_samples([str(phantom / "instruct.jsonl")], renderer, image_folder=phantom / "images",
                                  progress=False)
-    dataset = SFTDataset(samples, processor.image_processor, renderer.image_token_id, num_image_tokens(processor))
+    dataset = SFTDataset(samples, renderer.images)
     features = [dataset[i] for i in range(6)]
     batch = SamplePackingCollator()(features)
     assert sorted(batch["sample_ids"]) == sorted(f["sample_id"] for f in features)

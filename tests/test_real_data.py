@@ -168,7 +168,7 @@ def test_a_stage_with_a_lung_window_feeds_the_windowed_image(tmp_path: Path, pha
     cfg = stage_dict(tmp_path, phantom, init_from=base_models[("clip", "llama")],
                      data={"train_files": [str(data)], "image_folder": str(images), "window": "lung"})
     run = prepare_sft(config_from_dict(cfg))
-    fed = run.trainer.train_dataset[0]["pixel_values"]
+    fed = run.trainer.train_dataset[0]["image_inputs"]["pixel_values"]
     processor = run.processor.image_processor
     lung = processor(images=[load_image(images / "ct.dcm", window=Window.parse("lung"))], return_tensors="pt")
     own = processor(images=[load_image(images / "ct.dcm")], return_tensors="pt")

@@ -1,7 +1,8 @@
-"""Turn rendered samples into model batches: expand `<image>` to the feature count, load pixels, pad.
+"""Turn rendered samples into model batches: load and process images, expand each placeholder, pad.
 
-The batch is exactly what `LlavaForConditionalGeneration.forward` takes (input_ids, attention_mask, labels,
-pixel_values), plus `sample_ids` for error messages, which the trainer removes before the forward pass.
+The batch is exactly what the model family's forward takes (input_ids, attention_mask, labels, pixel_values and,
+per family, image_grid_thw and the token-type ids that mark image tokens), plus `sample_ids` for error messages,
+which the trainer removes before the forward pass.
 
 A micro-batch without any image (text-only records) gets one filler sample: a blank image's tokens, every label
 ignored. Every rank then runs the vision tower and projector in every step, in the model's own order: under
@@ -21,15 +22,20 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
+from medllava.data.expand import ImageExpander
 from medllava.data.render import IGNORE_INDEX, Rendered
 from medllava.imaging import ImageError, Window, load_image
 
 FILLER_ID = "<image filler>"
+IMAGE_INPUTS = "image_inputs"
+"""Feature key of a sample's processed images (pixel_values, image_grid_thw, ...): concatenated across the batch."""
+TOKEN_TYPE_KEYS = ("mm_token_type_ids", "token_type_ids")
+"""Per-token inputs beside input_ids that some families take (see Family.token_types_key): padded with 0 (text)."""
 
 
 def with_image(features: list[dict[str, Any]], filler: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The features, plus the image filler when none of them has an image."""
-    if filler is None or any("pixel_values" in f for f in features):
+    if filler is None or any(IMAGE_INPUTS in f for f in features):
         return features
     return [*features, filler]
 
@@ -47,25 +53,14 @@ IMAGE_ERRORS = "image_errors"
 """Batch key of image_errors(); like `sample_ids`, the trainer takes it out before the forward pass."""
 
 
-def expand_image_tokens(ids: np.ndarray, labels: np.ndarray, image_token_id: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Repeat each image placeholder n times (labels there are ignored)."""
-    repeats = np.where(ids == image_token_id, n, 1)
-    out_ids = np.repeat(ids, repeats)
-    out_labels = np.repeat(labels, repeats)
-    out_labels[out_ids == image_token_id] = IGNORE_INDEX
-    return out_ids, out_labels
-
-
 class SFTDataset(Dataset):
     """Rendered samples -> tensors; images are decoded and preprocessed on access (in DataLoader workers)."""
 
-    def __init__(self, samples: Sequence[Rendered], image_processor: Any, image_token_id: int, tokens_per_image: int,
-                 window: Window | None = None):
+    def __init__(self, samples: Sequence[Rendered], images: ImageExpander, window: Window | None = None):
         self.samples = samples
         self.window = window  # DICOM display window for every image (data.window)
-        self.image_processor = image_processor
-        self.image_token_id = image_token_id
-        self.tokens_per_image = tokens_per_image
+        self.images = images
+        self.image_token_id = images.placeholder_id
         self._gc_frozen = False  # set in each DataLoader worker, see __getitem__
 
     def __len__(self) -> int:
@@ -78,10 +73,22 @@ class SFTDataset(Dataset):
 
     def image_filler(self) -> dict[str, Any]:
         """A blank image's tokens with every label ignored (see the module docstring)."""
-        ids = np.full(self.tokens_per_image, self.image_token_id, dtype=np.int64)
-        pixels = self.image_processor(images=[Image.new("RGB", (32, 32))], return_tensors="pt")["pixel_values"]
-        return {"input_ids": torch.from_numpy(ids), "labels": torch.full((len(ids),), IGNORE_INDEX, dtype=torch.long),
-                "sample_id": FILLER_ID, "pixel_values": pixels}
+        ids = np.asarray([self.image_token_id], dtype=np.int64)
+        return self._item(FILLER_ID, ids, np.full(1, IGNORE_INDEX, dtype=np.int64), [Image.new("RGB", (32, 32))])
+
+    def _item(self, sample_id: str, ids: np.ndarray, labels: np.ndarray, images: list[Image.Image]) -> dict[str, Any]:
+        """A sample's tensors: each placeholder expanded for its processed image, the family's token types."""
+        item: dict[str, Any] = {"sample_id": sample_id}
+        if images:
+            inputs, expansions = self.images.process(images)
+            ids, labels = self.images.splice(ids, labels, expansions)
+            item[IMAGE_INPUTS] = inputs
+        item["input_ids"] = torch.from_numpy(ids)
+        item["labels"] = torch.from_numpy(labels)
+        types = self.images.token_types(ids)
+        if types is not None:
+            item[self.images.family.token_types_key] = types
+        return item
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not self._gc_frozen and get_worker_info() is not None:
@@ -91,23 +98,24 @@ class SFTDataset(Dataset):
             gc.freeze()
             self._gc_frozen = True
         sample = self.samples[index]
-        ids, labels = expand_image_tokens(sample.input_ids, sample.labels, self.image_token_id, self.tokens_per_image)
-        item: dict[str, Any] = {
-            "input_ids": torch.from_numpy(ids),
-            "labels": torch.from_numpy(labels),
-            "sample_id": sample.id,
-        }
-        if sample.images:
-            try:
-                images = [load_image(ref, window=self.window) for ref in sample.images]
-            except ImageError as err:
-                # Found here, not before training (data.image_check: header): the sample keeps its place with
-                # blank images and no supervised token, and the error travels with the batch to the report.
-                images = [Image.new("RGB", (32, 32))] * len(sample.images)
-                item["labels"] = torch.full_like(item["labels"], IGNORE_INDEX)
-                item["image_error"] = {"id": sample.id, "source": sample.source, "line": sample.line,
-                                       "kind": err.kind, "reason": err.reason, "path": err.path}
-            item["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        labels = sample.labels
+        error = None
+        try:
+            images = [load_image(ref, window=self.window) for ref in sample.images]
+        except ImageError as err:
+            # Found here, not before training (data.image_check: header): the sample keeps its place with
+            # blank images and no supervised token, and the error travels with the batch to the report.
+            images = [Image.new("RGB", (32, 32))] * len(sample.images)
+            labels = np.full_like(labels, IGNORE_INDEX)
+            error = {"id": sample.id, "source": sample.source, "line": sample.line,
+                     "kind": err.kind, "reason": err.reason, "path": err.path}
+        item = self._item(sample.id, np.asarray(sample.input_ids), np.asarray(labels), images)
+        if error is not None:
+            item["image_error"] = error
+        elif len(item["input_ids"]) != sample.length:
+            raise RuntimeError(f"{sample.source}:{sample.line} ({sample.id}): its images expand to "
+                               f"{len(item['input_ids'])} tokens, {sample.length} when it was checked (an image "
+                               "changed since, or the processor's settings did); clear the data cache")
         return item
 
 
@@ -130,7 +138,18 @@ class SFTCollator:
         attention_mask = torch.zeros_like(input_ids)
         for row, f in enumerate(features):
             attention_mask[row, : f["input_ids"].shape[0]] = 1
-        return with_bookkeeping({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}, features)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        for key in token_type_keys(features):
+            batch[key] = torch.zeros_like(input_ids)
+            for row, f in enumerate(features):
+                if key in f:
+                    batch[key][row, : f[key].shape[0]] = f[key]
+        return with_bookkeeping(batch, features)
+
+
+def token_type_keys(features: Sequence[dict[str, Any]]) -> list[str]:
+    """The per-token type inputs any of the features carry (see TOKEN_TYPE_KEYS; a feature without one is text)."""
+    return [k for k in TOKEN_TYPE_KEYS if any(k in f for f in features)]
 
 
 def with_bookkeeping(batch: dict[str, Any], features: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -154,7 +173,8 @@ def pad_right(features: Sequence[dict[str, Any]], longest: int, pad_token_id: in
 
 
 def add_pixels(batch: dict[str, Any], features: Sequence[dict[str, Any]]) -> None:
-    """The features' images, concatenated in order, as batch["pixel_values"] (when there are any)."""
-    pixels = [f["pixel_values"] for f in features if "pixel_values" in f]
-    if pixels:
-        batch["pixel_values"] = torch.cat(pixels, dim=0)
+    """The features' processed images, each input concatenated in order along its first axis (pixel_values and,
+    per family, image_grid_thw ...), when there are any."""
+    inputs = [f[IMAGE_INPUTS] for f in features if IMAGE_INPUTS in f]
+    for key in inputs[0] if inputs else []:
+        batch[key] = torch.cat([i[key] for i in inputs], dim=0)

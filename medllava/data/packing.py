@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 
-from medllava.data.collate import IMAGE_ERRORS, with_bookkeeping, with_image
+from medllava.data.collate import IMAGE_ERRORS, token_type_keys, with_bookkeeping, with_image
 from medllava.data.render import IGNORE_INDEX
+from medllava.families import family_of
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class SamplePackingCollator:
         lengths = torch.tensor([f["input_ids"].shape[0] for f in features])
         cu_seq_lens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
         longest = int(lengths.max())
-        return with_bookkeeping({
+        batch = {
             "input_ids": torch.cat([f["input_ids"] for f in features])[None],
             "labels": torch.cat(labels)[None],
             "position_ids": torch.cat([torch.arange(int(n)) for n in lengths])[None],
@@ -54,7 +55,19 @@ class SamplePackingCollator:
             "cu_seq_lens_k": cu_seq_lens,
             "max_length_q": longest,
             "max_length_k": longest,
-        }, features)
+        }
+        for key in token_type_keys(features):
+            batch[key] = torch.cat([f.get(key, torch.zeros_like(f["input_ids"])) for f in features])[None]
+        return with_bookkeeping(batch, features)
+
+
+def with_packed_positions(model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+    """A packed batch with the positions its model family needs (M-RoPE's, computed sample by sample with the
+    model: see Family.packed_positions); other batches, and families whose 1-D positions serve, unchanged."""
+    positions = family_of(model).packed_positions
+    if positions is None or "cu_seq_lens_q" not in batch:
+        return batch
+    return {**batch, "position_ids": positions(model, batch)}
 
 
 BOUNDARY_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
@@ -98,7 +111,7 @@ def packing_isolates(model: torch.nn.Module, vocab_size: int, collator: Any = No
         with autocast if autocast is not None else contextlib.nullcontext():
             mixed = torch.is_autocast_enabled(device.type)
             separate = [model(input_ids=s[None].to(device), use_cache=False).logits[0].float() for s in seqs]
-            packed = model(**inputs).logits.float()
+            packed = model(**with_packed_positions(model, inputs)).logits.float()
             plain = {k: v for k, v in inputs.items() if k not in (*BOUNDARY_KEYS, "attention_mask")}
             leaking = model(**plain).logits.float()
     finally:

@@ -4,7 +4,11 @@ plain: [bos] <image>... caption </s>, loss on the caption and the end token (LLa
 chat:  the processor's chat template; loss on each assistant turn's text and its end-of-turn token only.
 The chat labels come from character spans: the conversation is rendered once, each assistant span is
 located by rendering the prefix with the generation prompt, and tokens starting inside a span are
-supervised. Image placeholders stay one id each here; the dataset expands them to the feature count.
+supervised. Image placeholders stay one id each here; the dataset expands them (medllava.data.expand), and the
+length checked here is the expanded one, each image counted at its own size.
+
+Llava renders the `<image>` placeholders written in the record's text through the LLM's template; the other
+families get structured content (image parts, then text) rendered by their own processor's chat template.
 """
 
 from __future__ import annotations
@@ -14,12 +18,36 @@ from typing import Any
 
 import numpy as np
 from jinja2 import TemplateError
-from transformers import LlavaProcessor
 
+from medllava.data.expand import IGNORE_INDEX, ImageExpander
 from medllava.data.records import Record, RecordError
-from medllava.processor import IMAGE_TOKEN, num_image_tokens
+from medllava.families import Family
+from medllava.imaging import ImageError, image_size
+from medllava.processor import IMAGE_TOKEN
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "Rendered", "Renderer", "structured", "user_content"]
+
+
+def structured(text: str) -> list[dict[str, str]]:
+    """A record turn's text as structured content: an image part for each `<image>` (a newline right after it
+    belongs to the placeholder, as medllava.processor.parts_to_text writes it), text parts between."""
+    parts: list[dict[str, str]] = []
+    pieces = text.split(IMAGE_TOKEN)
+    for i, piece in enumerate(pieces):
+        if i > 0:
+            parts.append({"type": "image"})
+            piece = piece[1:] if piece.startswith("\n") else piece
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+def user_content(processor: Any, text: str) -> str | list[dict[str, str]]:
+    """A turn's text (with `<image>` placeholders) as the processor's chat template takes it: structured for the
+    families whose own templates render image parts, the text itself for Llava's wrapped template."""
+    from medllava.families import family_of_processor
+
+    return structured(text) if family_of_processor(processor).structured_content else text
 
 
 @dataclass
@@ -40,10 +68,11 @@ class Renderer:
 
     def __init__(
         self,
-        processor: LlavaProcessor,
+        processor: Any,
         fmt: str = "chat",
         max_length: int = 2048,
         system_prompt: str | None = None,
+        family: Family | None = None,
     ) -> None:
         if fmt not in ("plain", "chat"):
             raise ValueError(f"unknown rendering format {fmt!r}")
@@ -52,8 +81,9 @@ class Renderer:
         self.format = fmt
         self.max_length = max_length
         self.system_prompt = system_prompt
-        self.image_token_id = int(self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
-        self.tokens_per_image = num_image_tokens(processor)
+        self.images = ImageExpander(processor, family)
+        self.family = self.images.family
+        self.image_token_id = self.images.placeholder_id
         self.template = processor.chat_template
         if fmt == "chat" and not self.template:
             raise ValueError("processor has no chat template")
@@ -69,8 +99,18 @@ class Renderer:
             messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
-    def expanded_length(self, n_ids: int, n_images: int) -> int:
-        return n_ids + n_images * (self.tokens_per_image - 1)
+    def image_tokens(self, record: Record) -> list[int]:
+        """How many tokens each of the record's images expands to (sizes read from the image headers where the
+        family's count depends on them)."""
+        if not self.family.dynamic_resolution:
+            return [self.images.count(None)] * len(record.images)
+        counts = []
+        for ref in record.images:
+            try:
+                counts.append(self.images.count(image_size(ref)))
+            except ImageError as err:
+                raise _failer(record)(err.kind, f"{err.reason} ({err.path})") from None
+        return counts
 
     def _finish(self, record: Record, ids: list[int], labels: list[int]) -> Rendered:
         fail = _failer(record)
@@ -79,7 +119,7 @@ class Renderer:
             raise fail("image_count_mismatch", f"{n_placeholders} {IMAGE_TOKEN} placeholder(s) for {len(record.images)} image(s)")
         if not any(label != IGNORE_INDEX for label in labels):
             raise fail("empty_answer", "nothing to learn: no supervised tokens")
-        length = self.expanded_length(len(ids), len(record.images))
+        length = len(ids) + sum(n - 1 for n in self.image_tokens(record))
         if length > self.max_length:
             raise fail("too_long", f"rendered length {length} > max_length {self.max_length} (never truncated)")
         return Rendered(
@@ -95,9 +135,11 @@ class Renderer:
     # -- public ----------------------------------------------------------------------------------------------
     def messages(self, record: Record) -> list[dict[str, str]]:
         """The record as chat messages (system prompt added if configured and absent)."""
-        msgs = [{"role": t.role, "content": t.text} for t in record.turns]
+        msgs: list[dict[str, Any]] = [{"role": t.role, "content": t.text} for t in record.turns]
         if self.system_prompt and (not msgs or msgs[0]["role"] != "system"):
             msgs.insert(0, {"role": "system", "content": self.system_prompt})
+        if self.family.structured_content:
+            msgs = [{"role": m["role"], "content": structured(m["content"])} for m in msgs]
         return msgs
 
     def render(self, record: Record) -> Rendered:

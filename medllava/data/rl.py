@@ -16,11 +16,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from medllava.data.expand import ImageExpander
 from medllava.data.records import RecordError
 from medllava.data.validate import ValidationReport, check_images, finish_report, first_failure, resolve_image
 from medllava.data.vqa import VQARecord, format_question, read_vqa
-from medllava.imaging import Window, load_image
-from medllava.processor import IMAGE_TOKEN, num_image_tokens
+from medllava.imaging import Window, image_size, load_image
+from medllava.processor import IMAGE_TOKEN
 
 logger = logging.getLogger(__name__)
 
@@ -49,13 +50,20 @@ def prompt_messages(record: VQARecord, mode: str = "plain", instruction: str | N
     return messages
 
 
-def prompt_length(processor: Any, messages: list[dict[str, str]]) -> int:
-    """Rendered prompt length in tokens, image tokens included."""
-    with_image = [dict(m) for m in messages]
-    with_image[-1]["content"] = f"{IMAGE_TOKEN}\n{with_image[-1]['content']}"
+def prompt_length(processor: Any, messages: list[dict[str, str]], image: Any = None,
+                  images: ImageExpander | None = None) -> int:
+    """Rendered prompt length in tokens, the image's tokens included (counted at its size where the model family's
+    count depends on it), with the image part in front of the text as TRL puts it."""
+    images = images or ImageExpander(processor)
+    with_image: list[dict[str, Any]] = [dict(m) for m in messages]
+    if images.family.structured_content:
+        with_image[-1]["content"] = [{"type": "image"}, {"type": "text", "text": with_image[-1]["content"]}]
+    else:
+        with_image[-1]["content"] = f"{IMAGE_TOKEN}\n{with_image[-1]['content']}"
     text = processor.apply_chat_template(with_image, add_generation_prompt=True, tokenize=False)
     n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-    return n - 1 + num_image_tokens(processor)
+    size = image_size(image) if image is not None and images.family.dynamic_resolution else None
+    return n - 1 + images.count(size)
 
 
 def build_rl_rows(
@@ -102,13 +110,14 @@ def build_rl_rows(
     # RL sets are small and an image that fails inside generation has no skip path: decode every one now.
     failures = check_images([r.image for r in records], level="full", progress=progress)
     rows: list[dict[str, Any]] = []
+    expander = ImageExpander(processor)
     for rec in tqdm(records, desc="formatting prompts", disable=not progress, leave=False):
         bad = first_failure([rec.image], failures)
         if bad is not None:
             errors.append(RecordError(bad.kind, bad.reason, source=rec.source, line=rec.line, record_id=rec.id))
             continue
         messages = prompt_messages(rec, mode, instruction, system_prompt)
-        length = prompt_length(processor, messages)
+        length = prompt_length(processor, messages, rec.image, expander)
         if length > max_prompt_length:
             too_long.append(RecordError("too_long", f"prompt length {length} > {max_prompt_length} (filtered, never truncated)",
                                         source=rec.source, line=rec.line, record_id=rec.id))

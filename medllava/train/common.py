@@ -15,14 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import LlavaProcessor, TrainingArguments, set_seed
+from transformers import ProcessorMixin, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from medllava.config import ConfigError, StageConfig, save_config
 from medllava.data.collate import IMAGE_ERRORS
+from medllava.families import LLAVA, family_of
 from medllava.model import (
     ADAPTER_CONFIG,
     build_model,
+    check_reloadable,
+    family_of_source,
     is_adapter_dir,
     llava_of,
     load_model,
@@ -129,13 +132,14 @@ class MedLlavaTrainerMixin:
         if self.optimizer is not None:
             return self.optimizer
         opt_model = self.model if model is None else model
+        family = family_of(opt_model)
         decay = set(self.get_decay_parameter_names(opt_model))
         groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
         for name, param in opt_model.named_parameters():
             if not param.requires_grad:
                 continue
             lr = self.args.learning_rate
-            if self.projector_lr is not None and "multi_modal_projector" in name:
+            if self.projector_lr is not None and family.component_of(name) == "projector":
                 lr = self.projector_lr
             wd = self.args.weight_decay if name in decay else 0.0
             groups.setdefault((lr, wd), []).append(param)
@@ -249,7 +253,7 @@ def cast_trainable_to_fp32(model: torch.nn.Module, precision: str, deepspeed: st
         cast_trainable(model, torch.float32)
 
 
-def begin_stage(cfg: StageConfig) -> tuple[Path, str, Any, LlavaProcessor, str | None]:
+def begin_stage(cfg: StageConfig) -> tuple[Path, str, Any, ProcessorMixin, str | None]:
     """Check the inputs, join the ranks, seed everything, resolve precision, load the starting model."""
     check_liger(cfg)  # before the (possibly long) model load
     check_inputs(cfg)
@@ -320,7 +324,7 @@ class StageRun:
 
     cfg: StageConfig
     trainer: Any
-    processor: LlavaProcessor
+    processor: ProcessorMixin
     base_ref: str | None
     checkpoint: str | None
 
@@ -457,11 +461,11 @@ def resolve_precision(precision: str, use_cpu: bool = False) -> str:
     return precision
 
 
-def load_stage_model(cfg: StageConfig, precision: str) -> tuple[Any, LlavaProcessor, str | None]:
+def load_stage_model(cfg: StageConfig, precision: str) -> tuple[Any, ProcessorMixin, str | None]:
     """The stage's starting model and processor, and the folder it came from (None when assembled in memory)."""
     m = cfg.model
     dtype = DTYPES[precision]
-    quant = quantization_config(cfg.quantization, dtype)
+    quantized = cfg.quantization.bits is not None
     common = {"attn_implementation": m.attn_implementation, "trust_remote_code": m.trust_remote_code,
               "allow_pickle": m.allow_pickle}
     base_ref: str | None
@@ -470,6 +474,8 @@ def load_stage_model(cfg: StageConfig, precision: str) -> tuple[Any, LlavaProces
         if not Path(source).exists() and os.sep in source:
             raise ConfigError(f"model.init_from: {source} does not exist (run the previous stage first)")
         check_stage_output(source)
+        family = family_of_source(source, trust_remote_code=m.trust_remote_code) if quantized else LLAVA
+        quant = quantization_config(cfg.quantization, dtype, family)
         if is_adapter_dir(source):
             # A LoRA stage output: merge it into its base. A quantized stage needs the merged weights on disk.
             if quant is not None:
@@ -492,7 +498,7 @@ def load_stage_model(cfg: StageConfig, precision: str) -> tuple[Any, LlavaProces
             model, processor = load_model(source, dtype=dtype, quantization=quant, **common)
             base_ref = source
     else:
-        if quant is not None:
+        if quantized:
             raise ConfigError(
                 "quantization needs model.init_from (a saved full-precision model, e.g. the align stage output)"
             )
@@ -510,10 +516,19 @@ def load_stage_model(cfg: StageConfig, precision: str) -> tuple[Any, LlavaProces
             allow_pickle=m.allow_pickle,
         )
         base_ref = None
+    family = family_of(model)
     if m.image_aspect is not None:
         set_image_aspect(processor, m.image_aspect)
     if m.init_from and m.chat_template:
-        processor.chat_template = wrap_chat_template(m.chat_template)
+        processor.chat_template = m.chat_template if family.structured_content else wrap_chat_template(m.chat_template)
+    if m.min_pixels is not None or m.max_pixels is not None:
+        if family.set_pixel_limits is None:
+            raise ConfigError(f"model.min_pixels/max_pixels: {family.title} resizes every image to one size; the "
+                              "pixel range applies to dynamic-resolution families (Qwen-VL)")
+        try:
+            family.set_pixel_limits(processor, m.min_pixels, m.max_pixels)
+        except ValueError as err:
+            raise ConfigError(f"model.min_pixels/max_pixels: {err}") from None
     return model, processor, base_ref
 
 
@@ -521,7 +536,7 @@ def uses_lora(cfg: StageConfig) -> bool:
     return "lora" in (cfg.trainable.vision, cfg.trainable.llm)
 
 
-def save_base_if_needed(cfg: StageConfig, model: Any, processor: LlavaProcessor, base_ref: str | None,
+def save_base_if_needed(cfg: StageConfig, model: Any, processor: ProcessorMixin, base_ref: str | None,
                         needed: bool = False) -> str | None:
     """A stage whose starting model exists only in memory (assembled, or merged from an adapter) saves it under
     output_dir/base when something must refer to it on disk: a LoRA adapter's base, or (`needed`) a reference."""
@@ -565,7 +580,7 @@ def resume_checkpoint(cfg: StageConfig) -> str | None:
     return checkpoint
 
 
-def save_stage_output(cfg: StageConfig, trainer: Any, processor: LlavaProcessor, base_ref: str | None) -> Path:
+def save_stage_output(cfg: StageConfig, trainer: Any, processor: ProcessorMixin, base_ref: str | None) -> Path:
     """Write the stage's model (or adapter + base reference), processor, resolved config and training log.
 
     Everything is written to OUTPUT/.staging/final and then moved into OUTPUT, config and stage marker last.
@@ -594,9 +609,7 @@ def save_stage_output(cfg: StageConfig, trainer: Any, processor: LlavaProcessor,
             data = json.loads(adapter_cfg.read_text(encoding="utf-8"))
             data["base_model_name_or_path"] = os.path.relpath(Path(base_ref).resolve(), out.resolve())
             adapter_cfg.write_text(json.dumps(data, indent=2), encoding="utf-8")
-        base = llava_of(model)
-        if not getattr(base.config.text_config, "architectures", None):
-            raise RuntimeError("text_config.architectures is unset; the saved model would not reload")
+        check_reloadable(llava_of(model))
         processor.save_pretrained(staging)
         save_config(cfg, staging / STAGE_CONFIG_NAME)
         (staging / RUN_FACTS).write_text(json.dumps(run_facts(cfg, trainer, out), indent=2), encoding="utf-8")

@@ -21,12 +21,11 @@ from medllava.attention import llm_attention, packed_implementation, set_llm_att
 from medllava.config import ConfigError, StageConfig
 from medllava.data.cache import CachedSamples, cache_key, is_complete, save_samples, tokenizer_fingerprint
 from medllava.data.collate import SFTCollator, SFTDataset
-from medllava.data.packing import SamplePackingCollator, packing_isolates
+from medllava.data.packing import SamplePackingCollator, packing_isolates, with_packed_positions
 from medllava.data.render import Rendered, Renderer
 from medllava.data.validate import REPORT_NAME, prepare_samples
 from medllava.imaging import Window
 from medllava.model import apply_trainable, default_attn_implementation
-from medllava.processor import num_image_tokens
 from medllava.train import ranks
 from medllava.train.common import (
     LOADER_SKIPS,
@@ -58,6 +57,7 @@ class MedLlavaTrainer(MedLlavaTrainerMixin, Trainer):
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
+        inputs = with_packed_positions(model, inputs)
         if self.supervised_head and "labels" in inputs:
             inputs = {**inputs, **head_inputs(inputs["labels"], liger=bool(self.args.use_liger_kernel))}
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
@@ -73,7 +73,10 @@ def batching(cfg: StageConfig, model: Any, processor: Any, dataset: SFTDataset) 
     sample boundaries, see medllava.attention) unless packing is off or no such attention exists for this LLM;
     `check_packing` then probes it on the placed model."""
     filler = dataset.image_filler()
-    if cfg.data.packing is not False:
+    refusal = dataset.images.family.packing_refusal
+    if cfg.data.packing is not False and refusal is not None:
+        packing_off(cfg, refusal)
+    elif cfg.data.packing is not False:
         running = llm_attention(model)
         isolating = packed_implementation(running)
         if isolating is not None:
@@ -119,7 +122,7 @@ def prepared_samples(cfg: StageConfig, renderer: Renderer, out: Path) -> Sequenc
     key = cache_key(d.train_files, image_folder=str(Path(d.image_folder).resolve()), format=d.format,
                     max_length=d.max_length, system_prompt=d.system_prompt, skip_invalid=d.skip_invalid,
                     allow_absolute_paths=d.allow_absolute_paths, max_samples=d.max_samples, image_check=d.image_check,
-                    tokenizer=tokenizer_fingerprint(renderer.tokenizer), tokens_per_image=renderer.tokens_per_image)
+                    tokenizer=tokenizer_fingerprint(renderer.tokenizer), image_tokens=renderer.images.fingerprint())
     folder = Path(d.cache_dir or out / ".data_cache") / f"sft-{key}"
 
     def build() -> None:
@@ -154,8 +157,7 @@ def prepare_sft(cfg: StageConfig) -> StageRun:
     cast_trainable_to_fp32(model, precision, cfg.run.deepspeed)
 
     window = Window.parse(cfg.data.window) if cfg.data.window else None
-    dataset = SFTDataset(samples, processor.image_processor, renderer.image_token_id, num_image_tokens(processor),
-                         window=window)
+    dataset = SFTDataset(samples, renderer.images, window=window)
     collator = batching(cfg, model, processor, dataset)
     trainer = MedLlavaTrainer(
         model=model,

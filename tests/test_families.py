@@ -1,0 +1,318 @@
+"""Every model family beside Llava: tiny stock checkpoints (saved with plain transformers' save_pretrained, as a
+download looks), rendered, trained (full and LoRA), packed and reloaded with plain transformers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+from medllava.config import config_from_dict
+from medllava.data.collate import SFTDataset
+from medllava.data.packing import SamplePackingCollator, with_packed_positions
+from medllava.data.render import IGNORE_INDEX, Renderer
+from medllava.data.validate import prepare_samples
+from medllava.families import FAMILIES, by_name, family_of
+from medllava.model import ModelLoadError, apply_trainable, end_of_turn_ids, family_of_source, load_model
+from medllava.train.sft import prepare_sft, run_sft
+from tests.conftest import stage_dict, write_jsonl
+
+NEW = [f.name for f in FAMILIES if not f.assembled]
+MROPE = [f.name for f in FAMILIES if f.packed_positions is not None]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each new family's tiny checkpoint folder."""
+    out = {}
+    for name in NEW:
+        folder = tmp_path_factory.mktemp(name)
+        by_name(name).build_tiny(folder)
+        out[name] = folder
+    return out
+
+
+def _records(tmp: Path, phantom: Path, n: int = 6) -> Path:
+    rows = [json.loads(line) for line in (phantom / "instruct.jsonl").read_text(encoding="utf-8").splitlines()[:n]]
+    return write_jsonl(tmp / "records.jsonl", rows)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_tiny_folder_is_a_stock_checkpoint_of_its_family(tiny: dict[str, Path], name: str) -> None:
+    config = AutoConfig.from_pretrained(tiny[name])
+    assert family_of(config).name == name and family_of_source(tiny[name]).name == name
+    model = AutoModelForImageTextToText.from_pretrained(tiny[name])
+    counts = {c: sum(p.numel() for n, p in model.named_parameters() if family_of(model).component_of(n) == c)
+              for c in ("vision", "projector", "llm")}
+    assert all(counts.values()), counts  # every part found under the family's module names
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_supervised_tokens_are_each_answer_and_its_end_of_turn(tiny: dict[str, Path], name: str, phantom: Path,
+                                                               tmp_path: Path) -> None:
+    """Under the family's own chat template, the labels are exactly the assistant turns' text + end-of-turn."""
+    processor = AutoProcessor.from_pretrained(tiny[name])
+    renderer = Renderer(processor, "chat", 512)
+    rows = [{"id": "two-turn", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nIs there a lesion?"}, {"from": "gpt", "value": "Yes, one lesion."},
+        {"from": "human", "value": "Which side?"}, {"from": "gpt", "value": "The left side."}]}]
+    Image.new("RGB", (40, 56), (90, 90, 90)).save(tmp_path / "a.png")
+    samples, _ = prepare_samples([str(write_jsonl(tmp_path / "r.jsonl", rows))], renderer, image_folder=tmp_path,
+                                 progress=False)
+    sample = samples[0]
+    tok = processor.tokenizer
+    supervised = sample.labels != IGNORE_INDEX
+    runs, current = [], []
+    for keep, tid in zip(supervised, sample.input_ids):
+        if keep:
+            current.append(int(tid))
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    texts = [tok.decode(r) for r in runs]
+    end = tok.convert_ids_to_tokens(end_of_turn_ids(processor)[-1])  # the token the template closes a turn with
+    assert [t.strip() for t in texts] == [f"Yes, one lesion.{end}", f"The left side.{end}"]
+    assert int((sample.input_ids == renderer.image_token_id).sum()) == 1
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_loaded_sample_matches_what_the_processor_makes(tiny: dict[str, Path], name: str, tmp_path: Path) -> None:
+    """The dataset's expansion of a rendered sample is the processor's own input_ids for the same text and image,
+    and its length is the one checked before training (each image counted at its size)."""
+    processor = AutoProcessor.from_pretrained(tiny[name])
+    renderer = Renderer(processor, "chat", 1024)
+    Image.new("RGB", (61, 45), (30, 60, 90)).save(tmp_path / "a.png")
+    rows = [{"id": "r", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "An axial CT."}]}]
+    samples, _ = prepare_samples([str(write_jsonl(tmp_path / "r.jsonl", rows))], renderer, image_folder=tmp_path,
+                                 progress=False)
+    item = SFTDataset(samples, renderer.images)[0]
+    text = renderer._apply(renderer.messages(_record(rows[0], tmp_path)), add_generation_prompt=False)
+    reference = processor(text=[text], images=[Image.open(tmp_path / "a.png").convert("RGB")], return_tensors="pt")
+    assert item["input_ids"].tolist() == reference["input_ids"][0].tolist()
+    assert len(item["input_ids"]) == samples[0].length
+    for key, value in item["image_inputs"].items():
+        torch.testing.assert_close(value, reference[key])
+
+
+def _record(row: dict, folder: Path):
+    from medllava.data.records import RawRecord, normalize
+
+    return normalize(RawRecord(data=row, source="r.jsonl", line=1))
+
+
+@pytest.mark.parametrize("name", [n for n in NEW if by_name(n).dynamic_resolution])
+def test_a_large_image_is_counted_whole_and_never_cut(tiny: dict[str, Path], name: str, tmp_path: Path) -> None:
+    """Dynamic resolution: a bigger image has more tokens; over max_length the record is refused (too_long),
+    never truncated through its image."""
+    processor = AutoProcessor.from_pretrained(tiny[name])
+    small, large = Image.new("RGB", (16, 16)), Image.new("RGB", (48, 48))
+    small.save(tmp_path / "s.png")
+    large.save(tmp_path / "l.png")
+    counter = Renderer(processor, "chat", 4096)
+    n_small, n_large = counter.images.count((16, 16)), counter.images.count((48, 48))
+    assert n_large > n_small
+    rows = [{"id": i, "image": f, "conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                                                   {"from": "gpt", "value": "A CT."}]} for i, f in (("s", "s.png"), ("l", "l.png"))]
+    records = str(write_jsonl(tmp_path / "r.jsonl", rows))
+    both, _ = prepare_samples([records], counter, image_folder=tmp_path, progress=False)
+    assert both[1].length - both[0].length == n_large - n_small
+    assert [len(SFTDataset(both, counter.images)[i]["input_ids"]) for i in (0, 1)] == [b.length for b in both]
+    renderer = Renderer(processor, "chat", both[0].length + (n_large - n_small) // 2)
+    samples, report = prepare_samples([records], renderer, image_folder=tmp_path, skip_invalid=True, progress=False)
+    assert [s.id for s in samples] == ["s"]
+    assert [e.kind for e in report.errors] == ["too_long"] and report.errors[0].record_id == "l"
+
+
+@pytest.mark.parametrize("name", MROPE)
+def test_packed_row_gives_each_sample_its_separate_logits(tiny: dict[str, Path], name: str, phantom: Path,
+                                                          tmp_path: Path) -> None:
+    """M-RoPE packing is exact: samples with images packed in one row (positions per sample from the model's own
+    get_rope_index) give the logits each gives alone."""
+    from medllava.attention import VARLEN_SDPA, set_llm_attention
+
+    model, processor = load_model(tiny[name])
+    model.eval()
+    renderer = Renderer(processor, "chat", 512)
+    samples, _ = prepare_samples([str(_records(tmp_path, phantom, 3))], renderer, image_folder=phantom / "images",
+                                 progress=False)
+    dataset = SFTDataset(samples, renderer.images)
+    items = [dataset[i] for i in range(3)]
+    with torch.no_grad():
+        alone = [model(input_ids=i["input_ids"][None], mm_token_type_ids=i["mm_token_type_ids"][None],
+                       **i["image_inputs"]).logits[0] for i in items]
+        set_llm_attention(model, VARLEN_SDPA)
+        batch = SamplePackingCollator()(items)
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "sample_ids")}
+        packed = model(**with_packed_positions(model, inputs)).logits[0]
+        plain = {k: v for k, v in inputs.items() if k not in ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k",
+                                                              "max_length_q", "max_length_k")}
+        leaking = model(**plain).logits[0]
+    start = 0
+    for logits in alone:
+        n = logits.shape[0]
+        torch.testing.assert_close(packed[start:start + n], logits, atol=1e-4, rtol=1e-4)
+        start += n
+    assert (leaking[-alone[-1].shape[0]:] - alone[-1]).abs().max() > 1e-3  # the check can fail
+
+
+@pytest.mark.parametrize("name", NEW)
+@pytest.mark.parametrize("llm", ["full", "lora"])
+def test_sft_trains_and_reloads_with_plain_transformers(tiny: dict[str, Path], name: str, llm: str, phantom: Path,
+                                                        tmp_path: Path) -> None:
+    data = _records(tmp_path, phantom, 8)
+    cfg = stage_dict(tmp_path, phantom, init_from=tiny[name], data={"train_files": [str(data)], "max_length": 512},
+                     trainable={"vision": "frozen", "projector": "full", "llm": llm},
+                     optim={"max_steps": 2, "projector_lr": 1e-3})
+    out = run_sft(config_from_dict(cfg))
+    facts = json.loads((out / "medllava_run.json").read_text())
+    assert facts["packing"] is (by_name(name).packing_refusal is None)
+    if llm == "full":
+        reloaded = AutoModelForImageTextToText.from_pretrained(out)
+        assert family_of(reloaded).name == name
+        before = AutoModelForImageTextToText.from_pretrained(tiny[name])
+        proj = by_name(name).projector[0]
+        changed = [n for n, p in reloaded.named_parameters()
+                   if not torch.equal(p, before.get_parameter(n)) and by_name(name).component_of(n) == "projector"]
+        assert changed, f"{proj} did not train"
+        frozen = [n for n, p in reloaded.named_parameters() if by_name(name).component_of(n) == "vision"]
+        assert all(torch.equal(reloaded.get_parameter(n), before.get_parameter(n)) for n in frozen)
+    else:
+        model, _ = load_model(out)  # adapter + its base, merged
+        assert family_of(model).name == name
+    AutoProcessor.from_pretrained(out)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_trainable_spec_maps_onto_the_family_modules(tiny: dict[str, Path], name: str) -> None:
+    from medllava.config import LoraSection, TrainableSection
+
+    family = by_name(name)
+    model, _ = load_model(tiny[name])
+    model = apply_trainable(model, TrainableSection(vision="frozen", projector="full", llm="lora"), LoraSection(r=2, alpha=4))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any(family.component_of(n) == "projector" for n in trainable)
+    assert not any(family.component_of(n) == "vision" for n in trainable)
+    lora = [n for n in trainable if "lora_" in n]
+    assert lora and all(family.component_of(n) == "llm" for n in lora)
+
+
+def test_a_model_of_no_supported_family_is_one_line_naming_them(tmp_path: Path) -> None:
+    from transformers import BlipConfig
+
+    BlipConfig().save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match=r"not a model family medllava trains; supported: Llava.*Qwen2-VL") as err:
+        load_model(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_records_that_are_not_renderable_name_their_line(tiny: dict[str, Path], tmp_path: Path) -> None:
+    processor = AutoProcessor.from_pretrained(tiny[NEW[0]])
+    renderer = Renderer(processor, "chat", 512)
+    rows = [{"id": "x", "image": "missing.png", "conversations": [{"from": "human", "value": "<image>\nQ"},
+                                                                   {"from": "gpt", "value": "A"}]}]
+    with pytest.raises(Exception, match="r.jsonl"):
+        prepare_samples([str(write_jsonl(tmp_path / "r.jsonl", rows))], renderer, image_folder=tmp_path, progress=False)
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tiny: dict[str, Path], phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A one-step LoRA SFT stage output per new family (adapter + a reference to the stock base folder)."""
+    out = {}
+    for name in NEW:
+        tmp = tmp_path_factory.mktemp(f"lora_{name}")
+        cfg = stage_dict(tmp, phantom, init_from=tiny[name], data={"train_files": [str(_records(tmp, phantom, 4))],
+                                                                   "max_length": 512},
+                         trainable={"vision": "frozen", "projector": "full", "llm": "lora"}, optim={"max_steps": 1})
+        out[name] = run_sft(config_from_dict(cfg))
+    return out
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_eval_chat_and_export_of_each_family(lora_runs: dict[str, Path], name: str, phantom: Path,
+                                             tmp_path: Path) -> None:
+    """eval (and its blind check), a chat turn with an image, and the LoRA merge exported to a stock folder of the
+    same family that plain transformers reloads with the same logits."""
+    from medllava.chat import ChatSession
+    from medllava.evaluate import evaluate
+    from medllava.export import export
+    from medllava.imaging import load_image
+
+    model, processor = load_model(lora_runs[name])
+    model.eval()
+    metrics = evaluate(model, processor, phantom / "test.jsonl", image_folder=phantom / "images",
+                       out_dir=tmp_path / "eval", max_new_tokens=4, blind=True, progress=False, batch_size=3)
+    assert metrics["n"] == len((phantom / "test.jsonl").read_text().splitlines()) and "blind" in metrics
+    session = ChatSession(model, processor, max_new_tokens=4)
+    session.add_image(load_image(next((phantom / "images").rglob("*.png"))))
+    session.ask("What is shown?")
+    assert session.last_usage["prompt_tokens"] > 10 and session.last_usage["completion_tokens"] > 0
+    report = export(lora_runs[name], tmp_path / "export", dtype="float32")
+    v = report["verification"]
+    assert report["merged_adapter"] and v["passed"] and v["medllava_imported"] == []
+    assert family_of(AutoConfig.from_pretrained(tmp_path / "export")).name == name
+    assert v["class"] == type(model).__name__
+    assert f"`{v['class']}`" in (tmp_path / "export" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_grpo_step_on_each_family(tiny: dict[str, Path], name: str, phantom: Path, tmp_path: Path) -> None:
+    """One GRPO step (LoRA; Qwen2.5-VL also QLoRA) through TRL's generation with the family's own processor."""
+    import math
+
+    from medllava.config import load_config
+    from medllava.train.grpo import run_grpo
+    from tests.conftest import REPO
+
+    quant = ["--quantization.bits=4"] if name == "qwen2_5_vl" else []
+    if quant:
+        pytest.importorskip("bitsandbytes")
+    args = [f"--model.init_from={tiny[name]}", f"--data.train_files=[{phantom / 'rl.jsonl'}]",
+            f"--data.image_folder={phantom / 'images'}", f"--run.output_dir={tmp_path / 'out'}", "--optim.max_steps=1",
+            "--optim.per_device_batch_size=8", "--grpo.num_generations=4", "--grpo.max_completion_length=4",
+            "--run.use_cpu=true", "--run.logging_steps=1", "--data.max_samples=8", "--trainable.llm=lora",
+            "--lora.r=4", "--lora.alpha=8", *quant]
+    out = run_grpo(load_config(REPO / "stages/demo/grpo.yaml", args))
+    history = json.loads((out / "train_log.json").read_text())
+    assert [h for h in history if "loss" in h and math.isfinite(h["loss"])]
+    model, _ = load_model(out)
+    assert family_of(model).name == name
+
+
+def test_qlora_sft_keeps_tower_and_projector_in_16_bits(tiny: dict[str, Path], phantom: Path, tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    name = "qwen2_5_vl"
+    cfg = stage_dict(tmp_path, phantom, init_from=tiny[name], data={"train_files": [str(_records(tmp_path, phantom, 4))],
+                                                                    "max_length": 512},
+                     trainable={"vision": "frozen", "projector": "full", "llm": "lora"}, optim={"max_steps": 1},
+                     quantization={"bits": 4})
+    run = prepare_sft(config_from_dict(cfg))
+    quantized = {n.rsplit(".", 1)[0] for n, p in run.trainer.model.named_parameters() if type(p).__name__ == "Params4bit"}
+    family = by_name(name)
+    assert quantized and all(family.component_of(n) == "llm" for n in quantized)
+    run.trainer.train()
+
+
+def test_pixel_range_is_a_stage_setting_and_part_of_the_cache_key(tiny: dict[str, Path], phantom: Path,
+                                                                    tmp_path: Path) -> None:
+    from medllava.config import ConfigError
+
+    data = {"train_files": [str(_records(tmp_path, phantom, 4))], "max_length": 512}
+    lengths = {}
+    for max_pixels in (16 * 16, 48 * 48):
+        cfg = stage_dict(tmp_path / str(max_pixels), phantom, init_from=tiny["qwen2_5_vl"], data=data,
+                         model={"max_pixels": max_pixels, "min_pixels": 8 * 8},
+                         run={"output_dir": str(tmp_path / "out")})  # one output folder, one cache folder
+        run = prepare_sft(config_from_dict(cfg))
+        assert run.processor.image_processor.size["longest_edge"] == max_pixels
+        lengths[max_pixels] = [s.length for s in run.trainer.train_dataset.samples]
+    assert all(a < b for a, b in zip(lengths[16 * 16], lengths[48 * 48]))  # re-rendered, not read from the cache
+    cfg = stage_dict(tmp_path / "g", phantom, init_from=tiny["gemma3"], data=data, model={"max_pixels": 1024})
+    with pytest.raises(ConfigError, match="max_pixels.*Gemma 3"):
+        prepare_sft(config_from_dict(cfg))
