@@ -109,7 +109,13 @@ family() {
   [ -d "$dir" ] || { echo "no such recipe folder: $dir" >&2; exit 2; }
   # shellcheck disable=SC2206
   local extra=(${TRAIN_ARGS:-})
-  for stage in ${STAGES:-align ${INSTRUCT:-instruct} ${GRPO:-grpo}}; do
+  # The default chain: align, instruct, grpo (INSTRUCT/GRPO pick variants); a recipe folder that ships only the
+  # LoRA variant of a stage (stages/medgemma) runs that one.
+  local defaults=() s
+  for s in align "${INSTRUCT:-instruct}" "${GRPO:-grpo}"; do
+    if [ ! -f "$dir/$s.yaml" ] && [ -f "$dir/${s}_lora.yaml" ]; then defaults+=("${s}_lora"); else defaults+=("$s"); fi
+  done
+  for stage in ${STAGES:-${defaults[*]}}; do
     recipe="$dir/$stage.yaml"
     [ -f "$recipe" ] || { echo "== skip $stage (no $recipe)"; continue; }
     # Each stage after the first starts from the previous stage's output; the first may get another pair.

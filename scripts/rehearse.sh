@@ -19,7 +19,8 @@
 # rewards, generations per question -- is the recipe's own.
 #
 # Environment: NPROC (default 2 processes), LAUNCHER (torchrun | accelerate | deepspeed; default torchrun),
-# STAGES (default: every variant, chained: align instruct instruct_lora instruct_qlora grpo grpo_lora).
+# STAGES (default: the pair families every variant, chained: align instruct instruct_lora instruct_qlora grpo grpo_lora;
+# the model-family recipes train.sh's own chain: qwen25vl_medvlthinker instruct grpo, medgemma instruct_lora grpo_lora).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 family=${1:?usage: scripts/rehearse.sh FAMILY [WORKDIR]}
@@ -45,7 +46,7 @@ if [ -n "$model_family" ]; then
   [ -f "$work/base/config.json" ] || medllava tiny "$work/base" --family "$model_family" \
     --corpus "$work/data/corpus.txt" >/dev/null
   export INIT_FROM=$work/base
-  default_stages="${INSTRUCT:-instruct} ${GRPO:-grpo}"
+  default_stages=""  # train.sh's chain for the folder (medgemma ships LoRA stages only: instruct_lora grpo_lora)
 else
   [ -f "$work/base/llm/config.json" ] || medllava tiny "$work/base" --corpus "$work/data/corpus.txt" --vision "$vision" \
     --llm "$llm" --vision-hidden 32 --llm-hidden 64 --llm-layers 2 >/dev/null
@@ -56,10 +57,10 @@ fi
 export WORKDIR=$work
 export NPROC=${NPROC:-2} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
 export EVAL_DATA=data/vqa/vqa_rad_test.jsonl EVAL_IMAGES=data/vqa/images
-export STAGES=${STAGES:-$default_stages}
+[ -z "${STAGES:-$default_stages}" ] || export STAGES=${STAGES:-$default_stages}
 export TRAIN_ARGS="--grpo.pass_rate_filter.min_rate=-1 --grpo.max_completion_length=32 ${TRAIN_ARGS:-}"
-echo "== rehearsal of stages/$family on $NPROC CPU processes (${LAUNCHER:-torchrun}) in $work: $STAGES"
+echo "== rehearsal of stages/$family on $NPROC CPU processes (${LAUNCHER:-torchrun}) in $work: ${STAGES:-the chain of train.sh}"
 "$repo/train.sh" "$repo/stages/$family"
-echo "{\"family\": \"$family\", \"launcher\": \"${LAUNCHER:-torchrun}\", \"nproc\": $NPROC, \"stages\": \"$STAGES\", \"seconds\": $(( $(date +%s) - start ))}" \
+echo "{\"family\": \"$family\", \"launcher\": \"${LAUNCHER:-torchrun}\", \"nproc\": $NPROC, \"stages\": \"${STAGES:-default}\", \"seconds\": $(( $(date +%s) - start ))}" \
   >"$work/rehearsal.json"
 echo "== rehearsal of stages/$family done in $(( $(date +%s) - start )) s"

@@ -316,3 +316,23 @@ def test_pixel_range_is_a_stage_setting_and_part_of_the_cache_key(tiny: dict[str
     cfg = stage_dict(tmp_path / "g", phantom, init_from=tiny["gemma3"], data=data, model={"max_pixels": 1024})
     with pytest.raises(ConfigError, match="max_pixels.*Gemma 3"):
         prepare_sft(config_from_dict(cfg))
+
+
+def test_grpo_image_inputs_line_up_with_prompts_of_unequal_length(tiny: dict[str, Path], phantom: Path,
+                                                                  tmp_path: Path) -> None:
+    """TRL left-pads prompts; the token types it takes from the processor must be left-padded too, or a prompt
+    shorter than the longest gets another sample's M-RoPE layout (found by the Qwen2.5-VL rehearsal)."""
+    from medllava.config import load_config
+    from medllava.train.grpo import prepare_grpo
+    from tests.conftest import REPO
+
+    args = [f"--model.init_from={tiny['qwen2_5_vl']}", f"--data.train_files=[{phantom / 'rl.jsonl'}]",
+            f"--data.image_folder={phantom / 'images'}", f"--run.output_dir={tmp_path / 'out'}", "--run.use_cpu=true"]
+    run = prepare_grpo(load_config(REPO / "stages/demo/grpo.yaml", args))
+    processor = run.trainer.processing_class
+    prompts = ["<|vision_start|><|image_pad|><|vision_end|>short", "<|vision_start|><|image_pad|><|vision_end|>a longer question here"]
+    images = [[Image.new("RGB", (16, 16))], [Image.new("RGB", (16, 16))]]
+    inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    assert (inputs["attention_mask"][:, -1] == 1).all()  # left-padded, as TRL pads the prompt ids
+    types = inputs["mm_token_type_ids"]
+    assert torch.equal(types.bool(), inputs["input_ids"] == processor.image_token_id)

@@ -33,12 +33,14 @@ def published_fixtures(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return work
 
 
-def _env(launcher: str, stages: list[str]) -> dict[str, str]:
-    return {**os.environ, "LAUNCHER": launcher, "STAGES": " ".join(stages), "MASTER_PORT": str(free_port()),
-            "CUDA_VISIBLE_DEVICES": ""}
+def _env(launcher: str, stages: list[str] | None) -> dict[str, str]:
+    """The rehearsal's environment; stages None: the recipe folder's own chain (train.sh's default)."""
+    env = {**os.environ, "LAUNCHER": launcher, "MASTER_PORT": str(free_port()), "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("STAGES", None)
+    return {**env, "STAGES": " ".join(stages)} if stages is not None else env
 
 
-def rehearse_together(jobs: dict[str, tuple[str, Path, str, list[str]]]) -> dict[str, subprocess.CompletedProcess]:
+def rehearse_together(jobs: dict[str, tuple[str, Path, str, list[str] | None]]) -> dict[str, subprocess.CompletedProcess]:
     """Several runs of scripts/rehearse.sh at once ({name: (family, work, launcher, stages)}). On 2 cores
     one family's single-process phases (interpreter start-up, evaluation, filter, export) overlap the other's
     training, so together they take much less than one after the other."""
@@ -119,3 +121,41 @@ def test_rehearsal_of_the_recipe_families(tmp_path: Path, published_fixtures: Pa
         assert result.stdout.count("; skipped)") == len(ALL_STAGES)
         assert "== export: " in result.stdout and "is up to date" in result.stdout
         assert "medllava.train" not in result.stderr
+
+
+MODEL_FAMILIES = {"qwen25vl_medvlthinker": ("deepspeed", ["instruct", "grpo"]),
+                  "medgemma": ("torchrun", ["instruct_lora", "grpo_lora"])}
+
+
+@pytest.mark.slow
+def test_rehearsal_of_the_model_family_recipes(tmp_path: Path, published_fixtures: Path) -> None:
+    """The recipes that start from a released VLM, from a tiny stock model of its family (`medllava tiny
+    --family`): Qwen2.5-VL (SFT warm start with packed M-RoPE rows, then GRPO with a KL reference) under the
+    DeepSpeed launcher with ZeRO-3, MedGemma (LoRA SFT on padded batches, then LoRA GRPO) under torchrun; both
+    at once, each evaluated after every stage and exported."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed")
+    jobs = {family: (family, fresh_work(tmp_path / family, published_fixtures), launcher, None)
+            for family, (launcher, _) in MODEL_FAMILIES.items()}
+    results = rehearse_together(jobs)
+    for family, result in results.items():
+        log = result.stdout + result.stderr
+        assert result.returncode == 0, f"{family}: {log[-6000:]}"
+        stages = MODEL_FAMILIES[family][1]
+        runs = jobs[family][1] / "runs" / family
+        assert list(json.loads((runs / "summary.json").read_text())) == stages
+        for stage in stages:
+            resolved = yaml.safe_load((runs / stage / "medllava_stage.yaml").read_text())
+            assert resolved["name"] == yaml.safe_load((REPO / "stages" / family / f"{stage}.yaml").read_text())["name"]
+            metrics = json.loads((runs / stage / "eval" / "metrics.json").read_text())
+            assert metrics["prompt"]["mode"] == ("think" if resolved["kind"] == "grpo" else "plain")
+        assert "global batch: 128 samples per optimizer step = 16 per device x 2 rank(s) x 4 accumulation" in log
+        assert "global batch: 256 completions per optimizer step = 8 per device x 2 rank(s) x 16 accumulation" in log
+        exported = json.loads((runs / "export" / "config.json").read_text())
+        assert exported["model_type"] == {"qwen25vl_medvlthinker": "qwen2_5_vl", "medgemma": "gemma3"}[family]
+        assert "verified with plain transformers" in log
+    logs = {family: result.stdout + result.stderr for family, result in results.items()}
+    assert "packing on" in logs["qwen25vl_medvlthinker"]  # M-RoPE rows, isolation probed on the model
+    assert "packing off: Gemma 3 attends bidirectionally" in logs["medgemma"]

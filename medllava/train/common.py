@@ -259,7 +259,7 @@ def begin_stage(cfg: StageConfig) -> tuple[Path, str, Any, ProcessorMixin, str |
     check_inputs(cfg)
     world = ranks.world_size()
     accumulation = cfg.accumulation(world)  # a global batch that does not divide fails here, not after loading
-    ranks.ensure_process_group()
+    ranks.ensure_process_group(deepspeed=bool(cfg.run.deepspeed))
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.run.seed)

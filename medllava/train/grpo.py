@@ -216,6 +216,11 @@ def prepare_grpo(cfg: StageConfig) -> StageRun:
     model = apply_trainable(model, cfg.trainable, cfg.lora, gradient_checkpointing=cfg.run.gradient_checkpointing)
     cast_trainable_to_fp32(model, precision, cfg.run.deepspeed)
     funcs, weights = reward_setup(cfg, out)
+    # TRL left-pads the prompts it generates from, and takes the image inputs beside them (Qwen-VL's
+    # mm_token_type_ids, Gemma 3's token_type_ids) from a processor call that pads on the tokenizer's side: a
+    # right-padding tokenizer misaligns them with prompts of unequal length (wrong M-RoPE positions, or a shape
+    # error). TRL loads its own processors left-padded; ours is set the same way.
+    processor.tokenizer.padding_side = "left"
     trainer = _grpo_trainer_class()(
         model=model,
         reward_funcs=funcs,

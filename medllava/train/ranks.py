@@ -46,13 +46,18 @@ def is_writer() -> bool:
     return rank() == 0
 
 
-def ensure_process_group() -> None:
+def ensure_process_group(deepspeed: bool = False) -> None:
     """Join the job's process group (gloo on CPU, nccl on GPUs) if launched with several ranks and not yet joined.
 
     transformers, accelerate and DeepSpeed all reuse a process group that already exists, so joining early lets
-    the stage coordinate its ranks before the Trainer exists (data preparation, base model saves).
+    the stage coordinate its ranks before the Trainer exists (data preparation, base model saves). With `deepspeed`,
+    DeepSpeed's own communication layer joins it too: a ZeRO-3 model created before the Trainer prepares DeepSpeed
+    (TRL's GRPO reference model, under `zero.Init`) otherwise sizes its batch for one rank and fails.
     """
-    if world_size() <= 1 or not dist.is_available() or dist.is_initialized():
+    if world_size() <= 1 or not dist.is_available():
+        return
+    if dist.is_initialized():
+        _join_deepspeed(deepspeed)
         return
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
@@ -61,6 +66,14 @@ def ensure_process_group() -> None:
         backend = "gloo"
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=int(os.environ.get("MEDLLAVA_DIST_TIMEOUT_MIN", "60"))))
     logger.info("rank %d of %d joined the process group (%s)", rank(), world_size(), backend)
+    _join_deepspeed(deepspeed)
+
+
+def _join_deepspeed(deepspeed: bool) -> None:
+    if deepspeed:
+        import deepspeed as ds
+
+        ds.init_distributed(dist_backend=dist.get_backend())
 
 
 def _distributed() -> bool:
