@@ -47,7 +47,8 @@ from medllava.data.expand import ImageExpander
 from medllava.data.packing import SamplePackingCollator
 from medllava.data.render import Renderer
 from medllava.data.validate import prepare_samples
-from medllava.model import NoGradForward, add_image_token, apply_trainable, finalize_generation_config, llava_of
+from medllava.families import family_of
+from medllava.model import NoGradForward, add_image_token, apply_trainable, finalize_generation_config
 from medllava.presets import QWEN2_CHAT_TEMPLATE, tiny_corpus, train_tokenizer
 from medllava.processor import build_processor, image_processor_for_tower, num_image_tokens
 
@@ -75,6 +76,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "clip-mistral-7b": {"vision": CLIP_L336, "llm": ("mistral", {
         "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
         "num_key_value_heads": 8, "vocab_size": 32000, "tie_word_embeddings": False, "sliding_window": None})},
+    # A stock Qwen2.5-VL (dynamic resolution, 3-D M-RoPE): 64x64 images become 64 merged tokens each.
+    "tiny-qwen2.5-vl": {"family": "qwen2_5_vl", "hidden": 128, "layers": 4, "vision_hidden": 64,
+                        "max_pixels": 64 * 64, "image_size": 64},
 }
 WORDS = ("the lesion is seen in the left lower lobe with mild surrounding edema and no effusion , "
          "findings are consistent with a benign process ; follow up imaging may help").split()
@@ -128,7 +132,8 @@ class ModeResult:
     samples: int
     tokens: int
     padded_tokens: int
-    flops: float
+    flops: float | None
+    """Model FLOPs of the timed steps (None where not counted: see count_flops)."""
     peak_memory_gb: float | None
     activation_mb: float = 0.0
     """Saved for backward at the end of the forward pass (parameters excluded), one step after the timed ones."""
@@ -137,7 +142,7 @@ class ModeResult:
     tokens_per_s: float = 0.0
     samples_per_s: float = 0.0
     step_time_s: float = 0.0
-    achieved_tflops: float = 0.0
+    achieved_tflops: float | None = 0.0
     mfu: float | None = None
     padding_fraction: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -145,8 +150,11 @@ class ModeResult:
 
 def build_bench_model(preset: str, dtype: torch.dtype, device: torch.device,
                       attn_implementation: str | None = None) -> tuple[LlavaForConditionalGeneration, Any]:
-    """A random-init Llava of the preset's shapes, with an in-process tokenizer and the LLaVA processor."""
+    """A random-init Llava of the preset's shapes, with an in-process tokenizer and the LLaVA processor (or, for a
+    preset that names a model family, a random-init stock model of that family)."""
     spec = PRESETS[preset]
+    if "family" in spec:
+        return build_family_bench_model(spec, dtype, device, attn_implementation)
     kind, text_kwargs = spec["llm"]
     tokenizer = train_tokenizer("qwen2" if kind == "qwen2" else "llama", tiny_corpus([" ".join(WORDS)] * 20), 400)
     if kind != "qwen2":
@@ -171,6 +179,20 @@ def build_bench_model(preset: str, dtype: torch.dtype, device: torch.device,
     return model, processor
 
 
+def build_family_bench_model(spec: dict[str, Any], dtype: torch.dtype, device: torch.device,
+                             attn_implementation: str | None) -> tuple[Any, Any]:
+    """A random-init stock model of `spec['family']` at the preset's sizes (saved by its tiny builder and loaded as
+    any checkpoint is)."""
+    from medllava.families.qwen_vl import _tiny_qwen
+    from medllava.model import load_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _tiny_qwen(spec["family"], tmp, corpus=tiny_corpus([" ".join(WORDS)] * 20), hidden=spec["hidden"],
+                   layers=spec["layers"], vision_hidden=spec["vision_hidden"], max_pixels=spec["max_pixels"])
+        model, processor = load_model(tmp, dtype=dtype, attn_implementation=attn_implementation or "sdpa")
+    return model.to(device), processor
+
+
 def synthetic_records(n: int, median_tokens: int, max_answer_tokens: int, image_dir: Path, image_size: int,
                       seed: int) -> Path:
     """n LLaVA-form records, one noise image each, answers log-normally long (skewed, like LLaVA-Med's)."""
@@ -188,14 +210,17 @@ def synthetic_records(n: int, median_tokens: int, max_answer_tokens: int, image_
     return path
 
 
-def count_flops(model: Any, lengths: list[int], n_images: int, trainable: str) -> float:
+def count_flops(model: Any, lengths: list[int], n_images: int, trainable: str) -> float | None:
     """Model FLOPs for one optimizer step over samples of the given (expanded) lengths.
 
     Frozen vision tower: forward only (2 x params per patch token + attention); projector: forward + backward;
     LLM: 6 x non-embedding params per token when trained in full, 4 x (forward and input gradients) with LoRA,
-    plus causal attention 6 x layers x hidden x length per token.
+    plus causal attention 6 x layers x hidden x length per token. Counted for Llava models; None for the other
+    families (their towers work at each image's own resolution: not counted here).
     """
     cfg = model.config
+    if getattr(cfg, "model_type", "") != "llava":
+        return None
     v, t = cfg.vision_config, cfg.text_config
     patches = (v.image_size // v.patch_size) ** 2 + 1
     vision_layers_used = v.num_hidden_layers + cfg.vision_feature_layer + 1 if cfg.vision_feature_layer < 0 else cfg.vision_feature_layer
@@ -408,12 +433,14 @@ def run_mode(mode: str, s: BenchSettings, model: Any, processor: Any, samples: l
     else:
         raise ConfigError(f"bench: unknown mode {mode!r} (packed, padded, trl, liger)")
     # medllava's modes run the frozen tower without autograd, as training does; TRL runs the stock model
-    no_grad = NoGradForward(llava_of(model).model.vision_tower) if mode != "trl" else None
+    family = family_of(model)
+    no_grad = [NoGradForward(m) for m in family.vision_modules(model)
+               if not any(p.requires_grad for p in m.parameters())] if mode != "trl" else []
     try:
         trainer.train()
     finally:
-        if no_grad is not None:
-            no_grad.remove()
+        for hooks in no_grad:
+            hooks.remove()
     seconds = (window.end or 0.0) - (window.start or 0.0)
     lengths = counter.lengths
     flops = count_flops(model, lengths, counter.images, s.trainable)
@@ -423,10 +450,10 @@ def run_mode(mode: str, s: BenchSettings, model: Any, processor: Any, samples: l
     result.tokens_per_s = result.tokens / seconds if seconds else 0.0
     result.samples_per_s = result.samples / seconds if seconds else 0.0
     result.step_time_s = seconds / s.steps if s.steps else 0.0
-    result.achieved_tflops = flops / seconds / 1e12 if seconds else 0.0
+    result.achieved_tflops = flops / seconds / 1e12 if seconds and flops is not None else None
     result.padding_fraction = 1 - result.tokens / result.padded_tokens if result.padded_tokens else 0.0
     peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
-    result.mfu = flops / seconds / peak if peak and seconds else None
+    result.mfu = flops / seconds / peak if peak and seconds and flops is not None else None
     if window.profile_table:
         result.extra["profile"] = window.profile_table
     del trainer
@@ -462,8 +489,9 @@ def run_benchmark(s: BenchSettings) -> dict[str, Any]:
             _reset_memory(device)
             model, processor = load_model(workdir / "base", dtype=dtype, attn_implementation=s.attn_implementation,
                                           quantization=quantization_config(QuantizationSection(bits=4), dtype))
-        image_size = model.config.vision_config.image_size
-        records = synthetic_records(s.samples, s.median_answer_tokens, s.max_length - num_image_tokens(processor) - 64,
+        image_size = PRESETS[s.preset].get("image_size") or model.config.vision_config.image_size
+        image_tokens = ImageExpander(processor).count((image_size, image_size))
+        records = synthetic_records(s.samples, s.median_answer_tokens, s.max_length - image_tokens - 64,
                                     workdir / "images", image_size, s.seed)
         renderer = Renderer(processor, "chat", s.max_length)
         samples, _ = prepare_samples([str(records)], renderer, image_folder=workdir / "images", progress=False,
@@ -512,8 +540,9 @@ def markdown(report: dict[str, Any]) -> str:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         mem = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else "-"
         logits = f"{r['logits_mb']:,.1f}" if r["logits_mb"] else "-"  # '-': the head's output never materialised
+        tflops = f"{r['achieved_tflops']:.3f}" if r["achieved_tflops"] is not None else "-"
         lines.append(f"| {mode} | {r['tokens_per_s']:,.0f} | {r['samples_per_s']:.1f} | {r['step_time_s']:.3f} | "
-                     f"{100 * r['padding_fraction']:.0f}% | {r['achieved_tflops']:.3f} | {mfu} | {mem} | "
+                     f"{100 * r['padding_fraction']:.0f}% | {tflops} | {mfu} | {mem} | "
                      f"{r['activation_mb']:,.1f} | {logits} | {ratio(r, 'padded')} | {ratio(r, 'trl')} |")
     settings = report["settings"]
     rounds = settings.get("rounds", 1)

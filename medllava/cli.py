@@ -289,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="training throughput: medllava packed vs padded vs TRL SFTTrainer")
-    p.add_argument("--preset", default="tiny", help="tiny | clip-qwen2.5-0.5b | clip-qwen2.5-1.5b | clip-qwen2.5-7b | clip-mistral-7b")
+    p.add_argument("--preset", default="tiny", help="tiny | tiny-qwen2.5-vl | clip-qwen2.5-0.5b | clip-qwen2.5-1.5b | "
+                   "clip-qwen2.5-7b | clip-mistral-7b")
     p.add_argument("--modes", default="packed,padded,trl", help="comma-separated: packed, padded, trl, liger (packed + Liger kernels, GPU; last)")
     p.add_argument("--samples", type=int, default=256, help="synthetic samples (one image each)")
     p.add_argument("--steps", type=int, default=10, help="measured optimizer steps per mode")

@@ -126,3 +126,18 @@ def test_peer_benchmark_writes_the_bench_samples_in_llamafactory_form(tmp_path: 
     table = peer.markdown(report)
     assert "| medllava packed | 150 |" in table and "| 1.50x |" in table
     assert "| LLaMA-Factory packing | 200 | 1.0 | 300 | 0% | **no** | 2.00x |" in table
+
+
+@pytest.mark.slow
+def test_qwen25vl_preset_runs_every_mode_on_the_same_samples(tmp_path: Path) -> None:
+    """The tiny Qwen2.5-VL preset: packed (M-RoPE rows), padded and TRL's SFTTrainer (which refuses packing for
+    vision data) train the same samples per step; FLOPs are not counted for this family (reported as '-')."""
+    pytest.importorskip("trl")
+    report = run_benchmark(BenchSettings(preset="tiny-qwen2.5-vl", samples=24, steps=2, warmup=1, batch_size=4,
+                                         max_length=512, median_answer_tokens=30))
+    modes = {r["mode"]: r for r in report["results"]}
+    assert set(modes) == {"packed", "padded", "trl"}
+    assert modes["packed"]["samples"] == modes["padded"]["samples"] == modes["trl"]["samples"] == 2 * 4
+    assert all(r["tokens_per_s"] > 0 and r["flops"] is None for r in modes.values())
+    assert modes["packed"]["padding_fraction"] == 0 < modes["padded"]["padding_fraction"]
+    assert "| packed |" in markdown(report)

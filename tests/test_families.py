@@ -22,7 +22,7 @@ from medllava.train.sft import prepare_sft, run_sft
 from tests.conftest import stage_dict, write_jsonl
 
 NEW = [f.name for f in FAMILIES if not f.assembled]
-MROPE = [f.name for f in FAMILIES if f.packed_positions is not None]
+PACKED = [f.name for f in FAMILIES if not f.assembled and f.packing_refusal is None]
 
 
 @pytest.fixture(scope="module")
@@ -130,11 +130,11 @@ def test_a_large_image_is_counted_whole_and_never_cut(tiny: dict[str, Path], nam
     assert [e.kind for e in report.errors] == ["too_long"] and report.errors[0].record_id == "l"
 
 
-@pytest.mark.parametrize("name", MROPE)
+@pytest.mark.parametrize("name", PACKED)
 def test_packed_row_gives_each_sample_its_separate_logits(tiny: dict[str, Path], name: str, phantom: Path,
                                                           tmp_path: Path) -> None:
-    """M-RoPE packing is exact: samples with images packed in one row (positions per sample from the model's own
-    get_rope_index) give the logits each gives alone."""
+    """Packing is exact: samples with images packed in one row (Qwen-VL: M-RoPE positions per sample from the
+    model's own get_rope_index) give the logits each gives alone."""
     from medllava.attention import VARLEN_SDPA, set_llm_attention
 
     model, processor = load_model(tiny[name])
@@ -145,7 +145,8 @@ def test_packed_row_gives_each_sample_its_separate_logits(tiny: dict[str, Path],
     dataset = SFTDataset(samples, renderer.images)
     items = [dataset[i] for i in range(3)]
     with torch.no_grad():
-        alone = [model(input_ids=i["input_ids"][None], mm_token_type_ids=i["mm_token_type_ids"][None],
+        key = by_name(name).token_types_key
+        alone = [model(input_ids=i["input_ids"][None], **({key: i[key][None]} if key else {}),
                        **i["image_inputs"]).logits[0] for i in items]
         set_llm_attention(model, VARLEN_SDPA)
         batch = SamplePackingCollator()(items)

@@ -38,6 +38,10 @@ class ImageExpander:
             raise ValueError(f"the image placeholder {self.placeholder!r} is {len(ids)} tokens, not one")
         self.placeholder_id = int(ids[0])
         self.input_names = set(processor.model_input_names)
+        # The image settings a processor call applies on top of its image processor's own (InternVL: crop to
+        # patches), so the pixels and token counts here are those the processor makes at inference.
+        merged = processor._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, return_tensors="pt")
+        self.images_kwargs = {k: v for k, v in merged["images_kwargs"].items() if v is not None}
         self._ids: dict[str, list[int]] = {}  # replacement text -> ids (few distinct ones: one per image size)
         self._counts: dict[tuple[int, int], int] = {}
 
@@ -50,7 +54,7 @@ class ImageExpander:
     def process(self, images: list[Image.Image]) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
         """The model inputs of `images` (pixel_values and, per family, image_grid_thw ...; first axis per image or
         per patch, so a batch's images concatenate along it) and the ids each image expands to."""
-        out = self.processor.image_processor(images=images, return_tensors="pt")
+        out = self.processor.image_processor(images=images, **self.images_kwargs)
         inputs = {k: v for k, v in out.items() if k in self.input_names and torch.is_tensor(v)}
         return inputs, self.expansions(out, len(images))
 
@@ -68,7 +72,7 @@ class ImageExpander:
         key = size if self.family.dynamic_resolution and size is not None else FIXED_SIZE
         if key not in self._counts:
             blank = Image.new("RGB", key)
-            processed = self.processor.image_processor(images=[blank], return_tensors="pt")
+            processed = self.processor.image_processor(images=[blank], **self.images_kwargs)
             self._counts[key] = len(self.expansions(processed, 1)[0])
         return self._counts[key]
 

@@ -90,8 +90,10 @@ def pixel_limits(processor: Any, min_pixels: int | None, max_pixels: int | None)
     image_processor.size = size
 
 
-def _tiny_qwen(kind: str, out_dir: str | Path, seed: int = 0, corpus: Iterable[str] | None = None) -> Path:
-    """A tiny random-init Qwen-VL model of `kind` (qwen2_vl, qwen2_5_vl, qwen3_vl) with its processor."""
+def _tiny_qwen(kind: str, out_dir: str | Path, seed: int = 0, corpus: Iterable[str] | None = None, *,
+               hidden: int = 32, layers: int = 2, vision_hidden: int = 32, max_pixels: int = 48 * 48) -> Path:
+    """A tiny random-init Qwen-VL model of `kind` (qwen2_vl, qwen2_5_vl, qwen3_vl) with its processor (the
+    benchmark's preset passes larger sizes)."""
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText, Qwen2Tokenizer, Qwen2VLImageProcessor
 
@@ -103,37 +105,39 @@ def _tiny_qwen(kind: str, out_dir: str | Path, seed: int = 0, corpus: Iterable[s
                                  template, byte_level=True, corpus=corpus)
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
     patch, merge, temporal = 4, 2, 2
-    pixels = {"min_pixels": 16 * 16, "max_pixels": 48 * 48, "patch_size": patch, "merge_size": merge,
+    pixels = {"min_pixels": 16 * 16, "max_pixels": max_pixels, "patch_size": patch, "merge_size": merge,
               "temporal_patch_size": temporal}
-    text = {"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+    text = {"vocab_size": len(tok), "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048,
             "bos_token_id": None, "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]}
+    half = hidden // 4 // 2 if kind != "qwen3_vl" else 4  # head_dim / 2 (4 heads; Qwen3-VL: head_dim 8)
+    section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]  # t, h, w like [16, 24, 24]
     vision: dict[str, Any] = {"depth": 2, "patch_size": patch, "spatial_merge_size": merge,
                               "temporal_patch_size": temporal}
     if kind == "qwen2_vl":
         from transformers import Qwen2VLProcessor as Processor
         from transformers import Qwen2VLVideoProcessor as VideoProcessor
 
-        text["rope_parameters"] = {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0}
+        text["rope_parameters"] = {"rope_type": "default", "mrope_section": section, "rope_theta": 10000.0}
         text["tie_word_embeddings"] = True
-        vision.update(embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2)
+        vision.update(embed_dim=vision_hidden, hidden_size=hidden, num_heads=2, mlp_ratio=2)
     elif kind == "qwen2_5_vl":
         from transformers import Qwen2_5_VLProcessor as Processor
         from transformers import Qwen2VLVideoProcessor as VideoProcessor
 
-        text["rope_parameters"] = {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0}
+        text["rope_parameters"] = {"rope_type": "default", "mrope_section": section, "rope_theta": 10000.0}
         text["tie_word_embeddings"] = True
-        vision.update(hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, window_size=16,
-                      fullatt_block_indexes=[1])
+        vision.update(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_heads=2,
+                      out_hidden_size=hidden, window_size=16, fullatt_block_indexes=[1])
     else:
         from transformers import Qwen3VLProcessor as Processor
         from transformers import Qwen3VLVideoProcessor as VideoProcessor
 
         text.update(head_dim=8, tie_word_embeddings=True,
-                    rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True,
+                    rope_parameters={"rope_type": "default", "mrope_section": section, "mrope_interleaved": True,
                                      "rope_theta": 10000.0})
-        vision.update(hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
-                      num_position_embeddings=16, deepstack_visual_indexes=[0])
+        vision.update(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_heads=2,
+                      out_hidden_size=hidden, num_position_embeddings=16, deepstack_visual_indexes=[0])
     config = AutoConfig.for_model(
         kind, text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
