@@ -7,7 +7,8 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python_bin=${PYTHON:-python3}
-cpu_torch=${MEDLLAVA_CPU_TORCH:-torch==2.13.0}
+# shellcheck source=scripts/cpu_torch.sh
+source "$root/scripts/cpu_torch.sh"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 "$python_bin" -m venv "$tmp/venv"
@@ -16,12 +17,13 @@ pip_install() {  # quiet pip; drop the warnings some machines' pip config prints
   "$py" -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 }
 pip_install --upgrade pip
-pip_install "$cpu_torch"
+# shellcheck disable=SC2086
+pip_install $cpu_torch
 pip_install "$root[dev]"
 {
   echo "# Pinned environment for medllava (constraints, not requirements): written by scripts/lock.sh"
   echo "# from a fresh resolve of medllava[dev] with $("$py" --version) on $(uname -m); torch is pinned by"
   echo "# scripts/setup_venv.sh (CPU: ${cpu_torch}; GPU machines keep their CUDA build)."
-  "$py" -m pip freeze --exclude-editable | grep -viE '^(torch|medllava)(==| @)' | sort -f
+  "$py" -m pip freeze --exclude-editable | grep -viE '^(torch|torchvision|medllava|nvidia-[a-z0-9-]+|cuda-[a-z-]+|triton)(==| @)' | sort -f
 } >"$root/requirements/lock.txt"
 echo "[lock] wrote $root/requirements/lock.txt ($(grep -vc '^#' "$root/requirements/lock.txt") packages)" >&2

@@ -8,20 +8,14 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv="$root/.venv"
 python_bin=${PYTHON:-python3}
-# Qwen-VL processors need torchvision (transformers 5.x). PyPI's torchvision does not import beside the CPU-only
-# torch 2.13.0 file, so CPU machines take a matching pair: on x86_64 torch 2.14.1 + torchvision 0.29.1 (a CUDA build
-# that runs on the CPU; about 5.5 GB in the venv), on aarch64 the CPU build torch 2.9.1 + torchvision 0.24.1.
-case "$(uname -m)" in
-  aarch64|arm64) default_cpu_torch="torch==2.9.1 torchvision==0.24.1" ;;
-  *) default_cpu_torch="torch==2.14.1 torchvision==0.29.1" ;;
-esac
-cpu_torch=${MEDLLAVA_CPU_TORCH:-$default_cpu_torch}
+# shellcheck source=scripts/cpu_torch.sh
+source "$root/scripts/cpu_torch.sh"
 
 [ -x "$venv/bin/python" ] || "$python_bin" -m venv "$venv"
 py="$venv/bin/python"
 stamp="$venv/.medllava-install"
 lock="$root/requirements/lock.txt"
-want=$(cat "$root/pyproject.toml" "$root/scripts/setup_venv.sh" "$lock" | sha256sum | cut -c1-16)
+want=$(cat "$root/pyproject.toml" "$root/scripts/setup_venv.sh" "$root/scripts/cpu_torch.sh" "$lock" | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$py" -c "import medllava, torch, torchvision" 2>/dev/null; then
   exit 0
 fi

@@ -44,3 +44,16 @@ def test_the_venv_holds_the_pinned_versions() -> None:
         if got != pinned:
             drift[name] = (pinned, got)
     assert not drift, f"the environment drifted from requirements/lock.txt (pinned, installed): {drift}"
+
+
+def test_cpu_setup_installs_a_torch_torchvision_pair_and_qwen_vl_processors_load() -> None:
+    """Qwen-VL processors need torchvision in transformers 5.x: CPU machines install a torch + torchvision pair that
+    imports together (scripts/cpu_torch.sh), and the environment has it."""
+    from transformers.utils import is_torchvision_available
+
+    pair = (ROOT / "scripts" / "cpu_torch.sh").read_text()
+    assert "torch==2.14.1 torchvision==0.29.1" in pair and "cpu_torch.sh" in (ROOT / "scripts" / "setup_venv.sh").read_text()
+    assert is_torchvision_available()
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor  # the fast (torchvision) classes
+
+    assert Qwen2VLImageProcessor().patch_size and Qwen2VLVideoProcessor().merge_size

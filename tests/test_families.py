@@ -337,3 +337,29 @@ def test_grpo_image_inputs_line_up_with_prompts_of_unequal_length(tiny: dict[str
     assert (inputs["attention_mask"][:, -1] == 1).all()  # left-padded, as TRL pads the prompt ids
     types = inputs["mm_token_type_ids"]
     assert torch.equal(types.bool(), inputs["input_ids"] == processor.image_token_id)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "gemma3"])
+def test_serve_answers_an_openai_request_with_an_image(tiny: dict[str, Path], name: str, phantom: Path) -> None:
+    """`medllava serve`'s app (FastAPI, in process) answers an OpenAI-shaped request with an image and an earlier
+    assistant turn on the family's own chat template."""
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from medllava.serve import ServeSettings, create_app
+
+    model, processor = load_model(tiny[name])
+    model.eval()
+    image = next((phantom / "images").rglob("*.png"))
+    uri = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+    client = TestClient(create_app(model, processor, ServeSettings(model_id="tiny")))
+    body = {"model": "tiny", "max_tokens": 4, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Hello"}]},
+        {"role": "assistant", "content": "Hi."},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
+                                     {"type": "text", "text": "What is shown?"}]}]}
+    reply = client.post("/v1/chat/completions", json=body)
+    assert reply.status_code == 200, reply.text
+    usage = reply.json()["usage"]
+    assert usage["prompt_tokens"] > 20 and usage["completion_tokens"] > 0  # the image's tokens counted

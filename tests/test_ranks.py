@@ -207,8 +207,16 @@ def test_two_ranks_train_as_one_job_each_on_its_own_shard_and_write_once(tmp_pat
 
 
 @pytest.mark.slow
-def test_two_ranks_end_with_the_weights_of_one_rank(tmp_path: Path, phantom: Path, base_models: dict) -> None:
-    base = base_models[("clip", "llama")]
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_two_ranks_end_with_the_weights_of_one_rank(family: str, tmp_path: Path, phantom: Path,
+                                                    base_models: dict) -> None:
+    """Llava, and a stock Qwen2.5-VL (packed M-RoPE rows, a filler image for micro-batches without one)."""
+    if family == "llava":
+        base = base_models[("clip", "llama")]
+    else:
+        from medllava.families import by_name
+
+        base = by_name(family).build_tiny(tmp_path / "base")
     optim = {"max_steps": 3, "per_device_batch_size": 2, "global_batch_size": 8, "lr": 5e-3}
     one = sft_cfg(tmp_path, phantom, base, "one", optim=optim)
     two = sft_cfg(tmp_path, phantom, base, "two", optim=optim)
