@@ -12,7 +12,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from medllava.config import config_from_dict
-from medllava.data.collate import SFTDataset
+from medllava.data.collate import SFTCollator, SFTDataset
 from medllava.data.packing import SamplePackingCollator, with_packed_positions
 from medllava.data.render import IGNORE_INDEX, Renderer
 from medllava.data.validate import prepare_samples
@@ -363,3 +363,33 @@ def test_serve_answers_an_openai_request_with_an_image(tiny: dict[str, Path], na
     assert reply.status_code == 200, reply.text
     usage = reply.json()["usage"]
     assert usage["prompt_tokens"] > 20 and usage["completion_tokens"] > 0  # the image's tokens counted
+
+
+@pytest.mark.parametrize("name", PACKED)
+def test_packed_row_trains_like_the_padded_batch(tiny: dict[str, Path], name: str, phantom: Path,
+                                                 tmp_path: Path) -> None:
+    """The same samples packed in one row (per-sample attention, the family's packed positions) and padded in a
+    batch give the same loss and the same gradients on every trainable parameter."""
+    from medllava.attention import VARLEN_SDPA, set_llm_attention
+
+    model, processor = load_model(tiny[name])
+    renderer = Renderer(processor, "chat", 512)
+    samples, _ = prepare_samples([str(_records(tmp_path, phantom, 3))], renderer, image_folder=phantom / "images",
+                                 progress=False)
+    dataset = SFTDataset(samples, renderer.images)
+    items = [dataset[i] for i in range(3)]
+    results = []
+    for packed in (False, True):
+        set_llm_attention(model, VARLEN_SDPA if packed else "sdpa")
+        collate = SamplePackingCollator() if packed else SFTCollator(processor.tokenizer.pad_token_id)
+        batch = collate(items)
+        inputs = {k: v for k, v in batch.items() if k != "sample_ids"}
+        model.zero_grad(set_to_none=True)
+        loss = model(**with_packed_positions(model, inputs)).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (padded_loss, padded_grads), (packed_loss, packed_grads) = results
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-5)
+    assert packed_grads.keys() == padded_grads.keys() and packed_grads
+    for n in packed_grads:
+        torch.testing.assert_close(packed_grads[n], padded_grads[n], atol=1e-5, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
