@@ -195,11 +195,12 @@ def model_card(lineage: Lineage, *, license_id: str, repo_id: str | None, verifi
              "`trust_remote_code`).", "",
              "## Model", ""]
     if lineage.starting_model:
-        lines += [f"- Started from: `{lineage.starting_model}`", ""]
-    else:
+        lines.append(f"- Started from: `{lineage.starting_model}`")
+    if lineage.vision_tower or architecture == "LlavaForConditionalGeneration":  # assembled from a tower + LLM
         lines += [f"- Vision encoder: `{lineage.vision_tower or 'unknown'}`",
                   f"- Language model: `{lineage.llm or 'unknown'}`",
-                  "- Projector: LLaVA-1.5 two-layer GELU MLP", ""]
+                  "- Projector: LLaVA-1.5 two-layer GELU MLP"]
+    lines.append("")
     if lineage.stages:
         lines += ["## Training", "", "| stage | kind | data | trainable | learning rate | length | precision |",
                   "|---|---|---|---|---|---|---|"]

@@ -259,7 +259,8 @@ def test_eval_chat_and_export_of_each_family(lora_runs: dict[str, Path], name: s
     assert report["merged_adapter"] and v["passed"] and v["medllava_imported"] == []
     assert family_of(AutoConfig.from_pretrained(tmp_path / "export")).name == name
     assert v["class"] == type(model).__name__
-    assert f"`{v['class']}`" in (tmp_path / "export" / "README.md").read_text()
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert f"`{v['class']}`" in card and "Started from:" in card and "Vision encoder" not in card
 
 
 @pytest.mark.parametrize("name", NEW)
