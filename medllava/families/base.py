@@ -31,6 +31,14 @@ def submodule(model: Any, path: str) -> nn.Module:
     return unwrap(model).get_submodule(path)
 
 
+def save_tiny(model: Any, processor: Any, out_dir: str | Path) -> Path:
+    """Save a tiny model and its processor with plain transformers, as a downloaded checkpoint looks."""
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
 def _under(name: str, prefixes: tuple[str, ...]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 

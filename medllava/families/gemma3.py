@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from medllava.families.base import Family
+from medllava.families.base import Family, save_tiny
 
 # gemma-3-4b-it's (and MedGemma's) published chat template.
 GEMMA3_CHAT_TEMPLATE = (
@@ -100,10 +100,7 @@ def tiny_gemma3(out_dir: str | Path, seed: int = 0, corpus: Iterable[str] | None
     model.generation_config.pad_token_id = tok.pad_token_id
     processor = Gemma3Processor(image_processor=Gemma3ImageProcessor(size={"height": image_size, "width": image_size}),
                                 tokenizer=tok, chat_template=GEMMA3_CHAT_TEMPLATE, image_seq_length=tokens)
-    out = Path(out_dir)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return save_tiny(model, processor, out_dir)
 
 
 GEMMA3 = Family(

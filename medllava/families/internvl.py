@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from medllava.families.base import Family
+from medllava.families.base import Family, save_tiny
 
 # The chat template of transformers' InternVL conversion (the -hf checkpoints).
 INTERNVL_CHAT_TEMPLATE = (
@@ -62,10 +62,7 @@ def tiny_internvl(out_dir: str | Path, seed: int = 0, corpus: Iterable[str] | No
     processor = InternVLProcessor(image_processor=GotOcr2ImageProcessor(**sizes), tokenizer=tok,
                                   video_processor=InternVLVideoProcessor(size={"height": tile, "width": tile}),
                                   image_seq_length=tokens, chat_template=INTERNVL_CHAT_TEMPLATE)
-    out = Path(out_dir)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return save_tiny(model, processor, out_dir)
 
 
 INTERNVL = Family(

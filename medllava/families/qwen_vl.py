@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medllava.families.base import Family, unwrap
+from medllava.families.base import Family, save_tiny, unwrap
 
 if TYPE_CHECKING:
     import torch
@@ -147,10 +147,7 @@ def _tiny_qwen(kind: str, out_dir: str | Path, seed: int = 0, corpus: Iterable[s
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     processor = Processor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=tok,
                           video_processor=VideoProcessor(**pixels), chat_template=template)
-    out = Path(out_dir)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return save_tiny(model, processor, out_dir)
 
 
 def tiny_qwen2_vl(out_dir: str | Path, seed: int = 0, corpus: Iterable[str] | None = None) -> Path:
