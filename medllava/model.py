@@ -457,23 +457,19 @@ def merge_adapter_to_folder(adapter_dir: str | Path, out_dir: str | Path, dtype:
     return Path(out_dir)
 
 
-def llava_of(model: Any) -> Any:
-    """The transformers model (of any family) inside a PEFT wrapper, or the model itself."""
-    return unwrap(model)
-
-
 def save_model(model: Any, processor: LlavaProcessor, out_dir: str | Path, max_shard_size: str = "5GB") -> None:
     """Save weights (safetensors), config, generation config and processor so plain transformers loads them."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    check_reloadable(llava_of(model))
+    check_reloadable(model)
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)
     processor.save_pretrained(out_dir)
 
 
 def check_reloadable(model: Any) -> None:
-    """A Llava assembled here needs its text config's architecture named, or the saved model would not reload."""
-    if family_of(model).assembled and not getattr(model.config.get_text_config(), "architectures", None):
+    """A Llava assembled here needs its text config's architecture named, or the saved model would not reload
+    (`model` in its training wrappers or not)."""
+    if family_of(model).assembled and not getattr(unwrap(model).config.get_text_config(), "architectures", None):
         raise ModelLoadError("text_config.architectures is unset; the saved model would not reload")
 
 

@@ -42,12 +42,12 @@ def structured(text: str) -> list[dict[str, str]]:
     return parts
 
 
-def user_content(processor: Any, text: str) -> str | list[dict[str, str]]:
+def user_content(processor: Any, text: str, family: Family | None = None) -> str | list[dict[str, str]]:
     """A turn's text (with `<image>` placeholders) as the processor's chat template takes it: structured for the
     families whose own templates render image parts, the text itself for Llava's wrapped template."""
     from medllava.families import family_of_processor
 
-    return structured(text) if family_of_processor(processor).structured_content else text
+    return structured(text) if (family or family_of_processor(processor)).structured_content else text
 
 
 @dataclass

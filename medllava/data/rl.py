@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from medllava.data.expand import ImageExpander
 from medllava.data.records import RecordError
+from medllava.data.render import user_content
 from medllava.data.validate import ValidationReport, check_images, finish_report, first_failure, resolve_image
 from medllava.data.vqa import VQARecord, format_question, read_vqa
 from medllava.imaging import Window, image_size, load_image
@@ -56,10 +57,7 @@ def prompt_length(processor: Any, messages: list[dict[str, str]], image: Any = N
     count depends on it), with the image part in front of the text as TRL puts it."""
     images = images or ImageExpander(processor)
     with_image: list[dict[str, Any]] = [dict(m) for m in messages]
-    if images.family.structured_content:
-        with_image[-1]["content"] = [{"type": "image"}, {"type": "text", "text": with_image[-1]["content"]}]
-    else:
-        with_image[-1]["content"] = f"{IMAGE_TOKEN}\n{with_image[-1]['content']}"
+    with_image[-1]["content"] = user_content(processor, f"{IMAGE_TOKEN}\n{with_image[-1]['content']}", images.family)
     text = processor.apply_chat_template(with_image, add_generation_prompt=True, tokenize=False)
     n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
     size = image_size(image) if image is not None and images.family.dynamic_resolution else None

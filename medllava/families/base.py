@@ -80,8 +80,6 @@ class Family:
     """Positions of a packed row computed with the model (M-RoPE); None: the collator's 1-D positions serve."""
     set_pixel_limits: Callable[[Any, int | None, int | None], None] | None = None
     """Sets the processor's dynamic-resolution range (`model.min_pixels` / `model.max_pixels`); None: fixed size."""
-    image_limit: int | None = None
-    """Images per sample the family accepts (None: any number)."""
     build_tiny: Callable[..., Path] | None = None
     """`build_tiny(out_dir, seed=0, corpus=None)` saves a tiny random-init model + processor of the family (plain transformers)."""
 
@@ -104,9 +102,6 @@ class Family:
     def vision_modules(self, model: Any) -> list[nn.Module]:
         return [submodule(model, p) for p in self.vision]
 
-    def projector_modules(self, model: Any) -> list[nn.Module]:
-        return [submodule(model, p) for p in self.projector]
-
     def saved_names(self, model: Any, paths: tuple[str, ...]) -> list[str]:
         """PEFT `modules_to_save` names of the modules at `paths` (a module list by its members: PEFT saves modules)."""
         from torch import nn
@@ -116,7 +111,3 @@ class Family:
             module, last = submodule(model, path), path.rsplit(".", 1)[-1]
             names += [f"{last}.{i}" for i in range(len(module))] if isinstance(module, nn.ModuleList) else [last]
         return names
-
-    def tower_parameters(self, model: Any) -> list[tuple[str, nn.Parameter]]:
-        """The vision tower's own parameters (projector parameters inside the tower excluded), by full name."""
-        return [(n, p) for n, p in unwrap(model).named_parameters() if self.component_of(n) == "vision"]

@@ -27,7 +27,6 @@ from medllava.model import (
     check_reloadable,
     family_of_source,
     is_adapter_dir,
-    llava_of,
     load_model,
     merge_adapter_to_folder,
     quantization_config,
@@ -609,7 +608,7 @@ def save_stage_output(cfg: StageConfig, trainer: Any, processor: ProcessorMixin,
             data = json.loads(adapter_cfg.read_text(encoding="utf-8"))
             data["base_model_name_or_path"] = os.path.relpath(Path(base_ref).resolve(), out.resolve())
             adapter_cfg.write_text(json.dumps(data, indent=2), encoding="utf-8")
-        check_reloadable(llava_of(model))
+        check_reloadable(model)
         processor.save_pretrained(staging)
         save_config(cfg, staging / STAGE_CONFIG_NAME)
         (staging / RUN_FACTS).write_text(json.dumps(run_facts(cfg, trainer, out), indent=2), encoding="utf-8")

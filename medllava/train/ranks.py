@@ -56,20 +56,15 @@ def ensure_process_group(deepspeed: bool = False) -> None:
     """
     if world_size() <= 1 or not dist.is_available():
         return
-    if dist.is_initialized():
-        _join_deepspeed(deepspeed)
-        return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank())
-        backend = "nccl"
-    else:
-        backend = "gloo"
-    dist.init_process_group(backend=backend, timeout=timedelta(minutes=int(os.environ.get("MEDLLAVA_DIST_TIMEOUT_MIN", "60"))))
-    logger.info("rank %d of %d joined the process group (%s)", rank(), world_size(), backend)
-    _join_deepspeed(deepspeed)
-
-
-def _join_deepspeed(deepspeed: bool) -> None:
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank())
+            backend = "nccl"
+        else:
+            backend = "gloo"
+        dist.init_process_group(backend=backend,
+                                timeout=timedelta(minutes=int(os.environ.get("MEDLLAVA_DIST_TIMEOUT_MIN", "60"))))
+        logger.info("rank %d of %d joined the process group (%s)", rank(), world_size(), backend)
     if deepspeed:
         import deepspeed as ds
 
