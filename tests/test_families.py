@@ -97,8 +97,9 @@ def test_loaded_sample_matches_what_the_processor_makes(tiny: dict[str, Path], n
     reference = processor(text=[text], images=[Image.open(tmp_path / "a.png").convert("RGB")], return_tensors="pt")
     assert item["input_ids"].tolist() == reference["input_ids"][0].tolist()
     assert len(item["input_ids"]) == samples[0].length
-    for key, value in item["image_inputs"].items():
-        torch.testing.assert_close(value, reference[key])
+    batch = SFTCollator(processor.tokenizer.pad_token_id)([item])  # what the model gets: the processor's layout
+    for key in item["image_inputs"]:
+        torch.testing.assert_close(batch[key], reference[key])
 
 
 def _record(row: dict, folder: Path):
@@ -110,13 +111,14 @@ def _record(row: dict, folder: Path):
 @pytest.mark.parametrize("name", [n for n in NEW if by_name(n).dynamic_resolution])
 def test_a_large_image_is_counted_whole_and_never_cut(tiny: dict[str, Path], name: str, tmp_path: Path) -> None:
     """Dynamic resolution: a bigger image has more tokens; over max_length the record is refused (too_long),
-    never truncated through its image."""
+    never truncated through its image. (SmolVLM resizes every image to its longest edge, so there the count
+    follows the shape: a wide strip is one row of tiles, a square two.)"""
     processor = AutoProcessor.from_pretrained(tiny[name])
-    small, large = Image.new("RGB", (16, 16)), Image.new("RGB", (48, 48))
-    small.save(tmp_path / "s.png")
-    large.save(tmp_path / "l.png")
+    small_size, large_size = ((64, 16), (64, 64)) if name == "smolvlm" else ((16, 16), (48, 48))
+    Image.new("RGB", small_size).save(tmp_path / "s.png")
+    Image.new("RGB", large_size).save(tmp_path / "l.png")
     counter = Renderer(processor, "chat", 4096)
-    n_small, n_large = counter.images.count((16, 16)), counter.images.count((48, 48))
+    n_small, n_large = counter.images.count(small_size), counter.images.count(large_size)
     assert n_large > n_small
     rows = [{"id": i, "image": f, "conversations": [{"from": "human", "value": "<image>\nWhat?"},
                                                    {"from": "gpt", "value": "A CT."}]} for i, f in (("s", "s.png"), ("l", "l.png"))]
@@ -145,10 +147,10 @@ def test_packed_row_gives_each_sample_its_separate_logits(tiny: dict[str, Path],
                                  progress=False)
     dataset = SFTDataset(samples, renderer.images)
     items = [dataset[i] for i in range(3)]
+    pad = processor.tokenizer.pad_token_id
     with torch.no_grad():
-        key = by_name(name).token_types_key
-        alone = [model(input_ids=i["input_ids"][None], **({key: i[key][None]} if key else {}),
-                       **i["image_inputs"]).logits[0] for i in items]
+        alone = [model(**{k: v for k, v in SFTCollator(pad)([i]).items() if k not in ("labels", "sample_ids")}).logits[0]
+                 for i in items]
         set_llm_attention(model, VARLEN_SDPA)
         batch = SamplePackingCollator()(items)
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "sample_ids")}
@@ -288,9 +290,10 @@ def test_grpo_step_on_each_family(tiny: dict[str, Path], name: str, phantom: Pat
     assert family_of(model).name == name
 
 
-def test_qlora_sft_keeps_tower_and_projector_in_16_bits(tiny: dict[str, Path], phantom: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", NEW)
+def test_qlora_sft_keeps_tower_and_projector_in_16_bits(tiny: dict[str, Path], name: str, phantom: Path,
+                                                        tmp_path: Path) -> None:
     pytest.importorskip("bitsandbytes")
-    name = "qwen2_5_vl"
     cfg = stage_dict(tmp_path, phantom, init_from=tiny[name], data={"train_files": [str(_records(tmp_path, phantom, 4))],
                                                                     "max_length": 512},
                      trainable={"vision": "frozen", "projector": "full", "llm": "lora"}, optim={"max_steps": 1},
@@ -341,7 +344,7 @@ def test_grpo_image_inputs_line_up_with_prompts_of_unequal_length(tiny: dict[str
     assert torch.equal(types.bool(), inputs["input_ids"] == processor.image_token_id)
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_vl", "gemma3"])
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "gemma3", "smolvlm"])
 def test_serve_answers_an_openai_request_with_an_image(tiny: dict[str, Path], name: str, phantom: Path) -> None:
     """`medllava serve`'s app (FastAPI, in process) answers an OpenAI-shaped request with an image and an earlier
     assistant turn on the family's own chat template."""
@@ -397,3 +400,136 @@ def test_packed_row_trains_like_the_padded_batch(tiny: dict[str, Path], name: st
     assert packed_grads.keys() == padded_grads.keys() and packed_grads
     for n in packed_grads:
         torch.testing.assert_close(packed_grads[n], padded_grads[n], atol=1e-5, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+
+
+IDEFICS3_CHAT_TEMPLATE = (  # HuggingFaceM4/Idefics3-8B-Llama3's
+    "<|begin_of_text|>{% for message in messages %}{{message['role'].capitalize()}}{% if message['content'][0]['type'] "
+    "== 'image' %}{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == 'text' "
+    "%}{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def _tiny_idefics3(out: Path) -> Path:
+    """A tiny Idefics3 (the SmolVLM family's other model type) saved with plain transformers."""
+    from transformers import GPT2Tokenizer, Idefics3Config, Idefics3ImageProcessor, Idefics3Processor
+
+    from medllava.presets import train_family_tokenizer
+
+    torch.manual_seed(0)
+    grid = [f"<row_{r}_col_{c}>" for r in (1, 2) for c in (1, 2)]
+    special = ["<|end_of_text|>", "<|begin_of_text|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
+               "<global-img>", *grid]
+    tok = GPT2Tokenizer(bos_token="<|begin_of_text|>", eos_token="<end_of_utterance>", pad_token="<|end_of_text|>",
+                        unk_token="<|end_of_text|>")
+    tok = train_family_tokenizer(tok, special, IDEFICS3_CHAT_TEMPLATE, byte_level=True)
+    config = Idefics3Config(
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        text_config={"model_type": "llama", "vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64,
+                     "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id},
+        scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=tok.pad_token_id)
+    model = AutoModelForImageTextToText.from_config(config)
+    image_processor = Idefics3ImageProcessor(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
+                                             do_image_splitting=True)
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=4,
+                                  chat_template=IDEFICS3_CHAT_TEMPLATE)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def test_idefics3_renders_as_its_processor_and_trains(phantom: Path, tmp_path: Path) -> None:
+    """Idefics3 (model type `idefics3`, the SmolVLM family): a rendered sample is what its processor makes, and a
+    LoRA SFT step trains and reloads."""
+    folder = _tiny_idefics3(tmp_path / "idefics3")
+    assert family_of_source(folder).name == "smolvlm"
+    processor = AutoProcessor.from_pretrained(folder)
+    renderer = Renderer(processor, "chat", 1024)
+    Image.new("RGB", (61, 30), (30, 60, 90)).save(tmp_path / "a.png")
+    rows = [{"id": "r", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "An axial CT."}]}]
+    samples, _ = prepare_samples([str(write_jsonl(tmp_path / "r.jsonl", rows))], renderer, image_folder=tmp_path,
+                                 progress=False)
+    item = SFTDataset(samples, renderer.images)[0]
+    text = renderer._apply(renderer.messages(_record(rows[0], tmp_path)), add_generation_prompt=False)
+    reference = processor(text=[text], images=[Image.open(tmp_path / "a.png").convert("RGB")], return_tensors="pt")
+    assert item["input_ids"].tolist() == reference["input_ids"][0].tolist()
+    batch = SFTCollator(processor.tokenizer.pad_token_id)([item])
+    torch.testing.assert_close(batch["pixel_values"], reference["pixel_values"])
+    cfg = stage_dict(tmp_path, phantom, init_from=folder, data={"train_files": [str(_records(tmp_path, phantom, 4))],
+                                                                "max_length": 512},
+                     trainable={"vision": "frozen", "projector": "full", "llm": "lora"}, optim={"max_steps": 1})
+    model, _ = load_model(run_sft(config_from_dict(cfg)))
+    assert type(model).__name__ == "Idefics3ForConditionalGeneration"
+
+
+def test_smolvlm_batch_of_unequal_tile_counts_gives_the_processor_batch_logits(tiny: dict[str, Path],
+                                                                               tmp_path: Path) -> None:
+    """SmolVLM: a wide image is one row of tiles, a square one two; the processor pads the batch with empty tiles
+    to [samples, most tiles, ...], medllava gives the model the batch's tiles as one block. Each row's logits are
+    those of the processor's own batch."""
+    model, processor = load_model(tiny["smolvlm"])
+    model.eval()
+    renderer = Renderer(processor, "chat", 1024)
+    sizes = {"wide": (64, 20), "square": (60, 60)}
+    rows = []
+    for name, size in sizes.items():
+        Image.new("RGB", size, (7 * len(name), 90, 20)).save(tmp_path / f"{name}.png")
+        rows.append({"id": name, "image": f"{name}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhich shape?"}, {"from": "gpt", "value": f"It is {name}."}]})
+    samples, _ = prepare_samples([str(write_jsonl(tmp_path / "r.jsonl", rows))], renderer, image_folder=tmp_path,
+                                 progress=False)
+    dataset = SFTDataset(samples, renderer.images)
+    items = [dataset[0], dataset[1]]
+    tiles = [len(i["image_inputs"]["pixel_values"]) for i in items]
+    assert tiles[0] < tiles[1]
+    batch = SFTCollator(processor.tokenizer.pad_token_id)(items)
+    assert batch["pixel_values"].shape[:2] == (1, sum(tiles))
+    texts = [renderer._apply(renderer.messages(_record(r, tmp_path)), add_generation_prompt=False) for r in rows]
+    processor.tokenizer.padding_side = "right"
+    reference = processor(text=texts, images=[[Image.open(tmp_path / f"{n}.png").convert("RGB")] for n in sizes],
+                          padding=True, return_tensors="pt")
+    assert reference["pixel_values"].shape[:2] == (2, tiles[1])  # padded with an empty tile
+    with torch.no_grad():
+        ours = model(**{k: v for k, v in batch.items() if k not in ("labels", "sample_ids")}).logits
+        theirs = model(**reference).logits
+    for row, item in enumerate(items):
+        n = len(item["input_ids"])
+        assert torch.equal(batch["input_ids"][row, :n], reference["input_ids"][row, :n])
+        torch.testing.assert_close(ours[row, :n], theirs[row, :n])
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_web_chat_streams_the_chat_answer_on_each_family(tiny: dict[str, Path], name: str, phantom: Path) -> None:
+    """`medllava web`'s answer stream (an uploaded image, two turns) ends with what `medllava chat` answers, on the
+    family's own processor and chat template."""
+    from medllava.chat import ChatSession
+    from medllava.web import answer_stream, read_upload
+
+    model, processor = load_model(tiny[name])
+    model.eval()
+    image = read_upload(str(sorted((phantom / "images").rglob("*.png"))[0]), "")
+    session = ChatSession(model, processor, max_new_tokens=4)
+    session.add_image(image)
+    first = session.ask("Is any lesion visible?")
+    state = {"messages": [], "images": [], "pending": image}
+    assert list(answer_stream(model, processor, state, "Is any lesion visible?", 4))[-1] == first
+    assert list(answer_stream(model, processor, state, "Why?", 4))[-1] == session.ask("Why?")
+    assert len(state["images"]) == 1 and len(state["messages"]) == 4
+
+
+def test_smolvlm_max_pixels_sets_the_longest_edge_in_whole_tiles(tiny: dict[str, Path]) -> None:
+    """SmolVLM's resolution setting is the longest edge (whole tiles): max_pixels picks the largest tile multiple
+    whose square fits, so an image's tiles shrink with it; it has no min_pixels."""
+    processor = AutoProcessor.from_pretrained(tiny["smolvlm"])
+    family = by_name("smolvlm")
+    before = Renderer(processor, "chat", 1024).images.count((64, 64))
+    family.set_pixel_limits(processor, None, 40 * 40)  # sqrt 40 -> one 32-pixel tile
+    assert processor.image_processor.size["longest_edge"] == 32
+    assert Renderer(processor, "chat", 1024).images.count((64, 64)) < before
+    with pytest.raises(ValueError, match="min_pixels"):
+        family.set_pixel_limits(processor, 16 * 16, None)
+    with pytest.raises(ValueError, match="below one 32 x 32 tile"):
+        family.set_pixel_limits(processor, None, 20 * 20)

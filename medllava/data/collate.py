@@ -29,6 +29,8 @@ from medllava.imaging import ImageError, Window, load_image
 FILLER_ID = "<image filler>"
 IMAGE_INPUTS = "image_inputs"
 """Feature key of a sample's processed images (pixel_values, image_grid_thw, ...): concatenated across the batch."""
+TILED_INPUTS = "tiled_inputs"
+"""Feature key naming the image inputs the model takes as one block of tiles (Family.tiled_inputs)."""
 TOKEN_TYPE_KEYS = ("mm_token_type_ids", "token_type_ids")
 """Per-token inputs beside input_ids that some families take (see Family.token_types_key): padded with 0 (text)."""
 
@@ -83,6 +85,8 @@ class SFTDataset(Dataset):
             inputs, expansions = self.images.process(images)
             ids, labels = self.images.splice(ids, labels, expansions)
             item[IMAGE_INPUTS] = inputs
+            if self.images.family.tiled_inputs:
+                item[TILED_INPUTS] = self.images.family.tiled_inputs
         item["input_ids"] = torch.from_numpy(ids)
         item["labels"] = torch.from_numpy(labels)
         types = self.images.token_types(ids)
@@ -174,7 +178,11 @@ def pad_right(features: Sequence[dict[str, Any]], longest: int, pad_token_id: in
 
 def add_pixels(batch: dict[str, Any], features: Sequence[dict[str, Any]]) -> None:
     """The features' processed images, each input concatenated in order along its first axis (pixel_values and,
-    per family, image_grid_thw ...), when there are any."""
+    per family, image_grid_thw ...), when there are any. Tiled inputs (see Family.tiled_inputs) become one block
+    [1, tiles, ...]: the model fills the batch's image tokens with its tiles in order, so the block needs none of
+    the padding tiles the processor adds to line samples up."""
     inputs = [f[IMAGE_INPUTS] for f in features if IMAGE_INPUTS in f]
+    tiled = next((f[TILED_INPUTS] for f in features if TILED_INPUTS in f), ())
     for key in inputs[0] if inputs else []:
-        batch[key] = torch.cat([i[key] for i in inputs], dim=0)
+        value = torch.cat([i[key] for i in inputs], dim=0)
+        batch[key] = value[None] if key in tiled else value

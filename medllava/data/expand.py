@@ -52,10 +52,11 @@ class ImageExpander:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def process(self, images: list[Image.Image]) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
-        """The model inputs of `images` (pixel_values and, per family, image_grid_thw ...; first axis per image or
-        per patch, so a batch's images concatenate along it) and the ids each image expands to."""
+        """The model inputs of `images` (pixel_values and, per family, image_grid_thw ...; first axis per image,
+        patch or tile, so a batch's images concatenate along it) and the ids each image expands to."""
         out = self.processor.image_processor(images=images, **self.images_kwargs)
-        inputs = {k: v for k, v in out.items() if k in self.input_names and torch.is_tensor(v)}
+        tiled = self.family.tiled_inputs  # one block for the sample, [1, tiles, ...]: its tiles along the first axis
+        inputs = {k: v[0] if k in tiled else v for k, v in out.items() if k in self.input_names and torch.is_tensor(v)}
         return inputs, self.expansions(out, len(images))
 
     def expansions(self, processed: dict[str, Any], n_images: int) -> list[list[int]]:

@@ -18,8 +18,9 @@ from medllava.families.gemma3 import GEMMA3
 from medllava.families.internvl import INTERNVL
 from medllava.families.llava import LLAVA
 from medllava.families.qwen_vl import QWEN2_5_VL, QWEN2_VL, QWEN3_VL
+from medllava.families.smolvlm import SMOLVLM
 
-FAMILIES: tuple[Family, ...] = (LLAVA, QWEN2_VL, QWEN2_5_VL, QWEN3_VL, GEMMA3, INTERNVL)
+FAMILIES: tuple[Family, ...] = (LLAVA, QWEN2_VL, QWEN2_5_VL, QWEN3_VL, GEMMA3, INTERNVL, SMOLVLM)
 """Every supported family, in the order README's table lists them."""
 
 __all__ = ["FAMILIES", "Family", "UnsupportedModelError", "by_name", "family_of", "family_of_processor"]

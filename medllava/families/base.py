@@ -74,6 +74,10 @@ class Family:
     dynamic_resolution: bool = False
     """An image's token count depends on its size (Qwen-VL's min_pixels/max_pixels), so the renderer reads each
     image's size to count its tokens before training."""
+    tiled_inputs: tuple[str, ...] = ()
+    """Pixel inputs the processor returns as one padded block per sample, [samples, tiles, ...] (SmolVLM /
+    Idefics3: pixel_values, pixel_attention_mask). A processed sample keeps its tiles along the first axis, as the
+    other families' pixel inputs are; a batch gives the model all its tiles as one block [1, tiles, ...]."""
     packing_refusal: str | None = None
     """Why packed rows cannot be exact for this family (then training uses padded batches and says so)."""
     packed_positions: Callable[[Any, dict[str, Any]], torch.Tensor] | None = None

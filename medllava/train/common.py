@@ -523,7 +523,7 @@ def load_stage_model(cfg: StageConfig, precision: str) -> tuple[Any, ProcessorMi
     if m.min_pixels is not None or m.max_pixels is not None:
         if family.set_pixel_limits is None:
             raise ConfigError(f"model.min_pixels/max_pixels: {family.title} resizes every image to one size; the "
-                              "pixel range applies to dynamic-resolution families (Qwen-VL)")
+                              "pixel range applies to Qwen-VL (min/max pixels) and SmolVLM (max_pixels: its longest edge)")
         try:
             family.set_pixel_limits(processor, m.min_pixels, m.max_pixels)
         except ValueError as err:
