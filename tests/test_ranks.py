@@ -207,10 +207,11 @@ def test_two_ranks_train_as_one_job_each_on_its_own_shard_and_write_once(tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "smolvlm"])
 def test_two_ranks_end_with_the_weights_of_one_rank(family: str, tmp_path: Path, phantom: Path,
                                                     base_models: dict) -> None:
-    """Llava, and a stock Qwen2.5-VL (packed M-RoPE rows, a filler image for micro-batches without one)."""
+    """Llava, a stock Qwen2.5-VL (packed M-RoPE rows, a filler image for micro-batches without one) and a stock
+    SmolVLM (each rank's tiles as one block)."""
     if family == "llava":
         base = base_models[("clip", "llama")]
     else:
