@@ -6,22 +6,26 @@ Extraction: the last `<answer>...</answer>` block; else an unclosed `<answer>` t
 Clauses: the extracted text is cut at sentence and clause marks (`. ; : ! ? ,` followed by a space or the end, new
 lines) and at "but", "however", "although", "though", "whereas". Negation is scoped to its clause.
 
-yes_no (first rule that applies decides):
-1. Answer clauses: clauses whose first word is "yes" or "no" ("Yes, there is no evidence of effusion." is yes;
-   "No pleural effusion." is no). If they disagree ("Yes. No.") or one reads "yes and/or no", the answer is unread.
-2. Otherwise every word "yes"/"no": one negated by a cue earlier in its clause ("I cannot say yes", "not no")
-   leaves the answer unread; both present is unread; else that word ("I think yes"; "There is no lesion" is no).
-   An explicit yes/no counts even when hedged ("probably yes").
+yes_no (first rule that applies decides). "no" is an answer word when it stands alone or is followed by a word
+that continues an answer ("No.", "No, ...", "No it is not", "No there isn't"); followed by a finding ("no
+mediastinal shift", "no evidence of ...") it is that finding's negation, read under rule 4, never an answer word.
+1. Answer clauses: clauses whose first word is the answer word "yes" or "no" ("Yes, there is no evidence of
+   effusion." is yes). If they disagree ("Yes. No.") or one reads "yes and/or no", the answer is unread. A pertinent
+   negative after the answer is another finding ("Yes, there is a fracture. No other abnormality is seen." is yes).
+2. Otherwise every answer word "yes"/"no": one negated by a cue earlier in its clause ("I cannot say yes", "not
+   no") leaves the answer unread; both present is unread; else that word ("I think yes"). An explicit yes/no
+   counts even when hedged ("probably yes").
 3. Otherwise a statement: a clause that refuses to commit ("cannot be excluded", "cannot be ruled out", "possible",
    "possibly", "may", "might", "uncertain", "unclear", "indeterminate", "equivocal", "questionable", "not sure")
    makes the answer unread -- a hedge that does not commit earns nothing. Hedges of degree keep the direction
    ("likely present" is yes, "unlikely" is no).
-4. The first clause with a negation cue ("not", "n't", "cannot", "never", "without", "absent", "no evidence",
+4. The first clause with a negation cue ("not", "n't", "cannot", "never", "without", "absent", "no <finding>",
    "negative for", "free of", "ruled out", "excluded", "none", "unlikely", "incorrect", "false") or a presence cue
    ("there is/are", "present", "seen", "visible", "noted", "identified", "evidence of", "positive for", "shows",
    "demonstrates", "consistent with", "suggestive of", "likely", "probable", "has", "correct", "true") decides:
-   an odd number of negation cues is no, otherwise yes. Statements are read as answers to "is the finding there?",
-   the way VQA-RAD, SLAKE and PathVQA phrase closed questions; anything else is unread.
+   an odd number of negation cues is no, otherwise yes ("No pleural effusion." is no; "A right-sided pneumothorax
+   is present; no mediastinal shift." is yes: the first clause answers). Statements are read as answers to "is the
+   finding there?", the way VQA-RAD, SLAKE and PathVQA phrase closed questions; anything else is unread.
 
 number (counts and values):
 - Candidates in order of appearance: digits ("3", "1,200", "12.5") and number words ("zero" ... "twenty", tens,
@@ -44,7 +48,11 @@ multiple_choice:
 - Rejected options do not count: a letter or option text right after "not", "n't", "rather than", "instead of",
   "other than", "except", "excluding", "unlike", or followed by "is incorrect/wrong/unlikely/excluded/false".
 - Options that are all plain numbers ("1", "2", "3") are read by letter, else by value under the count rules
-  above: "Two lesions." picks the option "2"; "3 lesions, the largest 2 cm" picks "3".
+  above: "2", "<answer>2</answer>", "The answer is 2", "I count 2." and "Two lesions." pick the option "2"; "3
+  lesions, the largest 2 cm" picks "3".
+- A labelled letter at the start ("A. ...", "(A) ...", "A) ...", "A: ...") must be followed by its own option's
+  text (or value): "A. MRI" to a left/right question, "C. Left" where C is Both and "A. 2" where A is 1 are
+  incoherent and unread, in eval and in the reward alike.
 - The answer is the one option left; two different options (letters, texts, or a letter contradicted by another
   option's text as in "A. CT" where CT is B) leave the answer unread.
 
@@ -73,10 +81,15 @@ _STATED = re.compile(r"(?:final answer|the answer|answer)\s*(?:is|:)\s*(.+)", re
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 _CLAUSE_BREAK = re.compile(r"[.;:!?,](?=\s|$)|\n|\b(?:but|however|although|though|whereas)\b", re.IGNORECASE)
-_POLAR = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
+_ANSWERING = (r"(?:it|it's|its|there|this|that|these|those|they|i|we|he|she|you|the|is|are|was|were|definitely"
+              r"|certainly|not|sir)")
+# "no" as an answer word ("No.", "No, ...", "No it is not"), not the determiner of a finding ("no mediastinal shift")
+_NO_WORD = rf"no(?!\s+(?!{_ANSWERING}\b)[a-z])"
+_POLAR = re.compile(rf"\b(yes|{_NO_WORD})\b", re.IGNORECASE)
+_LEADING = re.compile(rf"^\W*(yes|{_NO_WORD})\b", re.IGNORECASE)
 _BOTH = re.compile(r"^\W*(?:yes|no)\W*(?:and|or|/)\W*(?:yes|no)\b", re.IGNORECASE)
 _NEGATION = re.compile(
-    r"\bnot\b|n't\b|\bcannot\b|\bnever\b|\bwithout\b|\babsent\b|\bno evidence\b|\bnegative for\b|\bfree of\b"
+    rf"\bnot\b|n't\b|\bcannot\b|\bnever\b|\bwithout\b|\babsent\b|\bno\s+(?!{_ANSWERING}\b)(?=[a-z])|\bnegative for\b|\bfree of\b"
     r"|\bruled out\b|\bexcluded\b|\bnone\b|\bunlikely\b|\bincorrect\b|\bfalse\b", re.IGNORECASE)
 _UNCOMMITTED = re.compile(
     r"\b(?:cannot|can't|can not|not) (?:be )?(?:excluded|ruled out)\b|\bpossibl[ey]\b|\bmay\b|\bmight\b"
@@ -124,6 +137,7 @@ _REJECT_BEFORE = re.compile(
 _REJECT_AFTER = re.compile(r"^\)?\s*(?:is|was|seems|appears)\s+(?:incorrect|wrong|unlikely|excluded|false)\b",
                            re.IGNORECASE)
 _LETTER = re.compile(r"(?<![\w'’-])\(?([A-Za-z])\)?(?![\w'’-])")
+_LABEL = re.compile(r"^\(?([A-Za-z])(?:\)|[.:])[ \t]*(.*)", re.DOTALL)
 _KEYWORD_BEFORE = re.compile(r"\b(?:option|choice|answer|letter)\s*(?:is\s*|:\s*)?\(?$", re.IGNORECASE)
 _VERB_AFTER_ARTICLE = re.compile(r"^\s+(?:is|was|or|and|nor|seems|appears|would|should|must)\b")
 
@@ -187,7 +201,7 @@ def parse_yes_no(answer: str) -> str | None:
     parts = clauses(answer)
     leading = []
     for part in parts:
-        first = re.match(r"^\W*(yes|no)\b", part, re.IGNORECASE)
+        first = _LEADING.match(part)
         if first:
             if _BOTH.match(part):
                 return None
@@ -277,10 +291,14 @@ def parse_choice(answer: str, options: Sequence[str]) -> str | None:
     text = answer.strip().strip("*`\"'").strip()
     if not text:
         return None
-    if len(text) == 1:
-        return text.upper() if text.upper() in valid else None
-    chosen: set[str] = set()
     numeric = bool(options) and all(re.fullmatch(r"\s*\d+(?:\.\d+)?\s*", str(o)) for o in options)
+    if len(text) == 1 and text.isalpha():
+        return text.upper() if text.upper() in valid else None
+    label = _LABEL.match(text)
+    if label and label.group(1).upper() in valid and label.group(2).strip():
+        if not _names_option(label.group(2).splitlines()[0], options, LETTERS.index(label.group(1).upper()), numeric):
+            return None  # "A. MRI" to a left/right question: the letter and its text disagree
+    chosen: set[str] = set()
     order = [] if numeric else sorted(range(len(options)), key=lambda i: -len(str(options[i])))
     for i in order:
         pattern = _option_pattern(str(options[i]))
@@ -309,6 +327,15 @@ def parse_choice(answer: str, options: Sequence[str]) -> str | None:
         if len(matches) == 1:
             chosen.add(LETTERS[matches[0]])
     return chosen.pop() if len(chosen) == 1 else None
+
+
+def _names_option(text: str, options: Sequence[str], index: int, numeric: bool) -> bool:
+    """Whether `text` (what follows a labelled letter) names option `index`: its text, or its value."""
+    if numeric:
+        value = parse_number(text)
+        return value is not None and float(options[index]) == value
+    pattern = _option_pattern(str(options[index]))
+    return bool(pattern and any(not _rejected(text, m.start(), m.end()) for m in pattern.finditer(text)))
 
 
 def gold_letter(answer: str, options: Sequence[str]) -> str | None:

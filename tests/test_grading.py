@@ -17,6 +17,7 @@ PLANES = ["Axial", "Coronal", "Sagittal"]
 ORGANS = ["Liver", "Spleen", "Left kidney", "Kidney"]
 DISSECTION = ["Type A dissection", "Type B dissection", "No dissection"]
 COUNTS = ["1", "2", "3"]
+SIDES = ["Left", "Right", "Both"]
 
 YN, NUM, MC, OPEN = "yes_no", "number", "multiple_choice", "open"
 
@@ -66,6 +67,14 @@ CASES: list[tuple[str, str, str, list[str] | None, float]] = [
     (YN, "The scan is abnormal.", "no", None, 0.0),  # "no" inside a word
     (YN, "Nothing to add.", "no", None, 0.0),
     (YN, "<think>The left costophrenic angle is blunted.</think><answer>Yes</answer>", "yes", None, 1.0),
+    # --- yes/no: a pertinent negative after the answer is another finding, not the answer (issue 25) ---------
+    (YN, "A right-sided pneumothorax is present; no mediastinal shift.", "yes", None, 1.0),
+    (YN, "Yes, there is a fracture. No other abnormality is seen.", "yes", None, 1.0),
+    (YN, "There is consolidation, with no effusion.", "yes", None, 1.0),
+    (YN, "No fracture; there is soft tissue swelling.", "no", None, 1.0),
+    (YN, "No, there is no fracture. Yes, the alignment is normal.", "no", None, 0.0),  # two answer words disagree
+    (YN, "No it is not.", "no", None, 1.0),  # "no" answering, not "no <finding>"
+    (YN, "No there isn't.", "no", None, 1.0),
     # --- numbers: the count, not measurements, sequences, dates or units -------------------------------------
     (NUM, "There are two lesions measuring 5 mm each.", "2", None, 1.0),  # issue 14: read 5 before
     (NUM, "On the T2 image there are 3 nodules.", "3", None, 1.0),  # issue 14: read 2 before
@@ -110,6 +119,24 @@ CASES: list[tuple[str, str, str, list[str] | None, float]] = [
     (MC, "There are 3 lesions, the largest 2 cm.", "C", COUNTS, 1.0),  # the count, not the measurement
     (MC, "B", "B", COUNTS, 1.0),
     (MC, "Two lesions.", "C", COUNTS, 0.0),
+    # numeric options answered bare (issue 25: never read before)
+    (MC, "2", "B", COUNTS, 1.0),
+    (MC, "<answer>2</answer>", "B", COUNTS, 1.0),
+    (MC, "The answer is 2", "B", COUNTS, 1.0),
+    (MC, "Answer: 3", "C", COUNTS, 1.0),
+    (MC, "I count 2.", "B", COUNTS, 1.0),
+    (MC, "4", "B", COUNTS, 0.0),  # no such option
+    (MC, "B. 2", "B", COUNTS, 1.0),
+    (MC, "A. 2", "B", COUNTS, 0.0),  # label and value disagree
+    (MC, "A. 2", "A", COUNTS, 0.0),
+    # a labelled letter must be followed by its own option's text (issue 25: "A. MRI" to a left/right question)
+    (MC, "A. MRI", "A", SIDES, 0.0),
+    (MC, "C. Left", "C", SIDES, 0.0),  # C is Both
+    (MC, "C. Left", "A", SIDES, 0.0),
+    (MC, "C. Both", "C", SIDES, 1.0),
+    (MC, "(A) Left", "A", SIDES, 1.0),
+    (MC, "B) the right side", "B", SIDES, 1.0),
+    (MC, "B. The image is an MRI.", "B", MODALITY, 1.0),
     (MC, "A or B", "B", MODALITY, 0.0),  # two options
     (MC, "Either CT or MRI.", "B", MODALITY, 0.0),
     (MC, "A. MRI", "B", MODALITY, 0.0),  # letter contradicted by another option's text
