@@ -71,7 +71,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model, processor, args.data, image_folder=args.image_folder, out_dir=out_dir, batch_size=args.batch_size,
         max_new_tokens=max_new_tokens, blind=args.blind, limit=args.limit, title=title,
         system_prompt=prompt.system_prompt, mode=prompt.mode, instruction=prompt.instruction, window=window,
-        prior=prior,
+        prior=prior, model_path=args.model, window_name=args.window if args.window is not None else prompt.window,
     )
     print(markdown_table(metrics, title))
     if args.summary:

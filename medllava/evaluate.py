@@ -18,11 +18,12 @@ Outputs: predictions.jsonl, metrics.json, metrics.md, and a bar chart.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,19 @@ class EvalItem:
 
 
 @dataclass
+class Skipped:
+    """A record that could not be asked (unreadable, or its image does not decode): counted as wrong."""
+
+    error: RecordError
+    qtype: str | None
+    """Its question type when the record was read; None when it could not be (then it counts as closed)."""
+
+
+EVAL_SETTINGS = "medllava_eval.json"
+"""The file an export keeps its last stage's evaluation settings in (PromptSettings), for `medllava eval`."""
+
+
+@dataclass
 class PromptSettings:
     """How questions are put to a model: what its last stage trained with (see `stage_prompt_settings`)."""
 
@@ -66,11 +80,15 @@ class PromptSettings:
 
 def stage_prompt_settings(model_dir: str | Path) -> PromptSettings:
     """The prompt a stage output was trained with, read from its medllava_stage.yaml: a GRPO stage's prompt mode,
-    instruction and completion length; an SFT stage's system prompt. Plain settings when there is no such file."""
+    instruction and completion length; an SFT stage's system prompt; the stage's window. An export keeps its last
+    stage's settings in medllava_eval.json. Plain settings when there is neither."""
     import yaml
 
     path = Path(model_dir) / "medllava_stage.yaml"
     if not path.is_file():
+        kept = Path(model_dir) / EVAL_SETTINGS
+        if kept.is_file():
+            return PromptSettings(**json.loads(kept.read_text(encoding="utf-8")))
         return PromptSettings()
     stage = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     data = stage.get("data") or {}
@@ -80,6 +98,23 @@ def stage_prompt_settings(model_dir: str | Path) -> PromptSettings:
         return PromptSettings(mode=g.get("prompt", "plain"), instruction=g.get("instruction"), system_prompt=system_prompt,
                               max_new_tokens=int(g.get("max_completion_length", 64)), window=window)
     return PromptSettings(system_prompt=system_prompt, window=window)
+
+
+def write_eval_settings(run_dir: str | Path, out_dir: str | Path) -> PromptSettings:
+    """Keep a stage output's evaluation settings beside its export (see EVAL_SETTINGS)."""
+    settings = stage_prompt_settings(run_dir)
+    (Path(out_dir) / EVAL_SETTINGS).write_text(json.dumps(asdict(settings), indent=2) + "\n", encoding="utf-8")
+    return settings
+
+
+def describe_settings(settings: PromptSettings) -> str:
+    """'think prompt, up to 512 new tokens, window lung' (the model card's line)."""
+    parts = [f"{settings.mode} prompt", f"up to {settings.max_new_tokens} new tokens"]
+    if settings.window:
+        parts.append(f"window {settings.window}")
+    if settings.system_prompt:
+        parts.append("the stage's system prompt")
+    return ", ".join(parts)
 
 
 def build_prompt(processor: Any, record: VQARecord, system_prompt: str | None = None, mode: str = "plain",
@@ -120,34 +155,35 @@ def generate_batch(model: Any, processor: Any, prompts: Sequence[str], images: S
 
 def load_items(data: str | Path, processor: Any, image_folder: str | Path, *, limit: int | None = None,
                system_prompt: str | None = None, mode: str = "plain", instruction: str | None = None,
-               ) -> tuple[list[EvalItem], list[RecordError]]:
+               ) -> tuple[list[EvalItem], list[Skipped]]:
     """Read the VQA set: records, resolved image references and prompts (no pixels: images are decoded batch by
-    batch). Bad records are returned as errors, never dropped silently."""
+    batch). Bad records are returned as skipped, never dropped silently."""
     items: list[EvalItem] = []
-    errors: list[RecordError] = []
+    errors: list[Skipped] = []
     for rec in read_vqa(data):
         if limit is not None and len(items) + len(errors) >= limit:
             break
         if isinstance(rec, RecordError):
-            errors.append(rec)
+            errors.append(Skipped(rec, None))
             continue
         try:
             ref = resolve_image(rec.image, image_folder)
         except RecordError as err:
-            errors.append(err.located(rec.source, rec.line, rec.id))
+            errors.append(Skipped(err.located(rec.source, rec.line, rec.id), rec.qtype))
             continue
         items.append(EvalItem(rec, ref, build_prompt(processor, rec, system_prompt, mode, instruction)))
     return items, errors
 
 
 def decoded(chunk: Sequence[EvalItem], window: Window | None,
-            errors: list[RecordError]) -> tuple[list[EvalItem], list[Image.Image]]:
+            errors: list[Skipped]) -> tuple[list[EvalItem], list[Image.Image]]:
     """A batch's items whose image decodes, with the images; the others become errors (skipped and counted)."""
     kept, images = [], []
     for it, image in zip(chunk, decode_each([it.image for it in chunk], window)):
         if isinstance(image, ImageError):
             rec = it.record
-            errors.append(RecordError(image.kind, image.reason, source=rec.source, line=rec.line, record_id=rec.id))
+            errors.append(Skipped(RecordError(image.kind, image.reason, source=rec.source, line=rec.line,
+                                              record_id=rec.id), rec.qtype))
         else:
             kept.append(it)
             images.append(image)
@@ -166,22 +202,33 @@ def _mean(values: list[float]) -> float:
     return round(sum(values) / len(values), 4) if values else 0.0
 
 
-def score(rows: list[dict[str, Any]], key: str = "prediction") -> dict[str, Any]:
-    """Metrics over prediction rows: overall closed accuracy, per question type, per modality and topic."""
+def score(rows: list[dict[str, Any]], key: str = "prediction",
+          skipped: Sequence[str | None] = ()) -> dict[str, Any]:
+    """Metrics over prediction rows: overall closed accuracy, per question type, per modality and topic.
+
+    `skipped`: the question types of records that could not be asked (None: unreadable, counted as closed). They
+    count as wrong in `accuracy` and in their type's figure; `accuracy_of_asked` leaves them out. The slices by
+    modality, topic and organ are over the asked records."""
     graded = []
     for row in rows:
         g = grade(row[key], row["answer"], row["qtype"], row.get("options"))
         graded.append((row, g))
     closed = [(r, g) for r, g in graded if r["qtype"] in CLOSED_QTYPES]
+    missed = [0.0] * sum(1 for q in skipped if q is None or q in CLOSED_QTYPES)
     metrics: dict[str, Any] = {
         "n": len(rows),
-        "accuracy": _mean([g.correct for _, g in closed]),
-        "n_closed": len(closed),
+        "accuracy": _mean([g.correct for _, g in closed] + missed),
+        "n_closed": len(closed) + len(missed),
+        "accuracy_of_asked": _mean([g.correct for _, g in closed]),
     }
     by_type: dict[str, Any] = {}
-    for qtype in sorted({r["qtype"] for r in rows}):
+    for qtype in sorted({r["qtype"] for r in rows} | {q for q in skipped if q is not None}):
         sub = [(r, g) for r, g in graded if r["qtype"] == qtype]
-        entry = {"n": len(sub), "accuracy" if qtype != "open" else "exact_match": _mean([g.correct for _, g in sub])}
+        lost = sum(1 for q in skipped if q == qtype)
+        entry = {"n": len(sub) + lost,
+                 "accuracy" if qtype != "open" else "exact_match": _mean([g.correct for _, g in sub] + [0.0] * lost)}
+        if lost:
+            entry["skipped"] = lost
         if qtype == "open":
             entry["f1"] = _mean([g.f1 for _, g in sub])
             entry["recall"] = _mean([g.recall for _, g in sub])
@@ -250,8 +297,10 @@ def markdown_table(metrics: dict[str, Any], title: str = "") -> str:
     open_entry = (metrics.get("by_qtype") or {}).get("open")
     if open_entry:
         lines.append(f"open questions: recall {open_entry['recall']:.3f}, exact {open_entry['exact_match']:.3f}, F1 {open_entry['f1']:.3f}")
-    if metrics.get("skipped"):
-        lines.append(f"skipped records: {metrics['skipped']}")
+    if metrics.get("n_skipped"):
+        kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(metrics["skipped"].items()))
+        lines.append(f"skipped records: {metrics['n_skipped']} ({kinds}; listed in skipped.jsonl), counted as wrong "
+                     f"in the accuracies above; accuracy over the asked records only: {metrics['accuracy_of_asked']:.3f}")
     return "\n".join(lines) + "\n"
 
 
@@ -307,12 +356,15 @@ def evaluate(
     title: str = "",
     progress: bool = True,
     prior: TextPrior | None = None,
+    model_path: str | Path | None = None,
+    window_name: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a loaded model on a VQA file; write outputs to out_dir when given; return the metrics.
 
     `mode`/`instruction`: the prompt form (plain, or a GRPO stage's answer/think prompt) and `max_new_tokens`
     the completion length; `stage_prompt_settings` reads both from a stage output. `prior`: a text prior
-    (`medllava.prior.build_prior`) scored beside the model as metrics["prior"]."""
+    (`medllava.prior.build_prior`) scored beside the model as metrics["prior"]. `model_path` and `window_name`
+    (the folder the model came from, the window's name) go into metrics["provenance"] with the data's sha256."""
     model.eval()
     items, errors = load_items(data, processor, image_folder, limit=limit, system_prompt=system_prompt, mode=mode,
                                instruction=instruction)
@@ -336,18 +388,28 @@ def evaluate(
             scored.append(it)
         del images
     if errors:
-        logger.warning("eval: skipped %d bad record(s): %s", len(errors), "; ".join(e.describe() for e in errors[:5]))
+        logger.warning("eval: skipped %d record(s), counted as wrong: %s", len(errors),
+                       "; ".join(e.error.describe() for e in errors[:5]))
     if not rows:
         raise ValueError(f"{data}: no usable VQA records")
     items = scored
-    metrics = score(rows)
+    skipped = [e.qtype for e in errors]
+    metrics = score(rows, skipped=skipped)
+    metrics["n_skipped"] = len(errors)
     metrics["prompt"] = {"mode": mode, "max_new_tokens": max_new_tokens, "decoding": "greedy"}
+    metrics["provenance"] = {
+        "model": None if model_path is None else str(model_path),
+        "weights_sha256": None if model_path is None else weights_sha256(model_path),
+        "data": str(data), "data_sha256": file_sha256(data), "prompt_mode": mode, "instruction": instruction,
+        "system_prompt": system_prompt, "max_new_tokens": max_new_tokens, "decoding": "greedy",
+        "window": window_name if window_name is not None else (None if window is None else asdict(window)),
+        "batch_size": batch_size, "limit": limit, "blind": blind}
     metrics["chance"] = _mean([chance_level(it.record) for it in items if it.record.qtype in CLOSED_QTYPES])
     if blind:
-        metrics["blind"] = score(rows, key="blind_prediction")
+        metrics["blind"] = score(rows, key="blind_prediction", skipped=skipped)
         metrics["blind_gap"] = round(metrics["accuracy"] - metrics["blind"]["accuracy"], 4)
     if prior is not None:
-        metrics["prior"] = {**score(rows, key="prior_prediction"), "sources": prior.sources,
+        metrics["prior"] = {**score(rows, key="prior_prediction", skipped=skipped), "sources": prior.sources,
                             "matched": sum(1 for r in rows if r["prior_prediction"]), "training_pairs": prior.pairs}
     lm_closed = llava_med_closed(rows)
     if lm_closed is not None:
@@ -355,7 +417,7 @@ def evaluate(
     if errors:
         counts: dict[str, int] = defaultdict(int)
         for e in errors:
-            counts[e.kind] += 1
+            counts[e.error.kind] += 1
         metrics["skipped"] = dict(counts)
     for row in rows:
         g = grade(row["prediction"], row["answer"], row["qtype"], row.get("options"))
@@ -369,18 +431,39 @@ def evaluate(
         if errors:
             with (out / "skipped.jsonl").open("w", encoding="utf-8") as fh:
                 for e in errors:
-                    fh.write(json.dumps(e.to_dict(), ensure_ascii=False) + "\n")
+                    fh.write(json.dumps({**e.error.to_dict(), "qtype": e.qtype}, ensure_ascii=False) + "\n")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
         (out / "metrics.md").write_text(markdown_table(metrics, title), encoding="utf-8")
         plot_metrics(metrics, out / "accuracy.png", title)
     return metrics
 
 
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_sha256(model_dir: str | Path) -> str | None:
+    """One sha256 over a model folder's safetensors files (and its saved base's, for a LoRA stage), by name."""
+    folder = Path(model_dir)
+    files = sorted(folder.glob("*.safetensors")) + sorted((folder / "base").glob("*.safetensors"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{f.relative_to(folder)}:{file_sha256(f)}\n".encode())
+    return digest.hexdigest()
+
+
 def update_summary(path: str | Path, stage: str, metrics: dict[str, Any]) -> dict[str, Any]:
     """Merge one stage's headline figures into a summary JSON ({stage: {"accuracy": ..., ...}})."""
     path = Path(path)
     summary = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    entry = {"accuracy": metrics["accuracy"], "chance": metrics.get("chance"), "n": metrics["n_closed"]}
+    entry = {"accuracy": metrics["accuracy"], "chance": metrics.get("chance"), "n": metrics["n_closed"],
+             "skipped": metrics.get("n_skipped", 0)}
     if "blind" in metrics:
         entry["blind_accuracy"] = metrics["blind"]["accuracy"]
         entry["blind_gap"] = metrics["blind_gap"]
@@ -402,13 +485,13 @@ def summary_table(summary: dict[str, Any], seconds: float | None = None) -> str:
     def fmt(value: float | None, spec: str = ".3f") -> str:
         return "-" if value is None else format(value, spec)
 
-    lines = [f"{'stage':<12} {'accuracy':>9} {'chance':>7} {'blind':>7} {'gap':>7} {'prior':>7}   by topic"]
+    lines = [f"{'stage':<12} {'accuracy':>9} {'chance':>7} {'blind':>7} {'gap':>7} {'prior':>7} {'skipped':>7}   by topic"]
     for stage, entry in summary.items():
         topics = ", ".join(f"{k} {v:.2f}" for k, v in (entry.get("by_topic") or {}).items())
         lines.append(
             f"{stage:<12} {entry['accuracy']:>9.3f} {entry.get('chance') or 0:>7.3f} "
             f"{fmt(entry.get('blind_accuracy')):>7} {fmt(entry.get('blind_gap'), '+.3f'):>7} "
-            f"{fmt(entry.get('prior_accuracy')):>7}   {topics}"
+            f"{fmt(entry.get('prior_accuracy')):>7} {entry.get('skipped', 0):>7}   {topics}"
         )
     if seconds is not None:
         lines.append(f"total time: {seconds / 60:.1f} min")

@@ -32,6 +32,7 @@ import torch
 import yaml
 from PIL import Image
 
+from medllava.evaluate import describe_settings, write_eval_settings
 from medllava.model import ModelLoadError, adapter_base_path, is_adapter_dir, load_model, save_model, widest_dtype
 from medllava.train.common import RUN_FACTS, STAGE_CONFIG_NAME
 
@@ -176,7 +177,8 @@ def _reproduction(stage: StageInfo) -> list[str]:
     return lines + [""]
 
 
-def model_card(lineage: Lineage, *, license_id: str, repo_id: str | None, verification: dict[str, Any]) -> str:
+def model_card(lineage: Lineage, *, license_id: str, repo_id: str | None, verification: dict[str, Any],
+               eval_settings: str | None = None) -> str:
     """README.md with Hub metadata, the training lineage, evaluation figures and the medical disclaimer."""
     base_models = [m for m in (lineage.vision_tower, lineage.llm, lineage.starting_model) if m and not Path(m).exists()]
     architecture = verification.get("class") or "transformers model"
@@ -214,7 +216,8 @@ def model_card(lineage: Lineage, *, license_id: str, repo_id: str | None, verifi
     if evaluated:
         lines += ["## Evaluation", "", "Held-out closed questions (medllava eval); decoding as listed, greedy unless "
                   "stated.", "",
-                  "| after stage | n | accuracy | chance | blank-image accuracy | decoding |", "|---|---:|---:|---:|---:|---|"]
+                  "| after stage | n | accuracy | chance | blank-image accuracy | skipped (counted wrong) | decoding |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
         for s in evaluated:
             m = s.metrics or {}
             blind = (m.get("blind") or {}).get("accuracy")
@@ -222,8 +225,12 @@ def model_card(lineage: Lineage, *, license_id: str, repo_id: str | None, verifi
             decoding = (f"{p.get('decoding', 'greedy')}, {p.get('mode', 'plain')} prompt, at most "
                         f"{p.get('max_new_tokens', 64)} new tokens") if p else "greedy"
             lines.append(f"| {s.config.get('name')} | {m.get('n_closed')} | {m.get('accuracy', 0):.3f} | "
-                         f"{m.get('chance', 0):.3f} | {'-' if blind is None else f'{blind:.3f}'} | {decoding} |")
+                         f"{m.get('chance', 0):.3f} | {'-' if blind is None else f'{blind:.3f}'} | "
+                         f"{m.get('n_skipped', 0)} | {decoding} |")
         lines.append("")
+    if eval_settings:
+        lines += [f"Evaluate it as it was trained: {eval_settings} (kept in `medllava_eval.json`, which "
+                  "`medllava eval` reads).", ""]
     lines += [
         "## Usage", "", "```python",
         "from transformers import AutoModelForImageTextToText, AutoProcessor",
@@ -427,8 +434,10 @@ def export(run_dir: str | Path, out_dir: str | Path, *, license_id: str = "apach
         verification = {**verify_export(out_dir, saved_logits, image_path, tol, dtype=probe_dtype, device=device),
                         **checks}
     lineage = stage_lineage(run_dir)
-    (out_dir / "README.md").write_text(model_card(lineage, license_id=license_id, repo_id=repo_id, verification=verification),
-                                       encoding="utf-8")
+    settings = write_eval_settings(run_dir, out_dir)  # the export is evaluated as its last stage was trained
+    card = model_card(lineage, license_id=license_id, repo_id=repo_id, verification=verification,
+                      eval_settings=describe_settings(settings))
+    (out_dir / "README.md").write_text(card, encoding="utf-8")
     (out_dir / "medllava_export.json").write_text(json.dumps({
         "source": str(run_dir), "merged_adapter": adapter, "verification": verification,
         "stages": [s.config.get("name") for s in lineage.stages]}, indent=2) + "\n", encoding="utf-8")

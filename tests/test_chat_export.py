@@ -152,6 +152,29 @@ def test_merged_export_matches_the_adapter_and_loads_without_medllava(lora_run: 
         assert needle in card, needle
 
 
+def test_export_carries_the_stage_eval_settings(lora_run: Path, tmp_path: Path) -> None:
+    """Issue 25: `medllava eval` of an export used the plain prompt and 64 tokens whatever the stage trained with.
+    The export keeps the last stage's prompt mode, instruction, completion length and window, and eval reads them."""
+    import shutil
+
+    import yaml
+
+    from medllava.evaluate import stage_prompt_settings
+
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    stage = yaml.safe_load((run / "medllava_stage.yaml").read_text())
+    stage["kind"] = "grpo"
+    stage["grpo"] = {"prompt": "think", "instruction": "Look closely.", "max_completion_length": 512}
+    stage["data"]["window"] = "lung"
+    (run / "medllava_stage.yaml").write_text(yaml.safe_dump(stage))
+    settings = stage_prompt_settings(run)
+    assert (settings.mode, settings.max_new_tokens, settings.window) == ("think", 512, "lung")
+    export(run, tmp_path / "export")
+    assert stage_prompt_settings(tmp_path / "export") == settings
+    assert "think prompt, up to 512 new tokens, window lung" in (tmp_path / "export" / "README.md").read_text()
+
+
 def test_export_of_a_full_model(base_models: dict, tmp_path: Path) -> None:
     report = export(base_models[("siglip", "qwen2")], tmp_path / "full", dtype="bfloat16")
     assert report["merged_adapter"] is False and report["verification"]["passed"]

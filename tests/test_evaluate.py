@@ -235,3 +235,48 @@ def test_llava_med_closed_counts_as_llava_med_does() -> None:
     assert llava_med_closed(rows) == {"n": 3, "accuracy": pytest.approx(2 / 3, abs=1e-4),
                                       "definition": llava_med_closed(rows)["definition"]}
     assert llava_med_closed([_row("yes_no", "no", "no")]) is None
+
+
+def test_skipped_records_count_as_wrong_and_metrics_state_how_they_were_obtained(tmp_path: Path, phantom: Path,
+                                                                                 base_models: dict) -> None:
+    """Issue 25: with half the images broken, eval scored the other half and said nothing. Now a record that
+    cannot be asked counts as wrong in the headline accuracy, and metrics.json, the table and the summary say how
+    many were skipped and why; metrics.json states the model, its weights' hash, the data file's sha256 and the
+    decoding settings."""
+    import hashlib
+    import json
+    import shutil
+
+    from medllava.cli import main
+
+    images = tmp_path / "images"
+    shutil.copytree(phantom / "images", images)
+    rows = [json.loads(line) for line in (phantom / "test.jsonl").read_text().splitlines()]
+    broken_files = sorted({r["image"] for r in rows})[::2]
+    for name in broken_files:
+        (images / name).write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    skipped_rows = [r for r in rows if r["image"] in broken_files]
+    assert 0 < len(skipped_rows) < len(rows)
+    summary = tmp_path / "summary.json"
+    model = base_models[("clip", "llama")]
+    assert main(["eval", str(model), "--data", str(phantom / "test.jsonl"), "--image-folder", str(images),
+                 "--out", str(tmp_path / "eval"), "--max-new-tokens", "3", "--batch-size", "4",
+                 "--summary", str(summary), "--stage", "base"]) == 0
+    metrics = json.loads((tmp_path / "eval/metrics.json").read_text())
+    preds = [json.loads(line) for line in (tmp_path / "eval/predictions.jsonl").read_text().splitlines()]
+    closed = [p for p in preds if p["qtype"] != "open"]
+    skipped_closed = [r for r in skipped_rows if r["qtype"] != "open"]
+    assert metrics["n_skipped"] == len(skipped_rows) and metrics["skipped"] == {"unsupported_format": len(skipped_rows)}
+    assert metrics["n_closed"] == len(closed) + len(skipped_closed)
+    assert metrics["accuracy"] == round(sum(p["correct"] for p in closed) / (len(closed) + len(skipped_closed)), 4)
+    assert metrics["accuracy_of_asked"] == round(sum(p["correct"] for p in closed) / len(closed), 4)
+    how = metrics["provenance"]
+    assert how["model"] == str(model) and len(how["weights_sha256"]) == 64
+    assert how["data"] == str(phantom / "test.jsonl")
+    assert how["data_sha256"] == hashlib.sha256((phantom / "test.jsonl").read_bytes()).hexdigest()
+    assert (how["prompt_mode"], how["max_new_tokens"], how["decoding"], how["batch_size"], how["window"]) == \
+        ("plain", 3, "greedy", 4, None)
+    assert f"skipped records: {len(skipped_rows)}" in (tmp_path / "eval/metrics.md").read_text()
+    entry = json.loads(summary.read_text())["base"]
+    assert entry["skipped"] == len(skipped_rows)
+    assert "skipped" in summary_table(json.loads(summary.read_text())).splitlines()[0]
