@@ -5,9 +5,11 @@ Each image is an X-ray, CT or MRI-looking phantom with zero to three bright lesi
 image. The truth (modality, lesion present, side, count) is known, so every answer can be checked.
 
 Like LLaVA-Med's GPT-written conversations, the instruction data is conversational: it asks about lesion
-presence (yes/no) and modality (multiple choice), but asks side and count in open form ("On the left side of
-the image.", "Two lesions."). The closed multiple-choice form of side and count questions appears only in
-the RL and test sets, which is where a verifiable reward has something to teach.
+presence (yes/no), modality, side and count (multiple choice, answered "B. right"), and side and count in open
+form too ("On the left side of the image.", "Two lesions."). Every question form the test set asks is taught,
+so held-out accuracy per topic measures whether the model reads the image, not whether it guesses the letters of
+a form it never saw (an earlier version taught side and count only in open form: its GRPO stage learned to
+answer them with another question's option, "A. MRI" to a left/right question).
 
 Writes to OUT/:
   images/{train,test}/*.png
@@ -176,10 +178,10 @@ def generate(out: Path, *, seed: int, n_train: int, n_test: int, size: int) -> d
             align.append({"id": f"align_{i:05d}", "image": rel, "truth": truth, "conversations": [
                 {"from": "human", "value": "<image>\n" + DESCRIBE_QUESTIONS[int(rng.integers(3))]},
                 {"from": "gpt", "value": caption}]})
-            asked = [q for q in questions if q["topic"] in ("presence", "modality")] + open_questions(side, count, rng)
+            asked = questions + open_questions(side, count, rng)
             order = rng.permutation(len(asked))
             turns: list[dict] = []
-            for j, qi in enumerate(order[: int(rng.integers(2, 4))]):
+            for j, qi in enumerate(order[: int(rng.integers(2, 5))]):
                 q = asked[qi]
                 turns.append({"from": "human", "value": format_question(q["question"], q.get("options"), with_image=j == 0)})
                 turns.append({"from": "gpt", "value": answer_text(q)})

@@ -234,6 +234,10 @@ def score(rows: list[dict[str, Any]], key: str = "prediction",
             entry["recall"] = _mean([g.recall for _, g in sub])
         else:
             entry["unparsed"] = sum(1 for _, g in sub if g.parsed is None)
+        if qtype == "multiple_choice" and sub:
+            # answers that name one option of their own question (an answer naming another question's option,
+            # or its letter with another text, names none): below 1, the model answers some form by rote
+            entry["own_option_rate"] = _mean([float(g.parsed is not None) for _, g in sub])
         by_type[qtype] = entry
     metrics["by_qtype"] = by_type
     for field in ("modality", "topic", "organ", "answer_type"):
@@ -469,6 +473,9 @@ def update_summary(path: str | Path, stage: str, metrics: dict[str, Any]) -> dic
         entry["blind_gap"] = metrics["blind_gap"]
     if "prior" in metrics:
         entry["prior_accuracy"] = metrics["prior"]["accuracy"]
+    mc = (metrics.get("by_qtype") or {}).get("multiple_choice") or {}
+    if "own_option_rate" in mc:
+        entry["own_option_rate"] = mc["own_option_rate"]
     for key in ("by_topic", "by_qtype"):
         if key in metrics:
             entry[key] = {k: v.get("accuracy", v.get("exact_match")) for k, v in metrics[key].items()}
@@ -480,18 +487,21 @@ def update_summary(path: str | Path, stage: str, metrics: dict[str, Any]) -> dic
 
 def summary_table(summary: dict[str, Any], seconds: float | None = None) -> str:
     """A plain-text table of a curriculum summary: accuracy per stage beside chance, blind accuracy (blank
-    image), the blind gap and the text prior (training set's most common answer to the same question)."""
+    image), the blind gap, the text prior (training set's most common answer to the same question), the records
+    skipped (counted wrong) and the share of multiple-choice answers that name an option of their own question."""
 
     def fmt(value: float | None, spec: str = ".3f") -> str:
         return "-" if value is None else format(value, spec)
 
-    lines = [f"{'stage':<12} {'accuracy':>9} {'chance':>7} {'blind':>7} {'gap':>7} {'prior':>7} {'skipped':>7}   by topic"]
+    lines = [f"{'stage':<12} {'accuracy':>9} {'chance':>7} {'blind':>7} {'gap':>7} {'prior':>7} {'skipped':>7} "
+             f"{'MC own':>7}   by topic"]
     for stage, entry in summary.items():
         topics = ", ".join(f"{k} {v:.2f}" for k, v in (entry.get("by_topic") or {}).items())
         lines.append(
             f"{stage:<12} {entry['accuracy']:>9.3f} {entry.get('chance') or 0:>7.3f} "
             f"{fmt(entry.get('blind_accuracy')):>7} {fmt(entry.get('blind_gap'), '+.3f'):>7} "
-            f"{fmt(entry.get('prior_accuracy')):>7} {entry.get('skipped', 0):>7}   {topics}"
+            f"{fmt(entry.get('prior_accuracy')):>7} {entry.get('skipped', 0):>7} "
+            f"{fmt(entry.get('own_option_rate')):>7}   {topics}"
         )
     if seconds is not None:
         lines.append(f"total time: {seconds / 60:.1f} min")

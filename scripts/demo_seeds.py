@@ -34,10 +34,11 @@ def run_seed(seed: int) -> dict:
 
 
 def table(results: dict[int, dict]) -> str:
-    """Per seed and stage: accuracy, blind accuracy (blank image) and text prior, beside chance."""
+    """Per seed and stage: accuracy, blind accuracy (blank image) and text prior, beside chance, and the share of
+    multiple-choice answers that name an option of their own question (the rest score 0: incoherent)."""
     seeds = sorted(results)
-    lines = ["| seed | stage | accuracy | chance | blind | prior | accuracy - blind | accuracy - prior |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| seed | stage | accuracy | chance | blind | prior | accuracy - blind | accuracy - prior | MC own option |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
 
     def cell(value: float | None, spec: str = ".3f") -> str:
         return "-" if value is None else format(value, spec)
@@ -48,7 +49,8 @@ def table(results: dict[int, dict]) -> str:
             prior = e.get("prior_accuracy")
             lines.append(f"| {s} | {st} | {e['accuracy']:.3f} | {e['chance']:.3f} | {cell(e.get('blind_accuracy'))} | "
                          f"{cell(prior)} | {cell(e.get('blind_gap'), '+.3f')} | "
-                         f"{cell(None if prior is None else e['accuracy'] - prior, '+.3f')} |")
+                         f"{cell(None if prior is None else e['accuracy'] - prior, '+.3f')} | "
+                         f"{cell(e.get('own_option_rate'))} |")
     lines += ["", "| seed | align | instruct | grpo | GRPO - instruct | minutes |", "|---:|---:|---:|---:|---:|---:|"]
     for s in seeds:
         r = results[s]
@@ -87,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         r["environment"] = environment()
     md = ("# Demo curriculum over seeds\n\nHeld-out closed-question accuracy after each stage "
           "(`scripts/demo_seeds.py`), beside chance, blind accuracy (the same questions with a blank image) and the "
-          "text prior (the most common training answer to the same question, no image, no model).\n\n"
+          "text prior (the most common training answer to the same question, no image, no model); `MC own option` is "
+          "the share of multiple-choice answers that name an option of their own question (an answer naming another "
+          "question's option is incoherent and scores 0).\n\n"
           f"Environment: Python {environment()} (requirements/lock.txt).\n\n" + table(results))
     (args.out / "demo_seeds.md").write_text(md)
     print(md)

@@ -38,7 +38,7 @@ def test_multiple_choice_and_numbers() -> None:
         _row("number", "3", "2"),
     ]
     m = score(rows)
-    assert m["by_qtype"]["multiple_choice"] == {"n": 4, "accuracy": 0.75, "unparsed": 1}
+    assert m["by_qtype"]["multiple_choice"] == {"n": 4, "accuracy": 0.75, "unparsed": 1, "own_option_rate": 0.75}
     assert m["by_qtype"]["number"]["accuracy"] == 0.5
     assert m["accuracy"] == pytest.approx(4 / 6, abs=1e-4)  # metrics are rounded to 4 places
 
@@ -280,3 +280,23 @@ def test_skipped_records_count_as_wrong_and_metrics_state_how_they_were_obtained
     entry = json.loads(summary.read_text())["base"]
     assert entry["skipped"] == len(skipped_rows)
     assert "skipped" in summary_table(json.loads(summary.read_text())).splitlines()[0]
+
+
+def test_own_option_rate_counts_answers_naming_an_option_of_their_own_question() -> None:
+    """Issue 25: the demo's GRPO answered side questions with a modality option ("A. MRI"); the rate of multiple
+    choice answers that name one of their own question's options is reported per stage."""
+    from medllava.evaluate import score, summary_table, update_summary
+
+    sides, modality = ["left", "right"], ["X-ray", "CT", "MRI"]
+    rows = [{"qtype": "multiple_choice", "options": sides, "answer": "A", "prediction": p}
+            for p in ("A. left", "B. right", "A. MRI", "C. CT")]
+    rows.append({"qtype": "multiple_choice", "options": modality, "answer": "C", "prediction": "C. MRI"})
+    entry = score(rows)["by_qtype"]["multiple_choice"]
+    assert entry["own_option_rate"] == 0.6 and entry["accuracy"] == 0.4
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = update_summary(Path(tmp) / "s.json", "grpo", score(rows))
+    assert summary["grpo"]["own_option_rate"] == 0.6
+    assert "MC own" in summary_table(summary)
