@@ -67,6 +67,21 @@ def test_vqa_rad_public_json(tmp_path: Path) -> None:
     assert report["skip_examples"]["missing_image"].endswith("missing.jpg")
 
 
+def test_vqa_rad_public_json_never_mixes_splits_by_default(tmp_path: Path) -> None:
+    """Issue 25: `--split` defaulted to all, so following the recipes' hint put the test questions into the
+    training file. The public JSON needs an explicit split; the recipes' hints name it."""
+    src = tmp_path / "VQA_RAD Dataset Public.json"
+    src.write_text(json.dumps([{"qid": 1, "image_name": "a.jpg", "question": "Is it normal?", "answer": "yes",
+                                "phrase_type": "test_freeform"}]))
+    result = subprocess.run([sys.executable, str(REPO / "data_recipes" / "vqa_rad.py"), "--in", str(src), "--out",
+                             str(tmp_path / "train.jsonl")], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "--split" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "train.jsonl").exists()
+    for stage in REPO.glob("stages/*/grpo*.yaml"):
+        hint = next((line for line in stage.read_text().splitlines() if "made_by" in line and "vqa_rad" in line), "")
+        assert not hint or "--split train" in hint, stage
+
+
 def test_vqa_rad_and_pathvqa_from_datasets_with_embedded_images(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
     ds = datasets.Dataset.from_dict({

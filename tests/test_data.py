@@ -175,3 +175,43 @@ def test_dataset_and_collator_shapes(phantom: Path, processor) -> None:
     pad = batch["attention_mask"] == 0
     assert (batch["labels"][pad] == IGNORE_INDEX).all()
     assert torch.equal(batch["attention_mask"].sum(1), torch.tensor([s.length for s in samples[:3]]))
+
+
+def test_cache_key_covers_the_chat_template_the_renderer_uses(tmp_path: Path, phantom: Path, base_models: dict) -> None:
+    """Issue 25: `model.chat_template` changes the processor's template while the key hashed the tokenizer's, so a
+    corrected template trained on the stale renderings. The same output folder (one cache) with two templates
+    renders twice."""
+    from medllava.config import config_from_dict
+    from medllava.train.sft import prepare_sft
+    from tests.conftest import stage_dict
+
+    templates = {
+        "plain": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant: {% endif %}",
+        "verbose": "{% for m in messages %}### The {{ m['role'] }} says: {{ m['content'] }}\n{% endfor %}"
+                   "{% if add_generation_prompt %}### The assistant says: {% endif %}",
+    }
+    lengths = {}
+    for name, template in templates.items():
+        cfg = stage_dict(tmp_path, phantom, init_from=base_models[("clip", "llama")],
+                         model={"chat_template": template}, data={"max_samples": 4})
+        run = prepare_sft(config_from_dict(cfg))
+        lengths[name] = [s.length for s in run.trainer.train_dataset.samples]
+    assert all(v > p for p, v in zip(lengths["plain"], lengths["verbose"])), lengths
+
+
+def test_cache_key_of_an_hf_source_follows_the_dataset_version(tmp_path: Path) -> None:
+    """Issue 25: `hf:` sources were keyed by their name alone; a new revision of the data reused the old cache."""
+    import datasets
+
+    from medllava.data.cache import cache_key
+
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    datasets.Dataset.from_dict({"question": ["Is it normal?"], "answer": ["yes"]}).to_parquet(folder / "train.parquet")
+    spec = f"hf:{folder}"
+    first = cache_key([spec])
+    assert cache_key([spec]) == first
+    datasets.Dataset.from_dict({"question": ["Is it normal?", "Which side?"], "answer": ["no", "left"]}).to_parquet(
+        folder / "train.parquet")
+    assert cache_key([spec]) != first

@@ -1,8 +1,9 @@
 """Checked and rendered samples on disk, prepared once per data version and read by every rank.
 
-The key covers what the rendering depends on: each data file's identity (path, size, modification time), the
-image folder, the tokenizer and chat template, the rendering format, max_length, system prompt and the
-invalid-record policy. A changed key is a new folder (rebuilt); a complete folder is reused. The stored form is
+The key covers what the rendering depends on: each data file's identity (path, size, modification time; for an
+`hf:` source the loaded dataset's fingerprint, which follows its revision), the image folder, the tokenizer, the
+chat template the renderer uses (`model.chat_template` replaces the tokenizer's), the rendering format,
+max_length, system prompt and the invalid-record policy. A changed key is a new folder (rebuilt); a complete folder is reused. The stored form is
 flat: token ids and labels as two memory-mapped arrays with offsets, so DataLoader workers share pages instead
 of copying Python objects. In-memory images (embedded in a `datasets` source) are written as files named by
 their content.
@@ -41,7 +42,11 @@ def file_identity(spec: str) -> dict[str, Any]:
         files = sorted(p for p in path.rglob("*") if p.is_file())
         return {"path": str(path.resolve()), "files": [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
                                                        for p in files]}
-    return {"path": spec}  # hf:NAME: the datasets library versions it
+    if spec.startswith("hf:"):  # the version the datasets library loads (a new revision, a new fingerprint)
+        from medllava.data.records import hf_dataset
+
+        return {"path": spec, "fingerprint": hf_dataset(spec)._fingerprint}
+    return {"path": spec}
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

@@ -153,13 +153,20 @@ def _iter_json(path: Path) -> Iterator[RawRecord]:
         yield RawRecord(source, index, item)
 
 
+def hf_dataset(spec: str) -> Any:
+    """The `datasets` split an `hf:NAME[:SPLIT]` source names (from the local cache when offline)."""
+    import datasets
+
+    name, _, split = spec[3:].partition(":")
+    return datasets.load_dataset(name, split=split or "train")
+
+
 def _iter_datasets(spec: str) -> Iterator[RawRecord]:
     """`hf:NAME[:SPLIT]`, a saved dataset folder, or a parquet/csv/arrow file, through `datasets`."""
     import datasets
 
     if spec.startswith("hf:"):
-        name, _, split = spec[3:].partition(":")
-        ds = datasets.load_dataset(name, split=split or "train")
+        ds = hf_dataset(spec)
     elif Path(spec).is_dir():
         ds = datasets.load_from_disk(spec)
         if isinstance(ds, datasets.DatasetDict):

@@ -169,7 +169,7 @@ def prepared_rows(cfg: StageConfig, processor: Any, out: Path) -> list[dict[str,
     key = cache_key(d.train_files, image_folder=str(Path(d.image_folder).resolve()), prompt=g.prompt,
                     instruction=g.instruction, system_prompt=d.system_prompt, max_length=d.max_length,
                     skip_invalid=d.skip_invalid, allow_absolute_paths=d.allow_absolute_paths, max_samples=d.max_samples,
-                    tokenizer=tokenizer_fingerprint(processor.tokenizer))
+                    tokenizer=tokenizer_fingerprint(processor.tokenizer), chat_template=str(processor.chat_template))
     folder = Path(d.cache_dir or out / ".data_cache") / f"rl-{key}"
 
     def build() -> None:

@@ -122,7 +122,8 @@ def prepared_samples(cfg: StageConfig, renderer: Renderer, out: Path) -> Sequenc
     key = cache_key(d.train_files, image_folder=str(Path(d.image_folder).resolve()), format=d.format,
                     max_length=d.max_length, system_prompt=d.system_prompt, skip_invalid=d.skip_invalid,
                     allow_absolute_paths=d.allow_absolute_paths, max_samples=d.max_samples, image_check=d.image_check,
-                    tokenizer=tokenizer_fingerprint(renderer.tokenizer), image_tokens=renderer.images.fingerprint())
+                    tokenizer=tokenizer_fingerprint(renderer.tokenizer), chat_template=str(renderer.template),
+                    image_tokens=renderer.images.fingerprint())
     folder = Path(d.cache_dir or out / ".data_cache") / f"sft-{key}"
 
     def build() -> None:
