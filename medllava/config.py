@@ -140,6 +140,7 @@ class OptimSection:
     """Learning rate of the projector; None = `lr`."""
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
+    """Share of the optimizer steps the learning rate warms up over, 0 to 1 (1: all of them)."""
     scheduler: str = "cosine"
     optimizer: str = "adamw_torch"
     epochs: float = 1.0
@@ -282,6 +283,8 @@ class StageConfig:
                 raise ConfigError(f"data.window: {err}") from None
         if self.optim.per_device_batch_size <= 0 or self.optim.grad_accum <= 0:
             raise ConfigError("optim: batch size and grad_accum must be positive")
+        if not 0.0 <= self.optim.warmup_ratio <= 1.0:
+            raise ConfigError(f"optim.warmup_ratio: {self.optim.warmup_ratio} is not a share of the steps (0 to 1)")
         if self.optim.global_batch_size is not None:
             if self.optim.global_batch_size <= 0:
                 raise ConfigError("optim.global_batch_size must be positive")

@@ -79,3 +79,47 @@ def test_liger_kernel_is_checked_before_training() -> None:
     cfg = load_config(REPO / "stages/demo/instruct.yaml", ["--run.use_cpu=true", "--optim.liger_kernel=true"])
     with pytest.raises(ConfigError, match="optim.liger_kernel"):
         check_liger(cfg)
+
+
+@pytest.mark.parametrize(("ratio", "steps"), [(0.0, 0), (0.1, 10), (0.5, 50), (1.0, 100)])
+def test_warmup_ratio_is_a_share_of_the_steps(ratio: float, steps: int, tmp_path: Path) -> None:
+    """Issue 25: warmup_ratio 1.0 reached TrainingArguments as warmup_steps=1.0, which it reads as one step."""
+    from transformers import TrainingArguments
+
+    from medllava.config import config_from_dict
+    from medllava.train.common import trainer_kwargs
+    from tests.conftest import stage_dict
+
+    cfg = config_from_dict(stage_dict(tmp_path, tmp_path, init_from=tmp_path, optim={"warmup_ratio": ratio}))
+    kwargs = trainer_kwargs(cfg, "fp32")
+    args = TrainingArguments(output_dir=str(tmp_path), warmup_steps=kwargs["warmup_steps"], use_cpu=True)
+    assert args.get_warmup_steps(100) == steps
+
+
+def test_warmup_ratio_outside_zero_to_one_is_refused(tmp_path: Path) -> None:
+    from medllava.config import ConfigError, config_from_dict
+    from tests.conftest import stage_dict
+
+    with pytest.raises(ConfigError, match="warmup_ratio"):
+        config_from_dict(stage_dict(tmp_path, tmp_path, init_from=tmp_path, optim={"warmup_ratio": 5}))
+
+
+def test_start_up_only_settings_do_not_block_resume(tmp_path: Path) -> None:
+    """Issue 25: changing data.preprocess_workers (how the data is prepared at start-up, not what) refused the
+    resume; a change that alters training (the learning rate) still does."""
+    import json
+
+    from medllava.config import ConfigError, config_from_dict
+    from medllava.train.common import RESUME_INFO, check_resume_config, resume_info
+    from tests.conftest import stage_dict
+
+    base = stage_dict(tmp_path, tmp_path, init_from=tmp_path, data={"preprocess_workers": 1})
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    (checkpoint / RESUME_INFO).write_text(json.dumps(resume_info(config_from_dict(base).to_dict())))
+    check_resume_config(config_from_dict(stage_dict(tmp_path, tmp_path, init_from=tmp_path,
+                                                    data={"preprocess_workers": 2})), str(checkpoint))
+    with pytest.raises(ConfigError, match="optim.lr"):
+        check_resume_config(config_from_dict(stage_dict(tmp_path, tmp_path, init_from=tmp_path,
+                                                        data={"preprocess_workers": 1}, optim={"lr": 1.0})),
+                            str(checkpoint))

@@ -57,7 +57,7 @@ RUN_FACTS = "medllava_run.json"  # what the config alone does not say: ranks, ba
 RESUMABLE_CHANGES = frozenset({
     "name", "run.output_dir", "run.logging_steps", "run.report_to", "run.resume", "run.save_steps",
     "run.save_total_limit", "run.on_nonfinite", "run.max_nonfinite_skips", "data.num_workers", "data.cache_dir",
-    "data.made_by", "grpo.log_completions_every",
+    "data.made_by", "data.preprocess_workers", "grpo.log_completions_every",
 })
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -184,6 +184,13 @@ def on_cpu(cfg: StageConfig) -> bool:
     return cfg.run.use_cpu or not torch.cuda.is_available()
 
 
+def warmup_share(ratio: float) -> float:
+    """`optim.warmup_ratio` as TrainingArguments' `warmup_steps`, which reads a value below 1 as a share of the
+    steps (rounded up) and 1 or more as a step count: a ratio of 1 (warm up over every step) would be one step, so
+    it becomes the largest share that still rounds up to every step (below a billion steps)."""
+    return min(ratio, 1.0 - 1e-9)
+
+
 def trainer_kwargs(cfg: StageConfig, precision: str) -> dict[str, Any]:
     """TrainingArguments fields shared by the SFT and GRPO stages (one place, so every knob is visible)."""
     o, r = cfg.optim, cfg.run
@@ -195,7 +202,7 @@ def trainer_kwargs(cfg: StageConfig, precision: str) -> dict[str, Any]:
         max_steps=o.max_steps,
         learning_rate=o.lr,
         weight_decay=o.weight_decay,
-        warmup_steps=o.warmup_ratio,
+        warmup_steps=warmup_share(o.warmup_ratio),
         lr_scheduler_type=o.scheduler,
         optim=o.optimizer,
         max_grad_norm=o.max_grad_norm,
