@@ -55,6 +55,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from medllava.prior import build_prior
 
     prior = build_prior(args.prior_from) if args.prior_from else None  # read first: a bad path fails fast
+    overlap = None
+    if args.prior_from:  # the same training files: what the evaluation set shares with them
+        from medllava.data.overlap import MIN_SIMILARITY, check_overlap, index_training
+
+        train_images = args.train_image_folder or args.image_folder
+        overlap = check_overlap(index_training(args.prior_from, train_images), args.data, args.image_folder,
+                                min_similarity=MIN_SIMILARITY if args.min_similarity is None else args.min_similarity)
     from medllava.evaluate import evaluate, markdown_table, stage_prompt_settings, update_summary
     from medllava.model import load_for_inference
 
@@ -72,6 +79,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_new_tokens=max_new_tokens, blind=args.blind, limit=args.limit, title=title,
         system_prompt=prompt.system_prompt, mode=prompt.mode, instruction=prompt.instruction, window=window,
         prior=prior, model_path=args.model, window_name=args.window if args.window is not None else prompt.window,
+        overlap=overlap,
     )
     print(markdown_table(metrics, title))
     if args.summary:
@@ -161,6 +169,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_overlap(args: argparse.Namespace) -> int:
+    from medllava.data.overlap import MIN_SIMILARITY, check_overlap, index_training, overlap_line
+
+    for path in [*args.train, args.eval]:
+        if not Path(path).exists() and not str(path).startswith("hf:"):
+            raise ConfigError(f"{path}: no such data file")
+    index = index_training(args.train, args.train_image_folder or args.image_folder)
+    report = check_overlap(index, args.eval, args.image_folder,
+                           min_similarity=MIN_SIMILARITY if args.min_similarity is None else args.min_similarity)
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    print(text)
+    print(overlap_line(report), file=sys.stderr)
+    return 0
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     from medllava.evaluate import summary_table
 
@@ -226,7 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prior-from", nargs="+", default=None, metavar="TRAIN_DATA",
                    help="training file(s) (VQA records or conversations, any source the trainer reads): also "
                         "answer each question with the most common training answer to the same question (no "
-                        "image, no model) and report that text-prior accuracy")
+                        "image, no model) and report that text-prior accuracy; also check what the evaluation set "
+                        "shares with them (exact and near-duplicate images, repeated image-question pairs) and score "
+                        "the clean subset beside the full set")
+    p.add_argument("--train-image-folder", default=None,
+                   help="images of the --prior-from files are relative to this folder (default: --image-folder)")
+    p.add_argument("--min-similarity", type=float, default=None,
+                   help="near-duplicate threshold (cosine similarity of 16x16 grey fingerprints; default 0.99)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
     p.add_argument("--summary", default=None, help="merge headline figures into this JSON file")
     p.add_argument("--stage", default=None, help="name of this entry in the summary")
@@ -310,6 +341,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="medllava modes: LM head and loss over every position (default: supervised positions only)")
     p.add_argument("--out", default=None, help="write the report here (JSON) and a .md table beside it")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("data", help="data tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    d = data_sub.add_parser("overlap", help="what an evaluation set shares with training files: exact and near-"
+                                            "duplicate images, repeated (image, question) pairs")
+    d.add_argument("train", nargs="+", help="training file(s): VQA records or conversations")
+    d.add_argument("--eval", required=True, help="the evaluation VQA file")
+    d.add_argument("--image-folder", default=".", help="images of the evaluation file are relative to this folder")
+    d.add_argument("--train-image-folder", default=None, help="images of the training files (default: --image-folder)")
+    d.add_argument("--min-similarity", type=float, default=None, help="near-duplicate threshold (default 0.99)")
+    d.add_argument("--out", default=None, help="write the report (JSON) here")
+    d.set_defaults(func=cmd_data_overlap)
 
     p = sub.add_parser("summary", help="print a curriculum summary (accuracy per stage, chance, blind gap)")
     p.add_argument("file", help="summary JSON written by `eval --summary`")

@@ -294,6 +294,13 @@ def markdown_table(metrics: dict[str, Any], title: str = "") -> str:
         lines.append(f"text prior (most common training answer to the same question; {p['matched']}/{metrics['n']} "
                      f"questions seen in training): closed accuracy {p['accuracy']:.3f}; "
                      f"accuracy - prior {metrics['accuracy'] - p['accuracy']:+.3f}")
+    if metrics.get("overlap"):
+        from medllava.data.overlap import overlap_line
+
+        clean = metrics.get("clean")
+        lines.append(overlap_line(metrics["overlap"]) + (
+            f"; accuracy on the {clean['n_closed']} clean closed questions: {clean['accuracy']:.3f}" if clean else
+            "; no clean question left"))
     if metrics.get("llava_med_closed"):
         lm = metrics["llava_med_closed"]
         lines.append(f"llava_med_closed (LLaVA-Med's definition, not comparable with `accuracy`): {lm['accuracy']:.3f} "
@@ -362,13 +369,16 @@ def evaluate(
     prior: TextPrior | None = None,
     model_path: str | Path | None = None,
     window_name: str | None = None,
+    overlap: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a loaded model on a VQA file; write outputs to out_dir when given; return the metrics.
 
     `mode`/`instruction`: the prompt form (plain, or a GRPO stage's answer/think prompt) and `max_new_tokens`
     the completion length; `stage_prompt_settings` reads both from a stage output. `prior`: a text prior
     (`medllava.prior.build_prior`) scored beside the model as metrics["prior"]. `model_path` and `window_name`
-    (the folder the model came from, the window's name) go into metrics["provenance"] with the data's sha256."""
+    (the folder the model came from, the window's name) go into metrics["provenance"] with the data's sha256.
+    `overlap`: what the set shares with the training files (medllava.data.overlap.check_overlap), reported as
+    metrics["overlap"], with the records that share nothing scored as metrics["clean"]."""
     model.eval()
     items, errors = load_items(data, processor, image_folder, limit=limit, system_prompt=system_prompt, mode=mode,
                                instruction=instruction)
@@ -415,6 +425,12 @@ def evaluate(
     if prior is not None:
         metrics["prior"] = {**score(rows, key="prior_prediction", skipped=skipped), "sources": prior.sources,
                             "matched": sum(1 for r in rows if r["prior_prediction"]), "training_pairs": prior.pairs}
+    if overlap is not None:
+        flagged = set(overlap["contaminated"]["ids"]) | set(overlap["repeated_pair"]["ids"])
+        clean_rows = [r for r in rows if r["id"] not in flagged]
+        metrics["overlap"] = overlap
+        if clean_rows:
+            metrics["clean"] = score(clean_rows, skipped=[e.qtype for e in errors if e.error.record_id not in flagged])
     lm_closed = llava_med_closed(rows)
     if lm_closed is not None:
         metrics["llava_med_closed"] = lm_closed
@@ -473,6 +489,9 @@ def update_summary(path: str | Path, stage: str, metrics: dict[str, Any]) -> dic
         entry["blind_gap"] = metrics["blind_gap"]
     if "prior" in metrics:
         entry["prior_accuracy"] = metrics["prior"]["accuracy"]
+    if "overlap" in metrics:
+        entry["overlap"] = metrics["overlap"]["contaminated"]["count"]
+        entry["clean_accuracy"] = (metrics.get("clean") or {}).get("accuracy")
     mc = (metrics.get("by_qtype") or {}).get("multiple_choice") or {}
     if "own_option_rate" in mc:
         entry["own_option_rate"] = mc["own_option_rate"]

@@ -177,6 +177,16 @@ def _reproduction(stage: StageInfo) -> list[str]:
     return lines + [""]
 
 
+def _overlap_cell(metrics: dict[str, Any]) -> str:
+    """'3 of 100 records (0.812 on the rest)', or 'not checked' (eval without --prior-from)."""
+    overlap = metrics.get("overlap")
+    if not overlap:
+        return "not checked"
+    clean = (metrics.get("clean") or {}).get("accuracy")
+    flagged = len(set(overlap["contaminated"]["ids"]) | set(overlap["repeated_pair"]["ids"]))
+    return f"{flagged} of {overlap['eval_records']} records" + ("" if clean is None else f" ({clean:.3f} on the rest)")
+
+
 def model_card(lineage: Lineage, *, license_id: str, repo_id: str | None, verification: dict[str, Any],
                eval_settings: str | None = None) -> str:
     """README.md with Hub metadata, the training lineage, evaluation figures and the medical disclaimer."""
@@ -216,8 +226,9 @@ def model_card(lineage: Lineage, *, license_id: str, repo_id: str | None, verifi
     if evaluated:
         lines += ["## Evaluation", "", "Held-out closed questions (medllava eval); decoding as listed, greedy unless "
                   "stated.", "",
-                  "| after stage | n | accuracy | chance | blank-image accuracy | skipped (counted wrong) | decoding |",
-                  "|---|---:|---:|---:|---:|---:|---|"]
+                  "| after stage | n | accuracy | chance | blank-image accuracy | skipped (counted wrong) | "
+                  "overlap with training (clean accuracy) | decoding |",
+                  "|---|---:|---:|---:|---:|---:|---|---|"]
         for s in evaluated:
             m = s.metrics or {}
             blind = (m.get("blind") or {}).get("accuracy")
@@ -226,7 +237,7 @@ def model_card(lineage: Lineage, *, license_id: str, repo_id: str | None, verifi
                         f"{p.get('max_new_tokens', 64)} new tokens") if p else "greedy"
             lines.append(f"| {s.config.get('name')} | {m.get('n_closed')} | {m.get('accuracy', 0):.3f} | "
                          f"{m.get('chance', 0):.3f} | {'-' if blind is None else f'{blind:.3f}'} | "
-                         f"{m.get('n_skipped', 0)} | {decoding} |")
+                         f"{m.get('n_skipped', 0)} | {_overlap_cell(m)} | {decoding} |")
         lines.append("")
     if eval_settings:
         lines += [f"Evaluate it as it was trained: {eval_settings} (kept in `medllava_eval.json`, which "
