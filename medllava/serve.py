@@ -7,8 +7,9 @@
     GET  /health                liveness and queue state
 
 Answers come from the same code as `medllava chat` (`ChatSession`, DICOM windowing included), greedy unless the
-request sets a temperature above 0. Bounded: request body size, image pixels, `max_tokens`, and requests in
-flight (one generates at a time, `max_queue` wait; past that a 429 with Retry-After). Errors are JSON in the
+request sets a temperature above 0. Bounded: request body size (counted as it arrives, chunked or not), image
+pixels, `max_tokens`, and requests in flight (one generates at a time, `max_queue` wait; past that a 429 with
+Retry-After, for streamed requests too: their place is taken before the response starts). Errors are JSON in the
 OpenAI shape ({"error": {"message", "type", "param", "code"}}) with a 4xx code, and the server keeps serving.
 An API key (--api-key or MEDLLAVA_API_KEY) is checked in constant time and never logged. Binds to loopback unless
 told otherwise. Built on FastAPI + uvicorn.
@@ -33,10 +34,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medllava.chat import ChatSession
 from medllava.imaging import DEFAULT_MAX_PIXELS, ImageError, Window, load_image
+from medllava.processor import IMAGE_TOKEN
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,14 @@ class Part(BaseModel):
     type: Literal["text", "image_url"]
     text: str | None = None
     image_url: ImageURL | None = None
+
+    @model_validator(mode="after")
+    def _has_its_field(self) -> Part:
+        if self.type == "image_url" and self.image_url is None:
+            raise ValueError("an image_url part needs image_url: {url: ...}")
+        if self.type == "text" and self.text is None:
+            raise ValueError("a text part needs text")
+        return self
 
 
 class Message(BaseModel):
@@ -207,6 +217,10 @@ def build_session(model: Any, processor: Any, request: ChatRequest, settings: Se
             raise RequestError(400, f"messages[{i}]: roles must alternate user/assistant after an optional system "
                                "message", param="messages")
         text, urls = _content_parts(message.content)
+        if IMAGE_TOKEN in text or str(getattr(processor, "image_token", IMAGE_TOKEN)) in text:
+            raise RequestError(400, f"messages[{i}]: the text holds the image placeholder "
+                               f"{getattr(processor, 'image_token', IMAGE_TOKEN)!r}; send images as image_url parts",
+                               param="messages")
         if message.role == "assistant":
             if urls:
                 raise RequestError(400, f"messages[{i}]: assistant messages cannot hold images", param="messages")
@@ -233,24 +247,73 @@ class _Gate:
         self.running = 0
         self.lock = asyncio.Lock()
 
-    def check(self) -> None:
-        """Refuse now when the queue is full (a 429 the client sees as such, before any answer is sent)."""
+    def reserve(self) -> None:
+        """Take a place in the queue now or refuse with 429 (before any answer byte is sent). The event loop runs
+        one coroutine at a time and nothing here awaits, so the check and the count are one step."""
         if self.waiting >= self.max_queue:
             raise RequestError(429, f"the server is busy ({self.waiting} requests waiting); retry later",
                                kind="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
-
-    async def enter(self) -> None:
-        self.check()
         self.waiting += 1
+
+    async def enter(self, reserved: bool = False) -> None:
+        """Wait for the generation slot (with a place reserved earlier, or one taken here)."""
+        if not reserved:
+            self.reserve()
         try:
             await self.lock.acquire()
         finally:
             self.waiting -= 1
         self.running += 1
 
+    def cancel(self) -> None:
+        """Give back a reserved place that will not be used (the stream never started)."""
+        self.waiting -= 1
+
     def leave(self) -> None:
         self.running -= 1
         self.lock.release()
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body is counted as it arrives, whatever its transfer encoding (a chunked body
+    has no Content-Length), and refused with a JSON 413 past `max_bytes`; it is then replayed to the app, so at
+    most `max_bytes` of it are ever held."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        chunks, total = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body = message.get("body", b"")
+            total += len(body)
+            if total > self.max_bytes:
+                payload = json.dumps(error_body(f"the request body exceeds {self.max_bytes} bytes")).encode()
+                await send({"type": "http.response.start", "status": 413,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(payload)).encode()), (b"connection", b"close")]})
+                await send({"type": "http.response.body", "body": payload})
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        whole, replayed = b"".join(chunks), False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": whole, "more_body": False}
+            return await receive()  # after the body: the disconnect, when it comes
+
+        await self.app(scope, replay, send)
 
 
 def _trimmed(pieces: queue.Queue) -> Any:
@@ -288,6 +351,8 @@ def create_app(model: Any, processor: Any, settings: ServeSettings) -> Any:
     def fail(err: RequestError) -> JSONResponse:
         return JSONResponse(error_body(err.message, err.kind, err.param, err.code), status_code=err.status,
                             headers=err.headers)
+
+    app.add_middleware(_BodyLimit, max_bytes=settings.max_body_bytes)
 
     @app.exception_handler(RequestError)
     async def on_request_error(_: Request, err: RequestError) -> JSONResponse:
@@ -352,11 +417,31 @@ def create_app(model: Any, processor: Any, settings: ServeSettings) -> Any:
                                  "finish_reason": usage["finish_reason"]}],
                     "usage": {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
                               "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}}
-        gate.check()
-        return StreamingResponse(_stream(session, text, rid, now), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        gate.reserve()  # the place is this stream's from now on: a full queue is a 429, not an empty 200
+        place = {"held": True}  # until the stream takes it over (or the response ends without starting it)
 
-    async def _stream(session: ChatSession, text: str, rid: str, now: int) -> AsyncIterator[str]:
+        def release() -> None:
+            if place.pop("held", False):
+                gate.cancel()
+
+        return _ReservedStream(_stream(session, text, rid, now, place), release, media_type="text/event-stream",
+                               headers={"Cache-Control": "no-cache"})
+
+    class _ReservedStream(StreamingResponse):
+        """A stream holding a queue place: given back if the response ends before the stream took it over."""
+
+        def __init__(self, content: AsyncIterator[str], release: Callable[[], None], **kwargs: Any) -> None:
+            super().__init__(content, **kwargs)
+            self.release = release
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                self.release()
+
+    async def _stream(session: ChatSession, text: str, rid: str, now: int,
+                      place: dict[str, bool]) -> AsyncIterator[str]:
         # The gate is taken when the stream starts and given back by the generating thread when it ends, so a
         # client that goes away mid-answer never lets a second generation run beside the first.
         pieces: queue.Queue = queue.Queue()
@@ -377,7 +462,8 @@ def create_app(model: Any, processor: Any, settings: ServeSettings) -> Any:
                                           "model": settings.model_id,
                                           "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}) + "\n\n"
 
-        await gate.enter()
+        place.pop("held")  # the reservation is ours: enter() gives the place back however the wait ends
+        await gate.enter(reserved=True)
         worker = threading.Thread(target=work, daemon=True)
         try:
             worker.start()

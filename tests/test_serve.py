@@ -151,7 +151,20 @@ def _bad_requests(phantom: Path) -> list[tuple[str, dict, bytes | None, int]]:
         ("wrong API key", {"Authorization": "Bearer nope", "Content-Type": "application/json"}, body(), 401),
         ("last message not from the user", auth,
          body(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]), 400),
+        # issue 27: no Content-Length, so the limit was never applied (the server grew past 4 GiB)
+        ("huge chunked body", auth, _chunks(b'{"model": "tiny", "pad": "', b"x" * (2 * 2**20), b'"}'), 413),
+        # issue 27: these were HTTP 500 with a non-JSON body
+        ("<image> in the user's text", auth, body(messages=[{"role": "user", "content": "look <image> here"}]), 400),
+        ("image_url part without image_url", auth,
+         body(messages=[{"role": "user", "content": [{"type": "image_url"}, {"type": "text", "text": "hi"}]}]), 400),
     ]
+
+
+def _chunks(*pieces: bytes) -> Iterator[bytes]:
+    """A body sent with Transfer-Encoding: chunked (no Content-Length), 64 KiB at a time."""
+    data = b"".join(pieces)
+    for start in range(0, len(data), 2**16):
+        yield data[start:start + 2**16]
 
 
 def test_each_bad_request_gets_its_json_error_and_the_server_goes_on(server: dict, phantom: Path) -> None:
@@ -207,3 +220,38 @@ def test_data_uri_rules() -> None:
     with pytest.raises(RequestError) as err:
         decode_data_uri("data:image/png;base64," + "A" * 400, max_bytes=100)
     assert err.value.status == 413
+
+
+def test_streams_arriving_together_past_the_queue_get_429_in_process(talking_model: Path, phantom: Path) -> None:
+    """Issue 27, in one event loop: 12 streamed requests sent at once to a server with a queue of 2. The place in
+    the queue used to be taken only when a stream began, so requests let through together found the queue full
+    after their 200 had been sent (an empty stream). Each is now a full stream or a 429 with Retry-After."""
+    import asyncio
+
+    from medllava.model import load_model
+    from medllava.serve import ServeSettings, create_app
+
+    model, processor = load_model(talking_model)
+    model.eval()
+    app = create_app(model, processor, ServeSettings(model_id="tiny", image_root=phantom / "images", max_queue=2,
+                                                     default_max_tokens=4))
+    image = data_uri(sorted((phantom / "images").rglob("*.png"))[0])
+    body = {"model": "tiny", "messages": _question(image, "hi"), "max_tokens": 4, "stream": True}
+
+    async def burst() -> list[tuple[int, str, str | None]]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://tiny") as client:
+            async def one() -> tuple[int, str, str | None]:
+                reply = await client.post("/v1/chat/completions", json=body, timeout=300)
+                return reply.status_code, reply.text, reply.headers.get("retry-after")
+
+            return await asyncio.gather(*(one() for _ in range(12)))
+
+    results = asyncio.run(burst())
+    codes = [code for code, _, _ in results]
+    assert set(codes) <= {200, 429} and 429 in codes and codes.count(200) >= 3, codes
+    for code, text, retry in results:
+        if code == 200:
+            assert text.rstrip().endswith("data: [DONE]") and '"finish_reason"' in text, text[-300:]
+        else:
+            assert json.loads(text)["error"]["code"] == "queue_full" and retry
