@@ -292,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body (MiB)")
     p.add_argument("--max-pixels", type=int, default=None, help="largest image, width x height (default: the "
                    "decoders' decompression-bomb limit, as in training)")
+    p.add_argument("--max-images", type=int, default=8, help="images one request may hold")
+    p.add_argument("--max-total-mpixels", type=float, default=64.0,
+                   help="megapixels a request's images may hold together (read from their headers before decoding)")
     p.add_argument("--system", default=None, help="system prompt when a request has none")
     p.add_argument("--window", default=None, help="DICOM window: preset or CENTER,WIDTH (default: the file's own)")
     p.set_defaults(func=cmd_serve)

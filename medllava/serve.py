@@ -37,7 +37,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medllava.chat import ChatSession
-from medllava.imaging import DEFAULT_MAX_PIXELS, ImageError, Window, load_image
+from medllava.imaging import DEFAULT_MAX_PIXELS, ImageError, Window, load_image, probe_image
 from medllava.processor import IMAGE_TOKEN
 
 logger = logging.getLogger(__name__)
@@ -98,6 +98,10 @@ class ServeSettings:
     max_tokens_limit: int = 1024
     default_max_tokens: int = 256
     max_queue: int = 16
+    max_images: int = 8
+    """Images one request may hold (all its messages together)."""
+    max_total_pixels: int = 64 * 10**6
+    """Pixels all of a request's images may hold together, read from their headers before any is decoded."""
     window: Window | None = None
     system_prompt: str | None = None
 
@@ -134,26 +138,47 @@ def decode_data_uri(url: str, *, max_bytes: int) -> tuple[str, bytes]:
         raise RequestError(400, "image data is not valid base64", param="image_url") from None
 
 
-def read_image(url: str, settings: ServeSettings) -> Image.Image:
-    """An image part's pixels: a data: URI, a path under the image root, or (when allowed) a remote URL."""
-    try:
-        if url.startswith("data:"):
-            media, data = decode_data_uri(url, max_bytes=settings.max_body_bytes)
-            if "dicom" in media:
-                with tempfile.NamedTemporaryFile(suffix=".dcm") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    return load_image(fh.name, window=settings.window, max_pixels=settings.max_pixels)
-            return load_image(data, window=settings.window, max_pixels=settings.max_pixels)
-        if url.startswith(("http://", "https://")):
-            if not settings.allow_remote_images:
-                raise RequestError(400, "remote image URLs are refused (start the server with --allow-remote-images)",
-                                   param="image_url")
-            return load_image(fetch_remote(url, settings.max_body_bytes), window=settings.window,
-                              max_pixels=settings.max_pixels)
-        return load_image(local_image(url, settings), window=settings.window, max_pixels=settings.max_pixels)
-    except ImageError as err:
-        raise RequestError(400, f"image: {err.kind}: {err.reason}", param="image_url", code=err.kind) from None
+def read_images(urls: list[str], settings: ServeSettings) -> list[Image.Image]:
+    """A request's images (data: URIs, paths under the image root, or when allowed remote URLs): their count and
+    their pixels together are checked from the headers before any is decoded."""
+    if len(urls) > settings.max_images:
+        raise RequestError(400, f"{len(urls)} images in one request; this server takes at most {settings.max_images}",
+                           param="messages", code="too_many_images")
+    with tempfile.TemporaryDirectory() as tmp:
+        sources = [image_source(url, settings, Path(tmp) / f"{i}.dcm") for i, url in enumerate(urls)]
+        total = 0
+        for source in sources:
+            try:
+                width, height = probe_image(source, max_pixels=settings.max_pixels)
+            except ImageError as err:
+                raise RequestError(400, f"image: {err.kind}: {err.reason}", param="image_url", code=err.kind) from None
+            total += width * height
+            if total > settings.max_total_pixels:
+                raise RequestError(413, f"the request's images hold more than {settings.max_total_pixels} pixels "
+                                   "together", param="image_url", code="too_many_pixels")
+        images = []
+        for source in sources:
+            try:
+                images.append(load_image(source, window=settings.window, max_pixels=settings.max_pixels))
+            except ImageError as err:
+                raise RequestError(400, f"image: {err.kind}: {err.reason}", param="image_url", code=err.kind) from None
+        return images
+
+
+def image_source(url: str, settings: ServeSettings, dicom_path: Path) -> bytes | Path:
+    """Where an image part's bytes are: decoded data (DICOM written to `dicom_path`), or a checked local path."""
+    if url.startswith("data:"):
+        media, data = decode_data_uri(url, max_bytes=settings.max_body_bytes)
+        if "dicom" in media:
+            dicom_path.write_bytes(data)
+            return dicom_path
+        return data
+    if url.startswith(("http://", "https://")):
+        if not settings.allow_remote_images:
+            raise RequestError(400, "remote image URLs are refused (start the server with --allow-remote-images)",
+                               param="image_url")
+        return fetch_remote(url, settings.max_body_bytes)
+    return local_image(url, settings)
 
 
 def local_image(url: str, settings: ServeSettings) -> Path:
@@ -211,12 +236,14 @@ def build_session(model: Any, processor: Any, request: ChatRequest, settings: Se
         system = _content_parts(messages.pop(0).content)[0]
     session = ChatSession(model, processor, max_new_tokens=max_tokens, temperature=request.temperature or 0.0,
                           system_prompt=system)
+    parts = [_content_parts(m.content) for m in messages]
+    images = iter(read_images([u for _, urls in parts for u in urls], settings))
     expected = "user"
     for i, message in enumerate(messages):
         if message.role != expected:
             raise RequestError(400, f"messages[{i}]: roles must alternate user/assistant after an optional system "
                                "message", param="messages")
-        text, urls = _content_parts(message.content)
+        text, urls = parts[i]
         if IMAGE_TOKEN in text or str(getattr(processor, "image_token", IMAGE_TOKEN)) in text:
             raise RequestError(400, f"messages[{i}]: the text holds the image placeholder "
                                f"{getattr(processor, 'image_token', IMAGE_TOKEN)!r}; send images as image_url parts",
@@ -226,13 +253,13 @@ def build_session(model: Any, processor: Any, request: ChatRequest, settings: Se
                 raise RequestError(400, f"messages[{i}]: assistant messages cannot hold images", param="messages")
             session.messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
         else:
-            images = [read_image(u, settings) for u in urls]
+            mine = [next(images) for _ in urls]
             if i < len(messages) - 1:
-                session.messages.append({"role": "user", "content": [{"type": "image"} for _ in images]
+                session.messages.append({"role": "user", "content": [{"type": "image"} for _ in mine]
                                          + [{"type": "text", "text": text}]})
-                session.images.extend(images)
+                session.images.extend(mine)
             else:
-                session.pending.extend(images)
+                session.pending.extend(mine)
                 last = text
         expected = "assistant" if expected == "user" else "user"
     return session, last
@@ -506,6 +533,7 @@ def run_server(args: Any) -> int:
         allow_remote_images=args.allow_remote_images, api_key=api_key, max_body_bytes=int(args.max_body_mb * 2**20),
         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, max_tokens_limit=args.max_tokens_limit,
         default_max_tokens=min(args.max_new_tokens, args.max_tokens_limit), max_queue=args.max_queue,
+        max_images=args.max_images, max_total_pixels=int(args.max_total_mpixels * 10**6),
         window=window, system_prompt=args.system)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s: reachable from other machines%s", args.host,

@@ -7,6 +7,7 @@ shape and the next good request still succeeds; a burst past the queue is answer
 from __future__ import annotations
 
 import base64
+import io
 import json
 import socket
 import subprocess
@@ -17,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx2")  # the HTTP client openai uses
@@ -132,6 +134,9 @@ def _bad_requests(phantom: Path) -> list[tuple[str, dict, bytes | None, int]]:
     def body(**change: object) -> bytes:
         return json.dumps({**ok, **change}).encode()
 
+    buffer = io.BytesIO()
+    Image.new("L", (5000, 5000)).save(buffer, "PNG")  # 25 megapixels in a few kB
+    huge = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
     corrupt = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 64).decode()
     text_uri = "data:text/plain;base64," + base64.b64encode(b"hello").decode()
     return [
@@ -155,6 +160,12 @@ def _bad_requests(phantom: Path) -> list[tuple[str, dict, bytes | None, int]]:
         ("huge chunked body", auth, _chunks(b'{"model": "tiny", "pad": "', b"x" * (2 * 2**20), b'"}'), 413),
         # issue 27: these were HTTP 500 with a non-JSON body
         ("<image> in the user's text", auth, body(messages=[{"role": "user", "content": "look <image> here"}]), 400),
+        # issue 27: twelve 25-megapixel PNGs of a few kB each took the server from 373 MiB to 2.5 GB
+        ("images holding too many pixels together", auth,
+         body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": huge}}] * 3
+                         + [{"type": "text", "text": "hi"}]}]), 413),
+        ("too many images", auth, body(messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": good_image}}] * 9 + [{"type": "text", "text": "hi"}]}]), 400),
         ("image_url part without image_url", auth,
          body(messages=[{"role": "user", "content": [{"type": "image_url"}, {"type": "text", "text": "hi"}]}]), 400),
     ]
