@@ -304,6 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--user", default="medllava", help="sign-in name when a password is set")
+    p.add_argument("--password", default=None,
+                   help="require a sign-in with this password (or set MEDLLAVA_WEB_PASSWORD, which keeps it out of "
+                        "the process list)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload (MiB)")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="largest image, width x height (default: the decoders' decompression-bomb limit)")
     p.set_defaults(func=cmd_web)
 
     p = sub.add_parser("export", help="merge, verify and save a stage output as a standalone model (and push it)")

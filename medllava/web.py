@@ -7,6 +7,7 @@ is shown above the chat. One answer is generated at a time (Gradio's queue holds
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Iterator
@@ -17,6 +18,8 @@ from PIL import Image
 
 from medllava.chat import ChatSession
 from medllava.imaging import WINDOW_PRESETS, ImageError, Window, load_image
+
+logger = logging.getLogger(__name__)
 
 FILE_WINDOW = "file's own window"
 DEFAULT_DISCLAIMER = ("This model is not a medical device and is not intended for diagnosis, treatment, or any "
@@ -141,13 +144,40 @@ def build_app(model: Any, processor: Any, *, title: str, disclaimer: str, max_ne
     return app
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+PASSWORD_ENV = "MEDLLAVA_WEB_PASSWORD"
+
+
+def launch_options(host: str, port: int, *, user: str = "medllava", password: str | None = None,
+                   max_upload_mb: float = 20.0) -> dict[str, Any]:
+    """Gradio `launch` arguments: loopback unless told otherwise, a sign-in when a password is set (Gradio's
+    auth), uploads capped at `max_upload_mb`. Bound beyond loopback without a password, anyone who reaches the
+    address can use the model: said loudly. The password itself is never logged."""
+    options: dict[str, Any] = {"server_name": host, "server_port": port, "share": False, "inbrowser": False,
+                               "show_error": True, "max_file_size": f"{max_upload_mb:g}mb"}
+    if password:
+        options["auth"] = (user, password)
+    if host not in LOOPBACK:
+        if password:
+            logger.warning("medllava web on %s: reachable from other machines; sign-in required (user %r)", host, user)
+        else:
+            logger.warning("!" * 78 + "\nmedllava web on %s: reachable from other machines WITHOUT A PASSWORD: anyone "
+                           "who reaches this address can use the model and read what it is sent. Set --password "
+                           "(or %s), or bind to 127.0.0.1.\n" + "!" * 78, host, PASSWORD_ENV)
+    return options
+
+
 def run_web(args: Any) -> int:
     """Entry point for `medllava web` (arguments from the CLI parser)."""
+    import os
+
     from medllava.model import load_for_inference
 
+    password = args.password or os.environ.get(PASSWORD_ENV)
+    options = launch_options(args.host, args.port, user=args.user, password=password, max_upload_mb=args.max_upload_mb)
     bits = 4 if args.load_in_4bit else 8 if args.load_in_8bit else None
     model, processor = load_for_inference(args.model, bits=bits, device=args.device, allow_pickle=args.allow_pickle)
     app = build_app(model, processor, title=Path(args.model).resolve().name, disclaimer=disclaimer_for(args.model),
-                    max_new_tokens=args.max_new_tokens)
-    app.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False, show_error=True)
+                    max_new_tokens=args.max_new_tokens, max_pixels=args.max_pixels)
+    app.launch(**options)
     return 0

@@ -184,3 +184,21 @@ def test_browser_upload_ask_and_read_the_streamed_answer(web_server: str, browse
         wait.until(lambda d: expected not in driver.find_element(By.ID, "chat").text)
     finally:
         driver.quit()
+
+
+def test_web_beyond_loopback_warns_loudly_and_signs_in_with_a_password(caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 27: `medllava web` had no authentication and no warning when bound beyond loopback."""
+    import logging
+
+    from medllava.web import launch_options
+
+    with caplog.at_level(logging.WARNING, logger="medllava.web"):
+        assert "auth" not in launch_options("127.0.0.1", 7860)
+        assert not caplog.records
+        open_options = launch_options("0.0.0.0", 7860)
+    assert "auth" not in open_options and "WITHOUT A PASSWORD" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="medllava.web"):
+        options = launch_options("0.0.0.0", 7860, user="rad", password="s3cret-pass", max_upload_mb=5)
+    assert options["auth"] == ("rad", "s3cret-pass") and options["max_file_size"] == "5mb"
+    assert "sign-in required" in caplog.text and "s3cret-pass" not in caplog.text
