@@ -53,6 +53,19 @@ class ChatSession:
         messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + self.messages
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
+    def prompt_tokens(self, text: str) -> int:
+        """The length the prompt of asking `text` next would have (each image counted at its expanded size),
+        without asking it: what a server checks against the model's context before generating."""
+        from medllava.data.expand import ImageExpander
+
+        content: list[dict[str, Any]] = [{"type": "image"} for _ in self.pending] + [{"type": "text", "text": text}]
+        messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + \
+            self.messages + [{"role": "user", "content": content}]
+        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        expander = ImageExpander(self.processor)
+        images = [*self.images, *self.pending]
+        return len(self.processor.tokenizer(prompt)["input_ids"]) + sum(expander.count(im.size) - 1 for im in images)
+
     def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
         """Add a user turn (with pending images), generate the answer (streamed to `on_text`), keep it."""
         import torch

@@ -292,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body (MiB)")
     p.add_argument("--max-pixels", type=int, default=None, help="largest image, width x height (default: the "
                    "decoders' decompression-bomb limit, as in training)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="longest prompt, images expanded (default: the model's context minus the answer's max_tokens)")
     p.add_argument("--max-images", type=int, default=8, help="images one request may hold")
     p.add_argument("--max-total-mpixels", type=float, default=64.0,
                    help="megapixels a request's images may hold together (read from their headers before decoding)")

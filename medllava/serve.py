@@ -98,6 +98,9 @@ class ServeSettings:
     max_tokens_limit: int = 1024
     default_max_tokens: int = 256
     max_queue: int = 16
+    max_prompt_tokens: int | None = None
+    """Longest prompt (images expanded) a request may make; None: the model's context minus the request's
+    max_tokens."""
     max_images: int = 8
     """Images one request may hold (all its messages together)."""
     max_total_pixels: int = 64 * 10**6
@@ -265,6 +268,22 @@ def build_session(model: Any, processor: Any, request: ChatRequest, settings: Se
     return session, last
 
 
+def check_prompt_length(session: ChatSession, text: str, settings: ServeSettings, context: int | None) -> None:
+    """Refuse (400, context_length_exceeded) a prompt longer than --max-prompt-tokens, by default the model's
+    context minus the answer's max_tokens, before any generation."""
+    limit = settings.max_prompt_tokens
+    if limit is None and context is not None:
+        limit = context - session.max_new_tokens
+    if limit is None:
+        return
+    n = session.prompt_tokens(text)
+    if n > limit:
+        why = "" if settings.max_prompt_tokens is not None else \
+            f" (the model's context {context} minus max_tokens {session.max_new_tokens})"
+        raise RequestError(400, f"the prompt is {n} tokens; this server takes at most {limit}{why}",
+                           param="messages", code="context_length_exceeded")
+
+
 class _Gate:
     """One generation at a time; at most `max_queue` requests wait; past that, refuse."""
 
@@ -373,6 +392,7 @@ def create_app(model: Any, processor: Any, settings: ServeSettings) -> Any:
 
     app = FastAPI(title="medllava", docs_url=None, redoc_url=None, openapi_url=None)
     gate = _Gate(settings.max_queue)
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     created = int(time.time())
 
     def fail(err: RequestError) -> JSONResponse:
@@ -426,6 +446,7 @@ def create_app(model: Any, processor: Any, settings: ServeSettings) -> Any:
             raise RequestError(404, f"model {body.model!r} is not served here (GET /v1/models lists {settings.model_id!r})",
                                param="model", code="model_not_found")
         session, text = await asyncio.to_thread(build_session, model, processor, body, settings)
+        await asyncio.to_thread(check_prompt_length, session, text, settings, context)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not body.stream:
             await gate.enter()
@@ -533,7 +554,7 @@ def run_server(args: Any) -> int:
         allow_remote_images=args.allow_remote_images, api_key=api_key, max_body_bytes=int(args.max_body_mb * 2**20),
         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, max_tokens_limit=args.max_tokens_limit,
         default_max_tokens=min(args.max_new_tokens, args.max_tokens_limit), max_queue=args.max_queue,
-        max_images=args.max_images, max_total_pixels=int(args.max_total_mpixels * 10**6),
+        max_images=args.max_images, max_prompt_tokens=args.max_prompt_tokens, max_total_pixels=int(args.max_total_mpixels * 10**6),
         window=window, system_prompt=args.system)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s: reachable from other machines%s", args.host,

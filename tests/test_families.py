@@ -533,3 +533,22 @@ def test_smolvlm_max_pixels_sets_the_longest_edge_in_whole_tiles(tiny: dict[str,
         family.set_pixel_limits(processor, 16 * 16, None)
     with pytest.raises(ValueError, match="below one 32 x 32 tile"):
         family.set_pixel_limits(processor, None, 20 * 20)
+
+
+@pytest.mark.parametrize("name", [f.name for f in FAMILIES])
+def test_prompt_length_is_known_before_asking(tiny: dict[str, Path], name: str, phantom: Path,
+                                              tmp_path: Path) -> None:
+    """What `medllava serve` checks against the context before generating: the prompt's length with each image
+    expanded, equal to the length the processor then makes, on every family (two turns, an image of its own size)."""
+    from medllava.chat import ChatSession
+    from medllava.imaging import load_image
+
+    folder = tiny[name] if name in tiny else by_name(name).build_tiny(tmp_path / name)
+    model, processor = load_model(folder)
+    model.eval()
+    session = ChatSession(model, processor, max_new_tokens=2)
+    session.add_image(load_image(next((phantom / "images").rglob("*.png"))).resize((45, 61)))
+    for text in ("What is shown?", "Which side?"):
+        expected = session.prompt_tokens(text)
+        session.ask(text)
+        assert expected == session.last_usage["prompt_tokens"]

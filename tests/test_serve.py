@@ -164,6 +164,9 @@ def _bad_requests(phantom: Path) -> list[tuple[str, dict, bytes | None, int]]:
         ("images holding too many pixels together", auth,
          body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": huge}}] * 3
                          + [{"type": "text", "text": "hi"}]}]), 413),
+        # issue 27: the prompt was never checked against the model's context (2048 positions) before generate
+        ("prompt longer than the context", auth,
+         body(messages=[{"role": "user", "content": "lesion " * 3000}], max_tokens=4), 400),
         ("too many images", auth, body(messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": good_image}}] * 9 + [{"type": "text", "text": "hi"}]}]), 400),
         ("image_url part without image_url", auth,
