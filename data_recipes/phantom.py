@@ -83,7 +83,11 @@ def draw_phantom(rng: np.random.Generator, modality: str, side: str | None, coun
         _ellipse(d, c + 9, c - 4, 5, 14, int(45 * gain))
     if side is not None:
         centres: list[tuple[float, float]] = []
+        attempts = 0
         while len(centres) < count:
+            attempts += 1
+            if attempts > 100:  # the first centres left no room for the rest: place them all again
+                centres, attempts = [], 0
             x = rng.uniform(0.20, 0.40) if side == "left" else rng.uniform(0.60, 0.80)
             y = rng.uniform(0.28, 0.72)
             if all((x - a) ** 2 + (y - b) ** 2 > 0.16**2 for a, b in centres):
