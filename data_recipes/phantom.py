@@ -9,7 +9,10 @@ presence (yes/no), modality, side and count (multiple choice, answered "B. right
 form too ("On the left side of the image.", "Two lesions."). Every question form the test set asks is taught,
 so held-out accuracy per topic measures whether the model reads the image, not whether it guesses the letters of
 a form it never saw (an earlier version taught side and count only in open form: its GRPO stage learned to
-answer them with another question's option, "A. MRI" to a left/right question).
+answer them with another question's option, "A. MRI" to a left/right question). Options come in one order per
+topic (X-ray, CT, MRI; left, right; 1, 2, 3), so a letter always names the same finding: with shuffled options the
+tiny model named the right modality under the wrong letter ("B. CT" where CT was C), which is incoherent and
+scores 0, and the demo would have measured reading the option list rather than the image.
 
 Writes to OUT/:
   images/{train,test}/*.png
@@ -116,11 +119,10 @@ def describe(modality: str, side: str | None, count: int, rng: np.random.Generat
 
 
 def closed_questions(modality: str, side: str | None, count: int, rng: np.random.Generator) -> list[dict]:
-    """All closed questions about one image, with gold answers (MC options shuffled)."""
+    """All closed questions about one image, with gold answers (multiple-choice options in one fixed order per topic)."""
     pick = lambda xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
     out = [{"question": pick(PRESENCE_QUESTIONS), "qtype": "yes_no", "answer": "yes" if side else "no", "topic": "presence"}]
-    mods = list(MODALITIES.values())
-    rng.shuffle(mods)
+    mods = list(MODALITIES.values())  # one order, as side and count have: a letter always means one modality
     out.append({"question": pick(MODALITY_QUESTIONS), "qtype": "multiple_choice", "options": mods,
                 "answer": LETTERS[mods.index(MODALITIES[modality])], "topic": "modality"})
     if side is not None:
