@@ -69,7 +69,7 @@ def stage_dict(tmp: Path, phantom: Path, *, init_from: Path | None = None, visio
         "train_files": [str(phantom / ("align.jsonl" if fmt == "plain" else "instruct.jsonl"))],
         "image_folder": str(phantom / "images"),
         "format": fmt,
-        "max_length": 256,
+        "max_length": 512,  # the phantom conversations run to four turns
     }
     cfg: dict[str, Any] = {
         "name": "test",

@@ -163,7 +163,7 @@ def test_splice_expands_each_placeholder_with_its_own_ids(processor) -> None:
 
 
 def test_dataset_and_collator_shapes(phantom: Path, processor) -> None:
-    renderer = Renderer(processor, "chat", 256)
+    renderer = Renderer(processor, "chat", 512)
     samples, _ = prepare_samples([str(phantom / "instruct.jsonl")], renderer, image_folder=phantom / "images", progress=False)
     ds = SFTDataset(samples, renderer.images)
     batch = SFTCollator(processor.tokenizer.pad_token_id)([ds[0], ds[1], ds[2]])

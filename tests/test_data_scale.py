@@ -85,7 +85,7 @@ def test_full_image_check_rejects_it_before_training(tmp_path: Path, phantom: Pa
     stage = config_from_dict(cfg)
     out = tmp_path / "out"
     out.mkdir()
-    samples = prepared_samples(stage, Renderer(processor, "chat", 256), out)
+    samples = prepared_samples(stage, Renderer(processor, "chat", 512), out)
     report = json.loads((out / "data_report.json").read_text())
     assert len(samples) == 24 - len(broken) and [e["id"] for e in report["errors"]] == broken
 
@@ -95,7 +95,7 @@ def test_rendering_across_processes_equals_one_process(phantom: Path, base_model
     from medllava.model import load_model
 
     _, processor = load_model(base_models[("siglip", "qwen2")])
-    renderer = Renderer(processor, "chat", 256)
+    renderer = Renderer(processor, "chat", 512)
     records = [normalize(raw) for raw in iter_raw(phantom / "instruct.jsonl")] * 3
     records[7].turns[1].text = ""  # an error travels back in order too
     serial = render_records(records, renderer, workers=1)
@@ -115,7 +115,7 @@ def test_cache_is_memory_mapped_and_equal_to_the_samples(tmp_path: Path, phantom
     from medllava.model import load_model
 
     _, processor = load_model(base_models[("clip", "llama")])
-    renderer = Renderer(processor, "chat", 256)
+    renderer = Renderer(processor, "chat", 512)
     samples = [renderer.render(normalize(raw)) for raw in iter_raw(phantom / "instruct.jsonl")]
     cached = CachedSamples(save_samples(samples, tmp_path / "cache"))
     assert len(cached) == len(samples)
@@ -148,7 +148,7 @@ def test_dataloader_workers_freeze_the_inherited_heap(phantom: Path, base_models
             return item
 
     _, processor = load_model(base_models[("clip", "llama")])
-    renderer = Renderer(processor, "chat", 256)
+    renderer = Renderer(processor, "chat", 512)
     samples = [renderer.render(normalize(raw)) for raw in iter_raw(phantom / "instruct.jsonl")][:4]
     dataset = Probe(samples, renderer.images)
     before = gc.get_freeze_count()

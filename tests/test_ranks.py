@@ -122,7 +122,7 @@ def test_packing_keeps_the_samples_per_batch(tmp_path: Path, phantom: Path, base
     from medllava.model import load_model
 
     _, processor = load_model(base_models[("clip", "llama")])
-    renderer = Renderer(processor, "chat", 256)
+    renderer = Renderer(processor, "chat", 512)
     samples, _ = prepare_samples([str(phantom / "instruct.jsonl")], renderer, image_folder=phantom / "images",
                                  progress=False)
     dataset = SFTDataset(samples, renderer.images)

@@ -72,7 +72,7 @@ def test_resume_refuses_a_changed_config_unless_forced(tmp_path: Path, phantom: 
     same = prepare_sft(config_from_dict({**cfg, "run": {**cfg["run"], "logging_steps": 5, "report_to": "none"}}))
     assert same.checkpoint and same.checkpoint.endswith("checkpoint-2")  # logging may change on resume
 
-    changed = {**cfg, "optim": {**cfg["optim"], "lr": 1e-3}, "data": {**cfg["data"], "max_length": 300}}
+    changed = {**cfg, "optim": {**cfg["optim"], "lr": 1e-3}, "data": {**cfg["data"], "max_length": 600}}
     with pytest.raises(ConfigError, match=r"changed since .*checkpoint-2.*: data\.max_length, optim\.lr.*run\.resume: force"):
         prepare_sft(config_from_dict(changed))
     forced = prepare_sft(config_from_dict({**changed, "run": {**changed["run"], "resume": "force"}}))
