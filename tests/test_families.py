@@ -86,8 +86,19 @@ def test_loaded_sample_matches_what_the_processor_makes(tiny: dict[str, Path], n
     """The dataset's expansion of a rendered sample is the processor's own input_ids for the same text and image,
     and its length is the one checked before training (each image counted at its size)."""
     processor = AutoProcessor.from_pretrained(tiny[name])
+    item, reference, length = _sample_and_reference(processor, (61, 45), tmp_path)
+    assert item["input_ids"].tolist() == reference["input_ids"][0].tolist()
+    assert len(item["input_ids"]) == length
+    batch = SFTCollator(processor.tokenizer.pad_token_id)([item])  # what the model gets: the processor's layout
+    for key in item["image_inputs"]:
+        torch.testing.assert_close(batch[key], reference[key])
+
+
+def _sample_and_reference(processor: object, size: tuple[int, int], tmp_path: Path) -> tuple[dict, dict, int]:
+    """A one-image record rendered and loaded as training does (its item and checked length), and what the
+    processor itself makes of the same text and image."""
     renderer = Renderer(processor, "chat", 1024)
-    Image.new("RGB", (61, 45), (30, 60, 90)).save(tmp_path / "a.png")
+    Image.new("RGB", size, (30, 60, 90)).save(tmp_path / "a.png")
     rows = [{"id": "r", "image": "a.png", "conversations": [
         {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "An axial CT."}]}]
     samples, _ = prepare_samples([str(write_jsonl(tmp_path / "r.jsonl", rows))], renderer, image_folder=tmp_path,
@@ -95,11 +106,7 @@ def test_loaded_sample_matches_what_the_processor_makes(tiny: dict[str, Path], n
     item = SFTDataset(samples, renderer.images)[0]
     text = renderer._apply(renderer.messages(_record(rows[0], tmp_path)), add_generation_prompt=False)
     reference = processor(text=[text], images=[Image.open(tmp_path / "a.png").convert("RGB")], return_tensors="pt")
-    assert item["input_ids"].tolist() == reference["input_ids"][0].tolist()
-    assert len(item["input_ids"]) == samples[0].length
-    batch = SFTCollator(processor.tokenizer.pad_token_id)([item])  # what the model gets: the processor's layout
-    for key in item["image_inputs"]:
-        torch.testing.assert_close(batch[key], reference[key])
+    return item, reference, samples[0].length
 
 
 def _record(row: dict, folder: Path):
@@ -446,15 +453,7 @@ def test_idefics3_renders_as_its_processor_and_trains(phantom: Path, tmp_path: P
     folder = _tiny_idefics3(tmp_path / "idefics3")
     assert family_of_source(folder).name == "smolvlm"
     processor = AutoProcessor.from_pretrained(folder)
-    renderer = Renderer(processor, "chat", 1024)
-    Image.new("RGB", (61, 30), (30, 60, 90)).save(tmp_path / "a.png")
-    rows = [{"id": "r", "image": "a.png", "conversations": [
-        {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "An axial CT."}]}]
-    samples, _ = prepare_samples([str(write_jsonl(tmp_path / "r.jsonl", rows))], renderer, image_folder=tmp_path,
-                                 progress=False)
-    item = SFTDataset(samples, renderer.images)[0]
-    text = renderer._apply(renderer.messages(_record(rows[0], tmp_path)), add_generation_prompt=False)
-    reference = processor(text=[text], images=[Image.open(tmp_path / "a.png").convert("RGB")], return_tensors="pt")
+    item, reference, _ = _sample_and_reference(processor, (61, 30), tmp_path)
     assert item["input_ids"].tolist() == reference["input_ids"][0].tolist()
     batch = SFTCollator(processor.tokenizer.pad_token_id)([item])
     torch.testing.assert_close(batch["pixel_values"], reference["pixel_values"])
