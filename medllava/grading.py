@@ -20,7 +20,8 @@ mediastinal shift", "no evidence of ...") it is that finding's negation, read un
    makes the answer unread -- a hedge that does not commit earns nothing. Hedges of degree keep the direction
    ("likely present" is yes, "unlikely" is no).
 4. The first clause with a negation cue ("not", "n't", "cannot", "never", "without", "absent", "no <finding>",
-   "negative for", "free of", "ruled out", "excluded", "none", "unlikely", "incorrect", "false") or a presence cue
+   "negative for", "free of", "ruled out", "excluded", "none", "unlikely", "incorrect", "false"; the "no" of
+   a list of absent findings, "no effusion and no pneumothorax", "neither ... nor ...", counts once) or a presence cue
    ("there is/are", "present", "seen", "visible", "noted", "identified", "evidence of", "positive for", "shows",
    "demonstrates", "consistent with", "suggestive of", "likely", "probable", "has", "correct", "true") decides:
    an odd number of negation cues is no, otherwise yes ("No pleural effusion." is no; "A right-sided pneumothorax
@@ -88,9 +89,13 @@ _NO_WORD = rf"no(?!\s+(?!{_ANSWERING}\b)[a-z])"
 _POLAR = re.compile(rf"\b(yes|{_NO_WORD})\b", re.IGNORECASE)
 _LEADING = re.compile(rf"^\W*(yes|{_NO_WORD})\b", re.IGNORECASE)
 _BOTH = re.compile(r"^\W*(?:yes|no)\W*(?:and|or|/)\W*(?:yes|no)\b", re.IGNORECASE)
-_NEGATION = re.compile(
-    rf"\bnot\b|n't\b|\bcannot\b|\bnever\b|\bwithout\b|\babsent\b|\bno\s+(?!{_ANSWERING}\b)(?=[a-z])|\bnegative for\b|\bfree of\b"
+# "no <finding>" / "neither": the determiner of an absent finding; a list of them ("no effusion and no
+# pneumothorax", "neither effusion nor pneumothorax") is one negation, however many findings it names
+_NO_FINDING = re.compile(rf"\bno\s+(?!{_ANSWERING}\b)(?=[a-z])|\bneither\b", re.IGNORECASE)
+_NEGATION_WORD = re.compile(
+    r"\bnot\b|n't\b|\bcannot\b|\bnever\b|\bwithout\b|\babsent\b|\bnegative for\b|\bfree of\b"
     r"|\bruled out\b|\bexcluded\b|\bnone\b|\bunlikely\b|\bincorrect\b|\bfalse\b", re.IGNORECASE)
+_NEGATION = re.compile(f"{_NEGATION_WORD.pattern}|{_NO_FINDING.pattern}", re.IGNORECASE)
 _UNCOMMITTED = re.compile(
     r"\b(?:cannot|can't|can not|not) (?:be )?(?:excluded|ruled out)\b|\bpossibl[ey]\b|\bmay\b|\bmight\b"
     r"|\buncertain\b|\bunclear\b|\bindeterminate\b|\bequivocal\b|\bquestionable\b|\bnot sure\b|\bunsure\b"
@@ -219,7 +224,7 @@ def parse_yes_no(answer: str) -> str | None:
     if any(_UNCOMMITTED.search(part) for part in parts):
         return None
     for part in parts:
-        negations = len(_NEGATION.findall(part))
+        negations = len(_NEGATION_WORD.findall(part)) + (1 if _NO_FINDING.search(part) else 0)
         if negations:
             return "no" if negations % 2 else "yes"
         if _PRESENCE.search(part):

@@ -75,6 +75,13 @@ CASES: list[tuple[str, str, str, list[str] | None, float]] = [
     (YN, "No, there is no fracture. Yes, the alignment is normal.", "no", None, 0.0),  # two answer words disagree
     (YN, "No it is not.", "no", None, 1.0),  # "no" answering, not "no <finding>"
     (YN, "No there isn't.", "no", None, 1.0),
+    # a list of absent findings is one negation, not an even count of them
+    (YN, "There is no effusion and no pneumothorax.", "no", None, 1.0),
+    (YN, "No effusion and no pneumothorax.", "no", None, 1.0),
+    (YN, "No effusion, no pneumothorax and no fracture.", "no", None, 1.0),
+    (YN, "There is no effusion or pneumothorax.", "no", None, 1.0),
+    (YN, "Neither effusion nor pneumothorax is seen.", "no", None, 1.0),
+    (YN, "It is not true that there is no effusion.", "yes", None, 1.0),  # two cues of two kinds still cancel
     # --- numbers: the count, not measurements, sequences, dates or units -------------------------------------
     (NUM, "There are two lesions measuring 5 mm each.", "2", None, 1.0),  # issue 14: read 5 before
     (NUM, "On the T2 image there are 3 nodules.", "3", None, 1.0),  # issue 14: read 2 before
