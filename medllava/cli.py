@@ -49,8 +49,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     # the user's mistakes first, before torch is imported
     require_model_folder(args.model)
-    if not Path(args.data).is_file():
-        raise ConfigError(f"{args.data}: no such data file")
+    if not Path(args.data).exists() and not str(args.data).startswith("hf:"):
+        raise ConfigError(f"{args.data}: no such data file or dataset folder")
     window = window_option(args.window)
     from medllava.prior import build_prior
 

@@ -31,12 +31,13 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from medllava.data.cache import file_sha256, source_sha256
 from medllava.data.records import RecordError
 from medllava.data.validate import resolve_image
 from medllava.data.vqa import VQARecord, format_question, read_vqa
 from medllava.grading import grade, normalize_text
 from medllava.imaging import ImageError, Window, blank_like, decode_each
-from medllava.model import decoding_config
+from medllava.model import adapter_base_path, decoding_config, is_adapter_dir
 from medllava.prior import TextPrior
 
 logger = logging.getLogger(__name__)
@@ -414,7 +415,7 @@ def evaluate(
     metrics["provenance"] = {
         "model": None if model_path is None else str(model_path),
         "weights_sha256": None if model_path is None else weights_sha256(model_path),
-        "data": str(data), "data_sha256": file_sha256(data), "prompt_mode": mode, "instruction": instruction,
+        "data": str(data), "data_sha256": source_sha256(data), "prompt_mode": mode, "instruction": instruction,
         "system_prompt": system_prompt, "max_new_tokens": max_new_tokens, "decoding": "greedy",
         "window": window_name if window_name is not None else (None if window is None else asdict(window)),
         "batch_size": batch_size, "limit": limit, "blind": blind}
@@ -458,16 +459,9 @@ def evaluate(
     return metrics
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def weights_sha256(model_dir: str | Path) -> str | None:
-    """One sha256 over a model folder's safetensors files (and its saved base's, for a LoRA stage), by name."""
+    """One sha256 over a model folder's safetensors files, by name, and for a LoRA stage its base's (the saved
+    `base/` folder, or the model its adapter names when that is a local folder; else the base's name)."""
     folder = Path(model_dir)
     files = sorted(folder.glob("*.safetensors")) + sorted((folder / "base").glob("*.safetensors"))
     if not files:
@@ -475,6 +469,12 @@ def weights_sha256(model_dir: str | Path) -> str | None:
     digest = hashlib.sha256()
     for f in files:
         digest.update(f"{f.relative_to(folder)}:{file_sha256(f)}\n".encode())
+    if is_adapter_dir(folder) and not (folder / "base").is_dir():
+        base = adapter_base_path(folder)
+        base_files = sorted(Path(base).glob("*.safetensors")) if Path(base).is_dir() else []
+        digest.update(f"base={base}\n".encode())
+        for f in base_files:
+            digest.update(f"base/{f.name}:{file_sha256(f)}\n".encode())
     return digest.hexdigest()
 
 

@@ -300,3 +300,59 @@ def test_own_option_rate_counts_answers_naming_an_option_of_their_own_question()
         summary = update_summary(Path(tmp) / "s.json", "grpo", score(rows))
     assert summary["grpo"]["own_option_rate"] == 0.6
     assert "MC own" in summary_table(summary)
+
+
+@pytest.mark.parametrize("form", ["folder", "hf"])
+def test_provenance_of_a_dataset_folder_or_hf_source(tmp_path: Path, phantom: Path, base_models: dict,
+                                                     form: str) -> None:
+    """Reviewer finding (issue 25): the data hash read the source as a file, so `eval --data hf:...` or a saved
+    dataset folder crashed after generating every answer. The hash follows the data's content instead."""
+    import json
+
+    import datasets
+
+    from medllava.cli import main
+
+    rows = [json.loads(line) for line in (phantom / "test.jsonl").read_text().splitlines()]
+    rows = [{k: r[k] for k in ("id", "image", "question", "answer", "qtype")} for r in rows if r["qtype"] == "yes_no"]
+    folder = tmp_path / "ds"
+    if form == "folder":
+        datasets.Dataset.from_list(rows[:4]).save_to_disk(str(folder))
+        spec = str(folder)
+    else:
+        folder.mkdir()
+        datasets.Dataset.from_list(rows[:4]).to_parquet(folder / "train.parquet")
+        spec = f"hf:{folder}"
+    args = ["eval", str(base_models[("clip", "llama")]), "--data", spec, "--image-folder", str(phantom / "images"),
+            "--out", str(tmp_path / "eval"), "--max-new-tokens", "2"]
+    assert main(args) == 0
+    first = json.loads((tmp_path / "eval/metrics.json").read_text())["provenance"]
+    assert first["data"] == spec and len(first["data_sha256"]) == 64
+    assert main(args) == 0
+    assert json.loads((tmp_path / "eval/metrics.json").read_text())["provenance"]["data_sha256"] == first["data_sha256"]
+    if form == "folder":
+        import shutil
+
+        shutil.rmtree(folder)
+        datasets.Dataset.from_list(rows[1:5]).save_to_disk(str(folder))
+    else:
+        datasets.Dataset.from_list(rows[1:5]).to_parquet(folder / "train.parquet")
+    assert main(args) == 0
+    assert json.loads((tmp_path / "eval/metrics.json").read_text())["provenance"]["data_sha256"] != first["data_sha256"]
+
+
+def test_weights_hash_of_a_lora_stage_covers_its_base(tmp_path: Path) -> None:
+    """Reviewer finding (issue 25): a LoRA stage whose adapter names an outside base was hashed by the adapter
+    alone; two stages on different bases got one hash."""
+    import json
+
+    from medllava.evaluate import weights_sha256
+
+    base_a, base_b, run = tmp_path / "a", tmp_path / "b", tmp_path / "run"
+    for folder, payload in ((base_a, b"A" * 32), (base_b, b"B" * 32), (run, b"adapter")):
+        folder.mkdir()
+        (folder / "model.safetensors" if folder != run else folder / "adapter_model.safetensors").write_bytes(payload)
+    (run / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base_a)}))
+    on_a = weights_sha256(run)
+    (run / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base_b)}))
+    assert weights_sha256(run) != on_a

@@ -49,6 +49,30 @@ def file_identity(spec: str) -> dict[str, Any]:
     return {"path": spec}
 
 
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def source_sha256(spec: str | Path) -> str:
+    """A content hash of a data source: a file's bytes; a dataset folder's files, by name; for an `hf:` source, the
+    fingerprint of the version the datasets library loads."""
+    path = Path(spec)
+    if path.is_file():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    if path.is_dir():
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(f"{f.relative_to(path)}:{file_sha256(f)}\n".encode())
+    else:
+        digest.update(json.dumps(file_identity(str(spec)), sort_keys=True).encode())
+    return digest.hexdigest()
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A hash of the tokenizer's vocabulary, merges, special tokens and chat template."""
     h = hashlib.sha256()

@@ -19,6 +19,7 @@ from transformers import ProcessorMixin, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from medllava.config import ConfigError, StageConfig, save_config
+from medllava.data.cache import file_sha256
 from medllava.data.collate import IMAGE_ERRORS
 from medllava.families import LLAVA, family_of
 from medllava.model import (
@@ -424,14 +425,6 @@ def merge_loader_skips(out: Path) -> int:
                        "they are named in %s", len(errors), ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())),
                        report_path)
     return len(errors)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def run_facts(cfg: StageConfig, trainer: Any, out: Path) -> dict[str, Any]:
