@@ -17,6 +17,7 @@ from typing import Any
 from PIL import Image
 
 from medllava.chat import ChatSession
+from medllava.config import ConfigError
 from medllava.imaging import WINDOW_PRESETS, ImageError, Window, load_image
 
 logger = logging.getLogger(__name__)
@@ -153,8 +154,10 @@ def launch_options(host: str, port: int, *, user: str = "medllava", password: st
     """Gradio `launch` arguments: loopback unless told otherwise, a sign-in when a password is set (Gradio's
     auth), uploads capped at `max_upload_mb`. Bound beyond loopback without a password, anyone who reaches the
     address can use the model: said loudly. The password itself is never logged."""
+    if not max_upload_mb > 0:
+        raise ConfigError(f"--max-upload-mb (max_upload_mb) must be positive, got {max_upload_mb}")
     options: dict[str, Any] = {"server_name": host, "server_port": port, "share": False, "inbrowser": False,
-                               "show_error": True, "max_file_size": f"{max_upload_mb:g}mb"}
+                               "show_error": True, "max_file_size": int(max_upload_mb * 2**20)}  # bytes
     if password:
         options["auth"] = (user, password)
     if host not in LOOPBACK:

@@ -190,6 +190,8 @@ def test_web_beyond_loopback_warns_loudly_and_signs_in_with_a_password(caplog: p
     """Issue 27: `medllava web` had no authentication and no warning when bound beyond loopback."""
     import logging
 
+    from gradio.utils import _parse_file_size
+
     from medllava.web import launch_options
 
     with caplog.at_level(logging.WARNING, logger="medllava.web"):
@@ -200,5 +202,10 @@ def test_web_beyond_loopback_warns_loudly_and_signs_in_with_a_password(caplog: p
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="medllava.web"):
         options = launch_options("0.0.0.0", 7860, user="rad", password="s3cret-pass", max_upload_mb=5)
-    assert options["auth"] == ("rad", "s3cret-pass") and options["max_file_size"] == "5mb"
+    assert options["auth"] == ("rad", "s3cret-pass") and _parse_file_size(options["max_file_size"]) == 5 * 2**20
+    # reviewer finding: a fractional or large limit became text Gradio cannot parse ("0.5mb", "1e+03mb")
+    for mb in (0.5, 1000.0, 20):
+        assert _parse_file_size(launch_options("127.0.0.1", 7860, max_upload_mb=mb)["max_file_size"]) == int(mb * 2**20)
+    with pytest.raises(ValueError, match="max_upload_mb"):
+        launch_options("127.0.0.1", 7860, max_upload_mb=0)
     assert "sign-in required" in caplog.text and "s3cret-pass" not in caplog.text
