@@ -285,7 +285,8 @@ def check_prompt_length(session: ChatSession, text: str, settings: ServeSettings
 
 
 class _Gate:
-    """One generation at a time; at most `max_queue` requests wait; past that, refuse."""
+    """One generation at a time; at most `max_queue` requests wait; past that, refuse. A place is taken when a
+    request arrives, before its images are read, so a refused request costs no decoding."""
 
     def __init__(self, max_queue: int):
         self.max_queue = max_queue
@@ -296,7 +297,7 @@ class _Gate:
     def reserve(self) -> None:
         """Take a place in the queue now or refuse with 429 (before any answer byte is sent). The event loop runs
         one coroutine at a time and nothing here awaits, so the check and the count are one step."""
-        if self.waiting >= self.max_queue:
+        if self.waiting + self.running >= self.max_queue + 1:  # one generating + max_queue waiting
             raise RequestError(429, f"the server is busy ({self.waiting} requests waiting); retry later",
                                kind="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
         self.waiting += 1
@@ -445,11 +446,17 @@ def create_app(model: Any, processor: Any, settings: ServeSettings) -> Any:
         if body.model != settings.model_id:
             raise RequestError(404, f"model {body.model!r} is not served here (GET /v1/models lists {settings.model_id!r})",
                                param="model", code="model_not_found")
-        session, text = await asyncio.to_thread(build_session, model, processor, body, settings)
-        await asyncio.to_thread(check_prompt_length, session, text, settings, context)
+        gate.reserve()  # the place first: a full queue is a 429 before any image is read (and, for a stream,
+        # before its 200 is sent)
+        try:
+            session, text = await asyncio.to_thread(build_session, model, processor, body, settings)
+            await asyncio.to_thread(check_prompt_length, session, text, settings, context)
+        except BaseException:
+            gate.cancel()
+            raise
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not body.stream:
-            await gate.enter()
+            await gate.enter(reserved=True)
             loop = asyncio.get_running_loop()
 
             def work() -> str:  # gives the gate back when generation ends, even if the client has gone
@@ -465,7 +472,6 @@ def create_app(model: Any, processor: Any, settings: ServeSettings) -> Any:
                                  "finish_reason": usage["finish_reason"]}],
                     "usage": {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
                               "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}}
-        gate.reserve()  # the place is this stream's from now on: a full queue is a 429, not an empty 200
         place = {"held": True}  # until the stream takes it over (or the response ends without starting it)
 
         def release() -> None:

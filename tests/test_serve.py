@@ -269,3 +269,49 @@ def test_streams_arriving_together_past_the_queue_get_429_in_process(talking_mod
             assert text.rstrip().endswith("data: [DONE]") and '"finish_reason"' in text, text[-300:]
         else:
             assert json.loads(text)["error"]["code"] == "queue_full" and retry
+
+
+def test_a_refused_request_is_refused_before_its_images_are_decoded(talking_model: Path, phantom: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reviewer finding (issue 27): images were decoded before the queue place was taken, so a flood past the
+    queue still made the server decode every request's images before answering 429. The place now comes first:
+    only requests that are let in have their images read, and one running + `max_queue` waiting are let in."""
+    import asyncio
+
+    import medllava.serve as serve
+    from medllava.model import load_model
+
+    reads: list[int] = []
+    real = serve.read_images
+
+    def counting(urls: list[str], settings: serve.ServeSettings) -> list:
+        reads.append(len(urls))
+        return real(urls, settings)
+
+    monkeypatch.setattr(serve, "read_images", counting)
+    model, processor = load_model(talking_model)
+    model.eval()
+    app = serve.create_app(model, processor, serve.ServeSettings(model_id="tiny", image_root=phantom / "images",
+                                                                 max_queue=2, default_max_tokens=2))
+    image = data_uri(sorted((phantom / "images").rglob("*.png"))[0])
+
+    async def burst(stream: bool) -> list[int]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://tiny") as client:
+            async def one() -> int:
+                body = {"model": "tiny", "messages": _question(image, "hi"), "max_tokens": 2, "stream": stream}
+                return (await client.post("/v1/chat/completions", json=body, timeout=300)).status_code
+
+            return await asyncio.gather(*(one() for _ in range(10)))
+
+    async def both() -> list[tuple[bool, list[int], int]]:  # one event loop, as a server has
+        found = []
+        for stream in (False, True):
+            reads.clear()
+            codes = await burst(stream)
+            found.append((stream, codes, len(reads)))
+        return found
+
+    for stream, codes, n_read in asyncio.run(both()):
+        assert set(codes) == {200, 429} and codes.count(200) >= 3, codes  # 1 running + 2 waiting
+        assert n_read == codes.count(200), (stream, codes, n_read)
