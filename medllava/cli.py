@@ -56,7 +56,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     prior = build_prior(args.prior_from) if args.prior_from else None  # read first: a bad path fails fast
     overlap = None
-    if args.prior_from:  # the same training files: what the evaluation set shares with them
+    if args.prior_from and args.overlap:  # the same training files: what the evaluation set shares with them
         from medllava.data.overlap import MIN_SIMILARITY, check_overlap, index_training
 
         train_images = args.train_image_folder or args.image_folder
@@ -254,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "image, no model) and report that text-prior accuracy; also check what the evaluation set "
                         "shares with them (exact and near-duplicate images, repeated image-question pairs) and score "
                         "the clean subset beside the full set")
+    p.add_argument("--no-overlap", dest="overlap", action="store_false",
+                   help="with --prior-from: the text prior only, without the overlap check (which reads every "
+                        "training image once)")
     p.add_argument("--train-image-folder", default=None,
                    help="images of the --prior-from files are relative to this folder (default: --image-folder)")
     p.add_argument("--min-similarity", type=float, default=None,

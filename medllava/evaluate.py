@@ -427,7 +427,8 @@ def evaluate(
         metrics["prior"] = {**score(rows, key="prior_prediction", skipped=skipped), "sources": prior.sources,
                             "matched": sum(1 for r in rows if r["prior_prediction"]), "training_pairs": prior.pairs}
     if overlap is not None:
-        flagged = set(overlap["contaminated"]["ids"]) | set(overlap["repeated_pair"]["ids"])
+        flagged = (set(overlap["contaminated"]["ids"]) | set(overlap["repeated_pair"]["ids"])
+                   | set(overlap.get("unreadable_eval_ids", [])))  # unknown is not clean
         clean_rows = [r for r in rows if r["id"] not in flagged]
         metrics["overlap"] = overlap
         if clean_rows:

@@ -101,6 +101,8 @@ def test_data_overlap_command_and_eval_report_the_clean_subset(tmp_path: Path, p
     rows = [json.loads(line) for line in (phantom / "test.jsonl").read_text().splitlines()]
     train_image = json.loads((phantom / "rl.jsonl").read_text().splitlines()[0])["image"]
     rows[0]["image"] = train_image  # a leaked training image
+    lost = next(i for i, r in enumerate(rows) if i and r["qtype"] == "yes_no")
+    rows[lost]["image"] = "missing.png"  # unreadable: whether it overlaps is unknown, so it is not clean
     test = write_jsonl(tmp_path / "test.jsonl", rows)
     train = [str(phantom / "instruct.jsonl"), str(phantom / "rl.jsonl")]
     assert main(["data", "overlap", *train, "--eval", str(test), "--image-folder", str(phantom / "images"),
@@ -112,12 +114,20 @@ def test_data_overlap_command_and_eval_report_the_clean_subset(tmp_path: Path, p
                  "--prior-from", *train, "--summary", str(tmp_path / "summary.json"), "--stage", "s"]) == 0
     metrics = json.loads((tmp_path / "eval/metrics.json").read_text())
     assert metrics["overlap"]["exact_image"]["ids"] == report["exact_image"]["ids"]
+    assert report["unreadable_eval_ids"] == [rows[lost]["id"]]
     flagged = set(report["contaminated"]["ids"]) | set(report["repeated_pair"]["ids"])
-    if len(flagged) < len(rows):
-        assert metrics["clean"]["n"] == len(rows) - len(flagged)
+    assert 0 < len(flagged) < len(rows) - 1
+    clean_closed = [r for r in rows if r["id"] not in flagged and r["qtype"] != "open" and r is not rows[lost]]
+    assert metrics["clean"]["n_closed"] == len(clean_closed) and metrics["clean"]["n"] == len(rows) - 1 - len(flagged)
     assert "overlap with training" in (tmp_path / "eval/metrics.md").read_text()
     entry = json.loads((tmp_path / "summary.json").read_text())["s"]
     assert entry["overlap"] == report["contaminated"]["count"]
+    # --no-overlap: the text prior without reading every training image
+    assert main(["eval", str(base_models[("clip", "llama")]), "--data", str(test), "--image-folder",
+                 str(phantom / "images"), "--out", str(tmp_path / "eval2"), "--max-new-tokens", "2",
+                 "--prior-from", *train, "--no-overlap"]) == 0
+    metrics = json.loads((tmp_path / "eval2/metrics.json").read_text())
+    assert "prior" in metrics and "overlap" not in metrics and "clean" not in metrics
 
 
 def test_model_card_lists_the_overlap_of_each_evaluation() -> None:

@@ -150,7 +150,7 @@ def check_overlap(train: TrainingIndex, eval_file: str | Path, image_folder: str
                   min_similarity: float = MIN_SIMILARITY, progress: bool = True) -> dict[str, Any]:
     """What the evaluation set shares with the training files (see the module docstring), with record ids."""
     matrix = train.matrix()
-    exact, near, pairs, unreadable = [], [], [], []
+    exact, near, pairs, unreadable, unreadable_ids = [], [], [], [], []
     examples: dict[str, dict[str, str]] = {}
     n = 0
     for rec in tqdm(list(read_vqa(eval_file)), desc="overlap: evaluation images", disable=not progress, leave=False):
@@ -162,6 +162,7 @@ def check_overlap(train: TrainingIndex, eval_file: str | Path, image_folder: str
             key = image_key(resolve_image(rec.image, image_folder))
         except (RecordError, ImageError) as err:
             unreadable.append(f"{rec.id}: {err}")
+            unreadable_ids.append(rec.id)
             continue
         same = train.exact.get(key.sha256, [])
         close = np.flatnonzero(matrix @ key.fingerprint >= min_similarity).tolist() if key.fingerprint.any() else []
@@ -184,6 +185,8 @@ def check_overlap(train: TrainingIndex, eval_file: str | Path, image_folder: str
         "contaminated": {"count": len(flagged), "ids": flagged},
         "examples": dict(list(examples.items())[:20]),
         "unreadable_train": len(train.unreadable), "unreadable_eval": len(unreadable),
+        # records whose image could not be compared: whether they overlap is unknown, so no clean subset has them
+        "unreadable_eval_ids": unreadable_ids,
     }
 
 
