@@ -231,8 +231,8 @@ def score(rows: list[dict[str, Any]], key: str = "prediction",
         if lost:
             entry["skipped"] = lost
         if qtype == "open":
-            entry["f1"] = _mean([g.f1 for _, g in sub])
-            entry["recall"] = _mean([g.recall for _, g in sub])
+            entry["f1"] = _mean([g.f1 for _, g in sub] + [0.0] * lost)
+            entry["recall"] = _mean([g.recall for _, g in sub] + [0.0] * lost)
         else:
             entry["unparsed"] = sum(1 for _, g in sub if g.parsed is None)
         if qtype == "multiple_choice" and sub:

@@ -356,3 +356,12 @@ def test_weights_hash_of_a_lora_stage_covers_its_base(tmp_path: Path) -> None:
     on_a = weights_sha256(run)
     (run / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base_b)}))
     assert weights_sha256(run) != on_a
+
+
+def test_skipped_open_records_count_as_zero_in_every_open_figure() -> None:
+    """Reviewer finding (issue 25): a skipped open record counted as wrong in exact match but was left out of F1
+    and recall, so the three figures of one row had different denominators."""
+    rows = [_row("open", "left lung", "left lung"), _row("open", "liver", "the liver")]
+    entry = score(rows, skipped=["open", "open"])["by_qtype"]["open"]
+    assert entry["n"] == 4 and entry["skipped"] == 2
+    assert entry["exact_match"] == entry["f1"] == entry["recall"] == 0.5
