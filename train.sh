@@ -37,7 +37,7 @@ demo() {
   start=$(date +%s)
   rm -rf "$runs"
   echo "== phantom data (seed $seed)"
-  python "$repo/data_recipes/phantom.py" --out "$data" --train 2000 --test 100 --seed "$seed"
+  python -m data_recipes.phantom --out "$data" --train 2000 --test 100 --seed "$seed"
   echo "== tiny vision tower + LLM (random init, tokenizer trained on the demo texts)"
   medllava tiny "$runs/base" --corpus "$data/corpus.txt" --vision clip --llm llama \
     --vision-hidden 64 --llm-hidden 128 --llm-layers 4 --seed "$seed"
@@ -45,7 +45,7 @@ demo() {
   for stage in align instruct grpo; do
     if [ "$stage" = grpo ]; then
       echo "== pass-rate filter: keep RL questions the instruct model sometimes gets right"
-      python "$repo/data_recipes/pass_rate_filter.py" --model "$runs/instruct" --data "$data/rl.jsonl" \
+      python -m data_recipes.pass_rate_filter --model "$runs/instruct" --data "$data/rl.jsonl" \
         --image-folder "$data/images" --out "$runs/rl_filtered.jsonl" --n 4 --max-new-tokens 8 --seed "$seed"
     fi
     echo "== stage: $stage"
@@ -138,7 +138,7 @@ family() {
           echo "== pass-rate filter: $filtered is newer than $prev (kept)"
         else
           echo "== pass-rate filter: questions $prev sometimes gets right -> $filtered"
-          python "$repo/data_recipes/pass_rate_filter.py" --stage "$recipe" --model "$prev" "${extra[@]}"
+          python -m data_recipes.pass_rate_filter --stage "$recipe" --model "$prev" "${extra[@]}"
         fi
       fi
       echo "== stage: $recipe -> $out"

@@ -21,12 +21,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "data_recipes"))
 
 
 def main(argv: list[str] | None = None) -> int:
-    import phantom
-
+    from data_recipes import phantom
     from medllava.bench import build_bench_model
     from medllava.config import config_from_dict
     from medllava.model import save_model

@@ -22,7 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from medllava.data.self_instruct import GeneratorSettings, run_generation  # noqa: E402
+from medllava.recipes.self_instruct import GeneratorSettings, run_generation  # noqa: E402
 
 ANSWER = json.dumps({"choices": [{"message": {"role": "assistant", "content": json.dumps([
     {"from": "human", "value": "What kind of scan is this?"},

@@ -7,19 +7,17 @@
 Records are checked (image present, roles alternating from the human, no empty answers); the `<image>`
 placeholder is moved to the start of the first human turn; skips are counted with their reason.
 
-    python data_recipes/llava_med.py --kind align --in llava_med_alignment_500k.json --out data/llava_med/align.jsonl
-    python data_recipes/llava_med.py --kind instruct --in llava_med_instruct_60k_inline_mention.json \\
+    python -m data_recipes.llava_med --kind align --in llava_med_alignment_500k.json --out data/llava_med/align.jsonl
+    python -m data_recipes.llava_med --kind instruct --in llava_med_instruct_60k_inline_mention.json \\
         --image-folder data/llava_med/images --out data/llava_med/instruct_60k.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from medllava.data import corpora  # noqa: E402
+from medllava.recipes import corpora
 
 
 def main(argv: list[str] | None = None) -> int:

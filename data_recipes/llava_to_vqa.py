@@ -5,7 +5,7 @@ Input: JSON or JSONL of {"id", "image", "conversations": [...], "answer_type"?} 
 and PathVQA files use this form). Output: JSONL of {"id", "image", "question", "answer", "qtype"?}, one per
 question turn; records that do not parse are skipped and reported with their reason.
 
-    python data_recipes/llava_to_vqa.py --in test.json --out data/vqa_rad/test_vqa.jsonl
+    python -m data_recipes.llava_to_vqa --in test.json --out data/vqa_rad/test_vqa.jsonl
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from medllava.data.records import RecordError, iter_raw  # noqa: E402
-from medllava.data.rl import from_llava_conversation  # noqa: E402
-from medllava.data.vqa import parse_vqa  # noqa: E402
+from medllava.data.records import RecordError, iter_raw
+from medllava.data.rl import from_llava_conversation
+from medllava.data.vqa import parse_vqa
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,17 +6,13 @@ option_A..D, gt_answer as option text, modality_type, dataset); images relative 
 The gold letter is the option equal to gt_answer; modality_type is kept, so `medllava eval` reports
 accuracy per modality.
 
-    python data_recipes/omnimedvqa.py --in OmniMedVQA/QA_information/Open-access/*.json \\
+    python -m data_recipes.omnimedvqa --in OmniMedVQA/QA_information/Open-access/*.json \\
         --image-folder OmniMedVQA --out data/omnimedvqa/test.jsonl
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from medllava.data import corpora  # noqa: E402
+from medllava.recipes import corpora
 
 
 def main(argv: list[str] | None = None) -> int:

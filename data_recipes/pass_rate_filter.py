@@ -10,9 +10,9 @@ questions with embedded images (a `datasets` source) need parquet or a folder. -
 take. Images are decoded batch by batch; one that does not decode is dropped and named. A report (counts,
 pass-rate histogram, every dropped id with its reason) goes beside the output as OUT.report.json.
 
-    python data_recipes/pass_rate_filter.py --model runs/demo/instruct --data data/phantom/rl.jsonl \\
+    python -m data_recipes.pass_rate_filter --model runs/demo/instruct --data data/phantom/rl.jsonl \\
         --image-folder data/phantom/images --out data/phantom/rl_filtered.jsonl --n 8
-    python data_recipes/pass_rate_filter.py --stage stages/llava_med_v15/grpo.yaml --model runs/llava_med_v15/instruct
+    python -m data_recipes.pass_rate_filter --stage stages/llava_med_v15/grpo.yaml --model runs/llava_med_v15/instruct
 
 With --stage, everything but the model comes from the GRPO stage (what `./train.sh stages/<family>` runs).
 """
@@ -28,13 +28,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from medllava.data.records import check_writable, write_records  # noqa: E402
-from medllava.data.rl import build_rl_rows  # noqa: E402
-from medllava.evaluate import generate_batch  # noqa: E402
-from medllava.grading import grade  # noqa: E402
-from medllava.imaging import ImageError, Window, decode_each  # noqa: E402
-from medllava.model import load_for_inference  # noqa: E402
+from medllava.data.records import check_writable, write_records
+from medllava.data.rl import build_rl_rows
+from medllava.evaluate import generate_batch
+from medllava.grading import grade
+from medllava.imaging import ImageError, Window, decode_each
+from medllava.model import load_for_inference
 
 
 def pass_rates(model, processor, rows: list[dict], *, n: int, temperature: float, max_new_tokens: int,

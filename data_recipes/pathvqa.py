@@ -5,17 +5,15 @@ Input: the `datasets` release with embedded images (`hf:flaviagiammarino/path-vq
 files: image, question, answer). Images are written under OUT_DIR/images; yes/no answers become `yes_no`,
 the rest `open`. (The original release ships pickles, which medllava does not load.)
 
-    python data_recipes/pathvqa.py --in hf:flaviagiammarino/path-vqa:test --out data/pathvqa/test.jsonl
+    python -m data_recipes.pathvqa --in hf:flaviagiammarino/path-vqa:test --out data/pathvqa/test.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from medllava.data import corpora  # noqa: E402
+from medllava.recipes import corpora
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,14 +30,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from medllava.data.vqa import LETTERS, format_question  # noqa: E402
+from medllava.data.vqa import LETTERS, format_question
 
 MODALITIES = {"xray": "X-ray", "ct": "CT", "mri": "MRI"}
 SIDES = ("left", "right")

@@ -5,16 +5,12 @@ Input: the published CSV files (train.csv / test.csv: Figure_path, Question, Ans
 " A:text", Answer_label; figures under images/). Choices lose their "A:" prefixes; the gold answer is the
 label letter (or the option matching Answer when the label is missing).
 
-    python data_recipes/pmc_vqa.py --in PMC-VQA/test.csv --image-folder PMC-VQA/images --out data/pmc_vqa/test.jsonl
+    python -m data_recipes.pmc_vqa --in PMC-VQA/test.csv --image-folder PMC-VQA/images --out data/pmc_vqa/test.jsonl
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from medllava.data import corpora  # noqa: E402
+from medllava.recipes import corpora
 
 
 def main(argv: list[str] | None = None) -> int:

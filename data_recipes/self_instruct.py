@@ -11,9 +11,9 @@ Ctrl-C exits at once; output lines stay whole). --max-requests / --max-tokens st
 has been spent on this output over every run. The API key is read from the environment variable named by
 --api-key-env and never printed.
 
-    OPENAI_API_KEY=... python data_recipes/self_instruct.py --in data/llava_med/align.jsonl \\
+    OPENAI_API_KEY=... python -m data_recipes.self_instruct --in data/llava_med/align.jsonl \\
         --out data/llava_med/self_instruct.jsonl --base-url https://api.example.com/v1 --model gpt-4o-mini
-    python data_recipes/self_instruct.py --in captions.jsonl --out x.jsonl --base-url URL --model M --dry-run
+    python -m data_recipes.self_instruct --in captions.jsonl --out x.jsonl --base-url URL --model M --dry-run
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ import sys
 import threading
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from medllava.data.self_instruct import (  # noqa: E402
+from medllava.recipes.self_instruct import (
     GeneratorSettings,
     SpendingLimits,
     build_messages,

@@ -5,16 +5,12 @@ Input: the published split files (train.json / validate.json / test.json: qid, i
 q_lang, modality, location, answer_type; images under imgs/). Chinese questions (q_lang zh) are skipped and
 counted. modality (CT / MRI / X-Ray) and location (organ) are kept for per-slice metrics.
 
-    python data_recipes/slake.py --in Slake1.0/test.json --image-folder Slake1.0/imgs --out data/slake/test.jsonl
+    python -m data_recipes.slake --in Slake1.0/test.json --image-folder Slake1.0/imgs --out data/slake/test.jsonl
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from medllava.data import corpora  # noqa: E402
+from medllava.recipes import corpora
 
 
 def main(argv: list[str] | None = None) -> int:

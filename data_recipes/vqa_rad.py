@@ -6,18 +6,16 @@ image_organ, phrase_type; images in `VQA_RAD Image Folder/`), or a `datasets` so
 (`hf:flaviagiammarino/vqa-rad:test`, or a local parquet file), whose images are written under OUT_DIR/images.
 yes/no answers become `yes_no` questions, others `open`; answer_type (CLOSED/OPEN) and organ are kept.
 
-    python data_recipes/vqa_rad.py --in "VQA_RAD Dataset Public.json" --split train --out data/vqa/vqa_rad_train.jsonl
-    python data_recipes/vqa_rad.py --in "VQA_RAD Dataset Public.json" --split test --out data/vqa/vqa_rad_test.jsonl
+    python -m data_recipes.vqa_rad --in "VQA_RAD Dataset Public.json" --split train --out data/vqa/vqa_rad_train.jsonl
+    python -m data_recipes.vqa_rad --in "VQA_RAD Dataset Public.json" --split test --out data/vqa/vqa_rad_test.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from medllava.data import corpora  # noqa: E402
+from medllava.recipes import corpora
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -187,7 +187,7 @@ class RunSection:
 
 @dataclass
 class PassRateFilterSection:
-    """How `data_recipes/pass_rate_filter.py --stage` makes a GRPO stage's data.train_files[0]: it samples the
+    """How `python -m data_recipes.pass_rate_filter --stage` makes a GRPO stage's data.train_files[0]: it samples the
     starting model on `source` with this stage's prompt, generations, temperature and completion length, and
     keeps the questions whose pass rate lies strictly between the bounds. `./train.sh stages/<family>` runs it
     before the stage."""

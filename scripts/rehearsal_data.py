@@ -155,7 +155,7 @@ def pathvqa(pub: Path, rng: random.Random, n: int) -> None:
 
 def recipe(*args: str, cwd: Path) -> None:
     """Run one data_recipes/ command as a user would; its counts line is printed."""
-    subprocess.run([sys.executable, str(REPO / "data_recipes" / args[0]), *args[1:]], check=True, cwd=cwd)
+    subprocess.run([sys.executable, "-m", f"data_recipes.{Path(args[0]).stem}", *args[1:]], check=True, cwd=cwd)
 
 
 def main(argv: list[str] | None = None) -> int:

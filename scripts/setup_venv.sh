@@ -16,7 +16,7 @@ py="$venv/bin/python"
 stamp="$venv/.medllava-install"
 lock="$root/requirements/lock.txt"
 want=$(cat "$root/pyproject.toml" "$root/scripts/setup_venv.sh" "$root/scripts/cpu_torch.sh" "$lock" | sha256sum | cut -c1-16)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$py" -c "import medllava, torch, torchvision" 2>/dev/null; then
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$py" -c "import medllava, data_recipes, torch, torchvision" 2>/dev/null; then
   exit 0
 fi
 
@@ -38,5 +38,5 @@ if ! "$py" -c "import torch, torchvision" 2>/dev/null; then
   fi
 fi
 pip_install -c "$lock" -e "$root[dev]"
-"$py" -c "import medllava, torch, torchvision; print(f'[setup] medllava ready: torch {torch.__version__}, torchvision {torchvision.__version__}')" >&2
+"$py" -c "import medllava, data_recipes, torch, torchvision; print(f'[setup] medllava ready: torch {torch.__version__}, torchvision {torchvision.__version__}')" >&2
 echo "$want" >"$stamp"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "data_recipes"))
 
 PAIRS = [("clip", "llama"), ("siglip", "qwen2")]
 
@@ -26,7 +24,7 @@ PAIRS = [("clip", "llama"), ("siglip", "qwen2")]
 @pytest.fixture(scope="session")
 def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small phantom set (24 train images, 6 test images)."""
-    import phantom as phantom_recipe
+    from data_recipes import phantom as phantom_recipe
 
     out = tmp_path_factory.mktemp("phantom")
     phantom_recipe.generate(out, seed=0, n_train=24, n_test=6, size=32)

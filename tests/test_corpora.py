@@ -17,7 +17,7 @@ from .conftest import REPO
 
 
 def _recipe(name: str, *args: str) -> dict:
-    result = subprocess.run([sys.executable, str(REPO / "data_recipes" / f"{name}.py"), *args], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", f"data_recipes.{name}", *args], capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -29,10 +29,25 @@ def _jsonl(path: Path) -> list[dict]:
 
 @pytest.mark.parametrize("name", ["vqa_rad", "slake", "pathvqa", "pmc_vqa", "omnimedvqa", "llava_med", "llava_to_vqa",
                                   "self_instruct", "pass_rate_filter", "phantom"])
-def test_every_recipe_has_help(name: str) -> None:
-    result = subprocess.run([sys.executable, str(REPO / "data_recipes" / f"{name}.py"), "--help"], capture_output=True,
-                            text=True, timeout=120)
+def test_every_recipe_has_help(name: str, tmp_path: Path) -> None:
+    """Issue 25: each recipe is a `python -m data_recipes.NAME` entry point that runs from any folder and no longer
+    patches sys.path to find medllava."""
+    result = subprocess.run([sys.executable, "-m", f"data_recipes.{name}", "--help"], capture_output=True,
+                            text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 0 and "usage:" in result.stdout
+    assert "sys.path" not in (REPO / "data_recipes" / f"{name}.py").read_text()
+
+
+def test_recipe_tools_are_out_of_the_training_data_path() -> None:
+    """Issue 25: the converters and the self-instruct generator (39% of medllava/data/) are recipe tools: they live in
+    medllava/recipes/ and nothing training imports pulls them in."""
+    assert not (REPO / "medllava/data/corpora.py").exists() and not (REPO / "medllava/data/self_instruct.py").exists()
+    code = ("import sys, medllava.data.cache, medllava.data.collate, medllava.data.vqa, medllava.data.rl, "
+            "medllava.train.sft, medllava.train.grpo, medllava.evaluate; "
+            "print(sorted(m for m in sys.modules if m.startswith('medllava.recipes')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
 
 
 def test_vqa_rad_public_json(tmp_path: Path) -> None:
@@ -73,7 +88,7 @@ def test_vqa_rad_public_json_never_mixes_splits_by_default(tmp_path: Path) -> No
     src = tmp_path / "VQA_RAD Dataset Public.json"
     src.write_text(json.dumps([{"qid": 1, "image_name": "a.jpg", "question": "Is it normal?", "answer": "yes",
                                 "phrase_type": "test_freeform"}]))
-    result = subprocess.run([sys.executable, str(REPO / "data_recipes" / "vqa_rad.py"), "--in", str(src), "--out",
+    result = subprocess.run([sys.executable, "-m", "data_recipes.vqa_rad", "--in", str(src), "--out",
                              str(tmp_path / "train.jsonl")], capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "--split" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "train.jsonl").exists()

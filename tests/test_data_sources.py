@@ -4,7 +4,6 @@ decodes images batch by batch and loads in bf16 on a GPU."""
 from __future__ import annotations
 
 import json
-import sys
 import weakref
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 from medllava.config import config_from_dict
 from medllava.imaging import load_image
 
-from .conftest import REPO, stage_dict, write_jsonl
+from .conftest import stage_dict, write_jsonl
 
 
 def embedded_copy(jsonl: Path, images: Path, out: Path, *, drop_ids: bool = False) -> Path:
@@ -148,8 +147,7 @@ def test_eval_chat_and_filter_load_bf16_on_a_gpu_that_has_it(monkeypatch: pytest
     monkeypatch.setattr(model_module, "pick_device", lambda name="auto": torch.device("cuda"))
     with pytest.raises(Stop):
         main(["eval", str(base_models[("clip", "llama")]), "--data", str(phantom / "test.jsonl")])
-    sys.path.insert(0, str(REPO / "data_recipes"))
-    import pass_rate_filter
+    from data_recipes import pass_rate_filter
 
     with pytest.raises(Stop):
         pass_rate_filter.main(["--model", str(base_models[("clip", "llama")]), "--data", str(phantom / "rl.jsonl"),
@@ -158,7 +156,7 @@ def test_eval_chat_and_filter_load_bf16_on_a_gpu_that_has_it(monkeypatch: pytest
 
 
 def _run_filter(*args: str) -> int:
-    import pass_rate_filter
+    from data_recipes import pass_rate_filter
 
     return pass_rate_filter.main(list(args))
 
@@ -170,7 +168,6 @@ def test_pass_rate_filter_carries_rows_from_any_source_unchanged(form: str, tmp_
     out), records without ids keep their fields."""
     import datasets
 
-    sys.path.insert(0, str(REPO / "data_recipes"))
     lines = (phantom / "rl.jsonl").read_text().splitlines()[:6]
     short = write_jsonl(tmp_path / "rl6.jsonl", lines)
     if form == "parquet":
@@ -207,7 +204,6 @@ def test_pass_rate_filter_carries_rows_from_any_source_unchanged(form: str, tmp_
 
 def test_pass_rate_filter_refuses_jsonl_for_embedded_images_before_sampling(tmp_path: Path, phantom: Path,
                                                                             base_models: dict) -> None:
-    sys.path.insert(0, str(REPO / "data_recipes"))
     source = embedded_copy(phantom / "rl.jsonl", phantom / "images", tmp_path / "rl.parquet")
     with pytest.raises(SystemExit, match="embedded images.*parquet"):
         _run_filter("--model", str(base_models[("clip", "llama")]), "--data", str(source), "--out",
@@ -217,7 +213,7 @@ def test_pass_rate_filter_refuses_jsonl_for_embedded_images_before_sampling(tmp_
 def test_self_instruct_writes_embedded_images_by_content(tmp_path: Path, phantom: Path) -> None:
     from collections import Counter
 
-    from medllava.data.self_instruct import iter_inputs
+    from medllava.recipes.self_instruct import iter_inputs
 
     source = embedded_copy(phantom / "align.jsonl", phantom / "images", tmp_path / "align.parquet")
     skipped: Counter = Counter()

@@ -137,8 +137,8 @@ def test_missing_data_fails_before_the_model_loads(tmp_path: Path, phantom: Path
     from medllava.train.sft import prepare_sft
 
     cfg = stage_dict(tmp_path, phantom, vision=tmp_path / "no-tower", llm=tmp_path / "no-llm",
-                     data={"train_files": [str(tmp_path / "data/llava_med/align.jsonl")], "made_by": "python data_recipes/llava_med.py ..."})
-    with pytest.raises(ConfigError, match=r"align\.jsonl not found \(made by: python data_recipes/llava_med\.py"):
+                     data={"train_files": [str(tmp_path / "data/llava_med/align.jsonl")], "made_by": "python -m data_recipes.llava_med ..."})
+    with pytest.raises(ConfigError, match=r"align\.jsonl not found \(made by: python -m data_recipes\.llava_med"):
         prepare_sft(config_from_dict(cfg))
     cfg["data"] = {**cfg["data"], "train_files": [str(phantom / "instruct.jsonl")], "image_folder": str(tmp_path / "imgs")}
     with pytest.raises(ConfigError, match="image_folder: .*imgs is not a folder"):
@@ -152,7 +152,7 @@ def test_missing_filtered_grpo_data_names_the_filter_command(tmp_path: Path, pha
                      grpo={"num_generations": 4, "pass_rate_filter": {"source": [str(phantom / "rl.jsonl")]}})
     cfg["kind"] = "grpo"
     cfg["data"]["train_files"] = [str(tmp_path / "rl_filtered.jsonl")]
-    with pytest.raises(ConfigError, match=r"rl_filtered\.jsonl not found \(made by `python data_recipes/pass_rate_filter\.py --stage"):
+    with pytest.raises(ConfigError, match=r"rl_filtered\.jsonl not found \(made by `python -m data_recipes\.pass_rate_filter --stage"):
         prepare_grpo(config_from_dict(cfg))
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from medllava.data.self_instruct import (
+from medllava.recipes.self_instruct import (
     GeneratorSettings,
     MalformedAnswer,
     build_messages,
@@ -27,7 +27,7 @@ from medllava.data.self_instruct import (
     run_generation,
 )
 
-from .conftest import REPO, write_jsonl
+from .conftest import write_jsonl
 
 KEY = "sk-test-never-print-me-42"
 GOOD = [
@@ -164,7 +164,7 @@ def test_killed_run_resumes_without_duplicates_or_gaps(tmp_path: Path) -> None:
     out = tmp_path / "conv.jsonl"
     env = {**os.environ, "OPENAI_API_KEY": KEY}
     with FaultyServer({"k05": ["500", "ok"], "k11": ["drop", "ok"]}, delay=0.15) as server:
-        cmd = [sys.executable, str(REPO / "data_recipes/self_instruct.py"), "--in", str(src), "--out", str(out),
+        cmd = [sys.executable, "-m", "data_recipes.self_instruct", "--in", str(src), "--out", str(out),
                "--base-url", server.url, "--model", "m", "--concurrency", "2", "--backoff", "0.01", "--timeout", "5"]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.time() + 60
@@ -191,7 +191,7 @@ def test_dry_run_prints_prompts_and_calls_nothing(tmp_path: Path) -> None:
     with socket.socket() as s:  # a port with nothing listening
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    result = subprocess.run([sys.executable, str(REPO / "data_recipes/self_instruct.py"), "--in", str(src), "--out",
+    result = subprocess.run([sys.executable, "-m", "data_recipes.self_instruct", "--in", str(src), "--out",
                              str(tmp_path / "o.jsonl"), "--base-url", f"http://127.0.0.1:{port}/v1", "--model", "m",
                              "--dry-run"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -248,7 +248,7 @@ def test_completed_ids_discards_a_half_line(tmp_path: Path) -> None:
 
 
 def _cmd(src: Path, out: Path, url: str, *extra: str) -> list[str]:
-    return [sys.executable, str(REPO / "data_recipes/self_instruct.py"), "--in", str(src), "--out", str(out),
+    return [sys.executable, "-m", "data_recipes.self_instruct", "--in", str(src), "--out", str(out),
             "--base-url", url, "--model", "m", "--concurrency", "2", "--backoff", "0.01", "--timeout", "30", *extra]
 
 
@@ -372,7 +372,7 @@ def test_spending_guard_counts_across_resumed_runs(tmp_path: Path) -> None:
 
 def test_inputs_stream_through_a_bounded_window(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """At no moment are more than concurrency x 2 inputs taken from the source and not yet finished."""
-    from medllava.data import self_instruct as si
+    from medllava.recipes import self_instruct as si
 
     taken = {"n": 0, "max_open": 0}
     finished = {"n": 0}

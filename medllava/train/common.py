@@ -305,7 +305,7 @@ def check_inputs(cfg: StageConfig) -> None:
         f = cfg.grpo.pass_rate_filter
         if cfg.kind == "grpo" and f.source and missing == d.train_files[:1]:
             absent = [s for s in f.source if not s.startswith("hf:") and not Path(s).exists()]
-            hint = (f"made by `python data_recipes/pass_rate_filter.py --stage THIS_STAGE.yaml --model "
+            hint = (f"made by `python -m data_recipes.pass_rate_filter --stage THIS_STAGE.yaml --model "
                     f"{cfg.model.init_from or 'PREVIOUS_STAGE'}` from {f.source}"
                     + (f", of which {absent} are missing too" + (f" ({d.made_by})" if d.made_by else "") if absent else "")
                     + "; ./train.sh stages/<family> runs it before the stage")
