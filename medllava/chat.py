@@ -39,7 +39,8 @@ class ChatSession:
     images: list[Image.Image] = field(default_factory=list)
     pending: list[Image.Image] = field(default_factory=list)
     last_usage: dict[str, Any] = field(default_factory=dict)
-    """Of the last answer: prompt_tokens, completion_tokens, finish_reason ("stop" or "length")."""
+    """Of the last answer: prompt_tokens, completion_tokens, finish_reason ("stop", "length", or "cancelled" when
+    the caller's stop event ended it)."""
 
     def add_image(self, image: Image.Image) -> None:
         self.pending.append(image)
@@ -66,14 +67,17 @@ class ChatSession:
         images = [*self.images, *self.pending]
         return len(self.processor.tokenizer(prompt)["input_ids"]) + sum(expander.count(im.size) - 1 for im in images)
 
-    def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
-        """Add a user turn (with pending images), generate the answer (streamed to `on_text`), keep it."""
+    def ask(self, text: str, on_text: Callable[[str], None] | None = None,
+            stop: threading.Event | None = None) -> str:
+        """Add a user turn (with pending images), generate the answer (streamed to `on_text`), keep it. Setting
+        `stop` (from any thread) ends generation after the token being made: a server stops the answer of a
+        client that went away."""
         import torch
 
         with torch.no_grad():
-            return self._ask(text, on_text)
+            return self._ask(text, on_text, stop)
 
-    def _ask(self, text: str, on_text: Callable[[str], None] | None) -> str:
+    def _ask(self, text: str, on_text: Callable[[str], None] | None, stop: threading.Event | None) -> str:
         from medllava.model import decoding_config
 
         content: list[dict[str, Any]] = [{"type": "image"} for _ in self.pending] + [{"type": "text", "text": text}]
@@ -86,6 +90,10 @@ class ChatSession:
         inputs = {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
         config = decoding_config(self.model, self.max_new_tokens, temperature=self.temperature)
         kwargs = dict(**inputs, generation_config=config)
+        if stop is not None:
+            from transformers import StoppingCriteriaList
+
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_stop_when_set(stop)])
         prompt_len = inputs["input_ids"].shape[1]
         if on_text is None:
             out = self.model.generate(**kwargs)
@@ -110,11 +118,26 @@ class ChatSession:
         eos = config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         stopped = len(new) > 0 and int(new[-1]) in eos_ids
+        finish = "length" if len(new) >= self.max_new_tokens and not stopped else "stop"
+        if stop is not None and stop.is_set() and not stopped and len(new) < self.max_new_tokens:
+            finish = "cancelled"
         self.last_usage = {"prompt_tokens": int(prompt_len), "completion_tokens": int(len(new)),
-                           "finish_reason": "length" if len(new) >= self.max_new_tokens and not stopped else "stop"}
+                           "finish_reason": finish}
         answer = answer.strip()
         self.messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
         return answer
+
+
+def _stop_when_set(event: threading.Event) -> Any:
+    """A transformers stopping criterion that ends generation once `event` is set."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class StopWhenSet(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StopWhenSet()
 
 
 def _read_image(path: str, window: Window | None, frame: int | None) -> Image.Image:

@@ -88,6 +88,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
+        raise ConfigError("medllava serve needs FastAPI and uvicorn: pip install 'medllava[serve]'")
     from medllava.serve import run_server
 
     return run_server(args)
@@ -300,6 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=8, help="images one request may hold")
     p.add_argument("--max-total-mpixels", type=float, default=64.0,
                    help="megapixels a request's images may hold together (read from their headers before decoding)")
+    p.add_argument("--max-connections", type=int, default=32,
+                   help="requests held at once (sending, waiting or generating); more get 429 before their body is read")
+    p.add_argument("--read-timeout", type=float, default=30.0,
+                   help="seconds a client has to send its whole request body; later: 408")
+    p.add_argument("--max-generation-seconds", type=float, default=600.0,
+                   help="longest one answer may take; then it ends with finish_reason length")
     p.add_argument("--system", default=None, help="system prompt when a request has none")
     p.add_argument("--window", default=None, help="DICOM window: preset or CENTER,WIDTH (default: the file's own)")
     p.set_defaults(func=cmd_serve)

@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.requests import Request  # the serve extra (fastapi); an endpoint's annotation resolves here
 
 from medllava.chat import ChatSession
 from medllava.imaging import DEFAULT_MAX_PIXELS, ImageError, Window, load_image, probe_image
@@ -43,6 +44,8 @@ from medllava.processor import IMAGE_TOKEN
 logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "MEDLLAVA_API_KEY"
+CLIENT_GONE = "medllava.client_gone"
+"""ASGI scope key: an asyncio.Event set when the client of a request with a body has disconnected."""
 IMAGE_TYPES = {"image/png", "image/jpeg", "image/jpg", "application/dicom", "image/dicom"}
 
 
@@ -107,6 +110,13 @@ class ServeSettings:
     """Pixels all of a request's images may hold together, read from their headers before any is decoded."""
     window: Window | None = None
     system_prompt: str | None = None
+    max_connections: int = 32
+    """Requests held at once (sending their body, waiting or generating); past it a 429 before the body is read.
+    With `max_body_bytes` it bounds what request bodies can hold in memory."""
+    read_timeout_s: float = 30.0
+    """Time a client has to send its whole request body; past it a 408 (a slow sender holds no place for long)."""
+    max_generation_s: float = 600.0
+    """Longest one answer may take; past it generation stops and the answer ends with finish_reason "length"."""
 
 
 class RequestError(Exception):
@@ -321,46 +331,91 @@ class _Gate:
         self.lock.release()
 
 
-class _BodyLimit:
-    """ASGI middleware: a request body is counted as it arrives, whatever its transfer encoding (a chunked body
-    has no Content-Length), and refused with a JSON 413 past `max_bytes`; it is then replayed to the app, so at
-    most `max_bytes` of it are ever held."""
+async def _reply(send: Any, status: int, err: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+    """Send a whole JSON error response from ASGI middleware (and close the connection)."""
+    payload = json.dumps(err).encode()
+    extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                            (b"connection", b"close"), *extra]})
+    await send({"type": "http.response.body", "body": payload})
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+
+class _BodyLimit:
+    """ASGI middleware, before any route: at most `max_in_flight` requests are held at once (past that a JSON 429);
+    a request body is counted as it arrives, whatever its transfer encoding (a chunked body has no
+    Content-Length), and refused with a JSON 413 past `max_bytes`, or a 408 when it has not all arrived within
+    `read_timeout_s`; it is then replayed to the app, so at most `max_bytes` of it are ever held."""
+
+    def __init__(self, app: Any, max_bytes: int, read_timeout_s: float = 30.0, max_in_flight: int = 32) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.read_timeout_s = read_timeout_s
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if self.in_flight >= self.max_in_flight:
+            await _reply(send, 429, error_body(f"the server holds {self.in_flight} requests, its limit; retry later",
+                                               "rate_limit_error", code="too_many_connections"),
+                         {"Retry-After": "1"})
+            return
+        self.in_flight += 1
+        try:
+            await self._guarded(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _guarded(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.read_timeout_s
         chunks, total = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                await _reply(send, 408, error_body(f"the request body did not arrive within {self.read_timeout_s:g} s",
+                                                   code="request_timeout"))
+                return
             if message["type"] == "http.disconnect":
                 return
             body = message.get("body", b"")
             total += len(body)
             if total > self.max_bytes:
-                payload = json.dumps(error_body(f"the request body exceeds {self.max_bytes} bytes")).encode()
-                await send({"type": "http.response.start", "status": 413,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"content-length", str(len(payload)).encode()), (b"connection", b"close")]})
-                await send({"type": "http.response.body", "body": payload})
+                await _reply(send, 413, error_body(f"the request body exceeds {self.max_bytes} bytes"))
                 return
             chunks.append(body)
             if not message.get("more_body", False):
                 break
         whole, replayed = b"".join(chunks), False
+        # After the body, only a disconnect can arrive: one watcher waits for it, and the app sees it through
+        # replay() or the event in the scope (polled while a plain answer is made)
+        gone = scope[CLIENT_GONE] = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
 
         async def replay() -> Any:
             nonlocal replayed
             if not replayed:
                 replayed = True
                 return {"type": "http.request", "body": whole, "more_body": False}
-            return await receive()  # after the body: the disconnect, when it comes
+            await gone.wait()
+            return {"type": "http.disconnect"}
 
-        await self.app(scope, replay, send)
+        watcher = asyncio.create_task(watch())
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            watcher.cancel()
 
 
 def _trimmed(pieces: queue.Queue) -> Any:
@@ -386,7 +441,7 @@ def _trimmed(pieces: queue.Queue) -> Any:
 
 def create_app(model: Any, processor: Any, settings: ServeSettings) -> Any:
     """The FastAPI application serving one loaded model."""
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -400,7 +455,8 @@ def create_app(model: Any, processor: Any, settings: ServeSettings) -> Any:
         return JSONResponse(error_body(err.message, err.kind, err.param, err.code), status_code=err.status,
                             headers=err.headers)
 
-    app.add_middleware(_BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(_BodyLimit, max_bytes=settings.max_body_bytes, read_timeout_s=settings.read_timeout_s,
+                       max_in_flight=settings.max_connections)
 
     @app.exception_handler(RequestError)
     async def on_request_error(_: Request, err: RequestError) -> JSONResponse:
@@ -441,8 +497,27 @@ def create_app(model: Any, processor: Any, settings: ServeSettings) -> Any:
         return {"object": "list", "data": [{"id": settings.model_id, "object": "model", "created": created,
                                             "owned_by": "medllava"}]}
 
+    def time_limit(stop: threading.Event) -> tuple[asyncio.TimerHandle, threading.Event]:
+        """Stop generation after settings.max_generation_s; the second event says the limit was reached."""
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            stop.set()
+
+        return asyncio.get_running_loop().call_later(settings.max_generation_s, expire), expired
+
+    def note_cancel(session: ChatSession) -> None:
+        usage = session.last_usage
+        if usage.get("finish_reason") == "cancelled":
+            logger.info("generation stopped after %d of %d tokens", usage["completion_tokens"], session.max_new_tokens)
+
+    def finish_reason(session: ChatSession, expired: threading.Event) -> str:
+        reason = session.last_usage.get("finish_reason", "stop")
+        return "length" if expired.is_set() and reason == "cancelled" else reason
+
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest) -> Any:
+    async def chat_completions(body: ChatRequest, request: Request) -> Any:
         if body.model != settings.model_id:
             raise RequestError(404, f"model {body.model!r} is not served here (GET /v1/models lists {settings.model_id!r})",
                                param="model", code="model_not_found")
@@ -458,18 +533,33 @@ def create_app(model: Any, processor: Any, settings: ServeSettings) -> Any:
         if not body.stream:
             await gate.enter(reserved=True)
             loop = asyncio.get_running_loop()
+            stop = threading.Event()
 
             def work() -> str:  # gives the gate back when generation ends, even if the client has gone
                 try:
-                    return session.ask(text)
+                    return session.ask(text, stop=stop)
                 finally:
+                    note_cancel(session)
                     loop.call_soon_threadsafe(gate.leave)
 
-            answer = await loop.run_in_executor(None, work)
+            timer, expired = time_limit(stop)
+            done = loop.run_in_executor(None, work)
+            try:
+                gone = request.scope.get(CLIENT_GONE)
+                if gone is not None:
+                    waiter = asyncio.ensure_future(gone.wait())
+                    finished, _ = await asyncio.wait({done, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                    if done not in finished:
+                        stop.set()  # nobody will read the answer: stop making it
+                        logger.info("client went away; its generation stops")
+                answer = await done
+            finally:
+                timer.cancel()
             usage = session.last_usage
             return {"id": rid, "object": "chat.completion", "created": now, "model": settings.model_id,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
-                                 "finish_reason": usage["finish_reason"]}],
+                                 "finish_reason": finish_reason(session, expired)}],
                     "usage": {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
                               "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}}
         place = {"held": True}  # until the stream takes it over (or the response ends without starting it)
@@ -501,13 +591,15 @@ def create_app(model: Any, processor: Any, settings: ServeSettings) -> Any:
         pieces: queue.Queue = queue.Queue()
         failure: list[BaseException] = []
         loop = asyncio.get_running_loop()
+        stop = threading.Event()
 
         def work() -> None:
             try:
-                session.ask(text, on_text=pieces.put)
+                session.ask(text, on_text=pieces.put, stop=stop)
             except Exception as err:  # noqa: BLE001 -- reported to the client as the stream's last event
                 failure.append(err)
             finally:
+                note_cancel(session)
                 pieces.put(None)
                 loop.call_soon_threadsafe(gate.leave)
 
@@ -524,16 +616,23 @@ def create_app(model: Any, processor: Any, settings: ServeSettings) -> Any:
         except RuntimeError:
             gate.leave()
             raise
-        yield chunk({"role": "assistant", "content": ""})
-        trimmed = _trimmed(pieces)
-        while (piece := await asyncio.to_thread(next, trimmed, None)) is not None:
-            yield chunk({"content": piece})
-        await asyncio.to_thread(worker.join)
+        timer, expired = time_limit(stop)
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            trimmed = _trimmed(pieces)
+            while (piece := await asyncio.to_thread(next, trimmed, None)) is not None:
+                yield chunk({"content": piece})
+            await asyncio.to_thread(worker.join)
+        finally:  # also when the client went away mid-answer (the stream is cancelled or closed here)
+            timer.cancel()
+            if worker.is_alive():
+                stop.set()
+                logger.info("client went away mid-stream; its generation stops")
         if failure:
             logger.error("generation failed: %s", failure[0])
             yield "data: " + json.dumps(error_body(f"generation failed: {failure[0]}", "server_error")) + "\n\n"
         else:
-            yield chunk({}, session.last_usage.get("finish_reason", "stop"))
+            yield chunk({}, finish_reason(session, expired))
         yield "data: [DONE]\n\n"
 
     return app
@@ -561,12 +660,15 @@ def run_server(args: Any) -> int:
         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, max_tokens_limit=args.max_tokens_limit,
         default_max_tokens=min(args.max_new_tokens, args.max_tokens_limit), max_queue=args.max_queue,
         max_images=args.max_images, max_prompt_tokens=args.max_prompt_tokens, max_total_pixels=int(args.max_total_mpixels * 10**6),
-        window=window, system_prompt=args.system)
+        window=window, system_prompt=args.system, max_connections=args.max_connections,
+        read_timeout_s=args.read_timeout, max_generation_s=args.max_generation_seconds)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s: reachable from other machines%s", args.host,
                        "" if api_key else " and without an API key")
     print(f"medllava serve: {settings.model_id} on http://{args.host}:{args.port}/v1 (API key "
           f"{'required' if api_key else 'not required'})", flush=True)
+    # uvicorn's own connection limit (a plain 503) backs up the app's JSON 429: idle connections that never send
+    # a request count there, not in the app
     uvicorn.run(create_app(model, processor, settings), host=args.host, port=args.port, log_level="warning",
-                access_log=False)
+                access_log=False, limit_concurrency=2 * settings.max_connections + 8, timeout_keep_alive=5)
     return 0

@@ -315,3 +315,143 @@ def test_a_refused_request_is_refused_before_its_images_are_decoded(talking_mode
     for stream, codes, n_read in asyncio.run(both()):
         assert set(codes) == {200, 429} and codes.count(200) >= 3, codes  # 1 running + 2 waiting
         assert n_read == codes.count(200), (stream, codes, n_read)
+
+
+async def _asgi(app, method: str, path: str, chunks: list[bytes], *, after_body=None, stall: bool = False):
+    """Call an ASGI app as a client would over one connection: the body in `chunks`; `after_body(pieces)` (awaited
+    once, beside the call) decides when the client goes away (None: never); `stall`: the body never finishes.
+    Returns (status, body pieces, response headers)."""
+    import asyncio
+
+    queue_in = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1 or stall}
+                for i, c in enumerate(chunks)]
+    status, pieces, headers = [0], [], {}
+    gone = asyncio.Event()
+
+    async def leave() -> None:
+        await after_body(pieces)
+        gone.set()
+
+    async def receive() -> dict:
+        if queue_in:
+            return queue_in.pop(0)
+        await gone.wait()  # as a server's receive: returns at once once the client has gone, else waits
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            status[0] = message["status"]
+            headers.update({k.decode(): v.decode() for k, v in message.get("headers", [])})
+        elif message["type"] == "http.response.body" and message.get("body"):
+            pieces.append(message["body"])
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": method, "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "headers": [(b"content-type", b"application/json"), (b"host", b"tiny")],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 80)}
+    watcher = asyncio.create_task(leave()) if after_body is not None else None
+    try:
+        await app(scope, receive, send)
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+    return status[0], pieces, headers
+
+
+def _asgi_call(app, method: str, path: str, chunks: list[bytes], **kwargs):
+    import asyncio
+
+    return asyncio.run(_asgi(app, method, path, chunks, **kwargs))
+
+
+def test_a_client_that_goes_away_stops_its_generation(talking_model: Path, phantom: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 27: a client that disconnected mid-answer left its generation running to max_tokens, holding the one
+    generation slot. Now generation stops within a token of the disconnect, streamed or plain."""
+    import asyncio
+    import logging
+
+    from medllava.model import load_model
+    from medllava.serve import ServeSettings, create_app
+
+    model, processor = load_model(talking_model)
+    model.eval()
+    model.generation_config.eos_token_id = None  # it never ends an answer by itself: only a stop can end it early
+    limit = 400
+    image = data_uri(sorted((phantom / "images").rglob("*.png"))[0])
+    settings = ServeSettings(model_id="tiny", image_root=phantom / "images", max_tokens_limit=limit)
+
+    def request(stream: bool) -> list[bytes]:
+        return [json.dumps({"model": "tiny", "messages": _question(image, "Describe the image."), "max_tokens": limit,
+                            "stream": stream}).encode()]
+
+    # the model writes to the limit when nobody leaves (else the test below would prove nothing)
+    status, pieces, _ = _asgi_call(create_app(model, processor, settings), "POST", "/v1/chat/completions",
+                                   request(False))
+    whole = json.loads(b"".join(pieces))
+    assert status == 200 and whole.get("usage", {}).get("completion_tokens") == limit, whole
+
+    async def after_three_pieces(pieces: list[bytes]) -> None:
+        while sum(b'"content"' in p for p in pieces) < 3:
+            await asyncio.sleep(0.01)
+
+    async def at_once(pieces: list[bytes]) -> None:
+        await asyncio.sleep(0.3)
+
+    import re
+
+    async def scenario(stream: bool, leave) -> int:  # one event loop, as a server has
+        app = create_app(model, processor, settings)
+        await _asgi(app, "POST", "/v1/chat/completions", request(stream), after_body=leave)
+        for _ in range(2400):  # the generating thread reports when it ends (a slow machine waits longer)
+            if "generation stopped after" in caplog.text:
+                break
+            await asyncio.sleep(0.05)
+        status, pieces, _ = await _asgi(app, "GET", "/health", [b""])
+        return json.loads(b"".join(pieces))["running"]
+
+    for stream, leave in ((True, after_three_pieces), (False, at_once)):
+        with caplog.at_level(logging.INFO, logger="medllava.serve"):
+            caplog.clear()
+            running = asyncio.run(scenario(stream, leave))
+        assert "client went away" in caplog.text, stream
+        made = int(re.search(r"generation stopped after (\d+) of (\d+) tokens", caplog.text).group(1))
+        assert made < limit and running == 0, (stream, made, running)
+
+
+def test_slow_senders_and_connection_floods_get_json_errors(talking_model: Path, phantom: Path) -> None:
+    """Issue 27: nothing limited how long a client may take to send its body or how many requests the server
+    holds at once. A body that has not arrived within the read timeout gets a JSON 408; past max_connections a
+    JSON 429 with Retry-After, before the body is read."""
+    import asyncio
+
+    from medllava.model import load_model
+    from medllava.serve import ServeSettings, create_app
+
+    model, processor = load_model(talking_model)
+    app = create_app(model, processor, ServeSettings(model_id="tiny", read_timeout_s=0.5, max_connections=2))
+    status, pieces, _ = _asgi_call(app, "POST", "/v1/chat/completions", [b'{"model": "ti'], stall=True)
+    error = json.loads(b"".join(pieces))["error"]
+    assert status == 408 and error["code"] == "request_timeout" and "0.5 s" in error["message"]
+
+    app2 = create_app(model, processor, ServeSettings(model_id="tiny", read_timeout_s=2.0, max_connections=2))
+    holders: list = []
+
+    async def scenario() -> tuple[int, list[bytes], dict]:
+        # two slow senders hold both places; a third request is refused at once
+        async def slow() -> None:
+            holders.append(await asyncio.to_thread(_asgi_call, app2, "POST", "/v1/chat/completions", [b"{"],
+                                                   stall=True))
+
+        tasks = [asyncio.create_task(slow()) for _ in range(2)]
+        await asyncio.sleep(0.5)
+        third = await asyncio.to_thread(_asgi_call, app2, "GET", "/health", [b""])
+        await asyncio.gather(*tasks)
+        return third
+
+    status, pieces, headers = asyncio.run(scenario())
+    error = json.loads(b"".join(pieces))["error"]
+    assert status == 429 and error["code"] == "too_many_connections" and headers.get("retry-after")
+    assert [h[0] for h in holders] == [408, 408]
+    status, pieces, _ = _asgi_call(app2, "GET", "/health", [b""])  # places given back
+    assert status == 200
