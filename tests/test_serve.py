@@ -455,3 +455,72 @@ def test_slow_senders_and_connection_floods_get_json_errors(talking_model: Path,
     assert [h[0] for h in holders] == [408, 408]
     status, pieces, _ = _asgi_call(app2, "GET", "/health", [b""])  # places given back
     assert status == 200
+
+
+def test_fuzzed_requests_get_json_4xx_or_an_answer_never_a_500(talking_model: Path, phantom: Path) -> None:
+    """Issue 27: hostile requests written by hypothesis from the request schema (arbitrary JSON where each field
+    goes, wrong roles and part types, `<image>` in text, broken and hostile image URLs, huge or negative numbers,
+    non-JSON bodies). Each gets an answer or an OpenAI-shaped JSON 4xx; the server keeps serving. Bounded: 150
+    examples, a few tokens per answer."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from starlette.testclient import TestClient
+
+    from medllava.model import load_model
+    from medllava.serve import ServeSettings, create_app
+
+    model, processor = load_model(talking_model)
+    model.eval()
+    app = create_app(model, processor, ServeSettings(model_id="tiny", default_max_tokens=2, max_tokens_limit=3,
+                                                     max_body_bytes=64 * 1024, image_root=phantom / "images"))
+    png = data_uri(sorted((phantom / "images").rglob("*.png"))[0])
+    leaf = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=30)
+    anything = st.recursive(leaf, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.text(max_size=8), inner, max_size=3), max_leaves=12)
+    url = st.one_of(st.just(png), st.text(max_size=40), st.sampled_from([
+        "http://127.0.0.1:9/x.png", "file:///etc/passwd", "/etc/passwd", "../../etc/passwd", "data:image/png;base64,",
+        "data:application/dicom;base64,AAAA", "data:text/html;base64,PGh0bWw+"]),
+        st.binary(max_size=120).map(lambda b: "data:image/png;base64," + base64.b64encode(b).decode()))
+    def mostly(good: st.SearchStrategy, bad: st.SearchStrategy) -> st.SearchStrategy:
+        return st.one_of(good, good, good, bad)  # one_of draws its branches evenly: 3 in 4 near-valid
+
+    text_part = st.fixed_dictionaries({"type": st.just("text"),
+                                       "text": st.sampled_from(["Any lesion?", "<image> what?", "<image>"])
+                                       | st.text(max_size=40)})
+    image_part = st.fixed_dictionaries({"type": st.just("image_url"), "image_url": st.fixed_dictionaries({"url": url})})
+    part = st.one_of(text_part, image_part, st.fixed_dictionaries({"type": st.sampled_from(["image_url", "text",
+                                                                                           "audio"])}), anything)
+    message = st.fixed_dictionaries({
+        "role": mostly(st.just("user"), st.sampled_from(["system", "assistant", "tool"]) | st.text(max_size=6)),
+        "content": mostly(st.lists(part, min_size=1, max_size=3), st.text(max_size=60) | anything)})
+    body = st.fixed_dictionaries(
+        {"model": mostly(st.just("tiny"), st.text(max_size=6)),
+         "messages": mostly(st.lists(message, min_size=1, max_size=3), anything)},
+        optional={"stream": mostly(st.booleans(), anything),
+                  "max_tokens": mostly(st.integers(1, 3), st.integers(-3, 10**12) | anything),
+                  "temperature": mostly(st.floats(0, 2), anything), "n": mostly(st.just(1), st.integers(-1, 3))})
+    raw = st.one_of(body.map(json.dumps), body.map(json.dumps), body.map(json.dumps), anything.map(json.dumps),
+                    st.binary(max_size=200))
+    seen: dict[int, int] = {}
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        @settings(max_examples=150, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(raw)
+        def hostile(payload: str | bytes) -> None:
+            reply = client.post("/v1/chat/completions", content=payload,
+                                headers={"content-type": "application/json"})
+            seen[reply.status_code] = seen.get(reply.status_code, 0) + 1
+            assert reply.status_code in (200, 400, 404, 413, 429), (reply.status_code, reply.text[:300], payload)
+            if reply.status_code != 200:
+                error = reply.json()["error"]
+                assert error["message"] and error["type"], reply.text
+            elif reply.headers["content-type"].startswith("text/event-stream"):
+                assert reply.text.rstrip().endswith("data: [DONE]"), reply.text[-300:]
+            else:
+                assert reply.json()["choices"][0]["message"]["role"] == "assistant"
+
+        hostile()
+        good = client.post("/v1/chat/completions", json={"model": "tiny", "messages": _question(png, "Any lesion?")})
+    assert good.status_code == 200 and good.json()["choices"][0]["message"]["content"] is not None
+    assert seen.get(400, 0) > 0 and sum(seen.values()) >= 150, seen
