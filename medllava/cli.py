@@ -324,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require a sign-in with this password (or set MEDLLAVA_WEB_PASSWORD, which keeps it out of "
                         "the process list)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload (MiB)")
+    p.add_argument("--max-images", type=int, default=8, help="images one conversation may hold")
     p.add_argument("--max-pixels", type=int, default=None,
                    help="largest image, width x height (default: the decoders' decompression-bomb limit)")
     p.set_defaults(func=cmd_web)

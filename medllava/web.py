@@ -54,31 +54,56 @@ def read_upload(path: str | None, window_name: str, max_pixels: int | None = Non
     return load_image(path, window=window, **({"max_pixels": max_pixels} if max_pixels else {}))
 
 
+class WebLimitError(ValueError):
+    """A question the page refuses before any generation (shown to the user as it is)."""
+
+
 def answer_stream(model: Any, processor: Any, state: dict[str, Any], text: str,
-                  max_new_tokens: int) -> Iterator[str]:
+                  max_new_tokens: int, *, max_images: int = 8) -> Iterator[str]:
     """The growing answer to `text`, piece by piece, from a ChatSession rebuilt from `state` (earlier turns and
-    images, plus the pending upload); `state` is updated with the finished turn."""
+    images, plus the pending upload); `state` is updated with the finished turn. The server's limits hold: at most
+    `max_images` images in a conversation and a prompt within the model's context minus `max_new_tokens`
+    (WebLimitError before anything is generated); closing the stream (the page went away) stops generation."""
     session = ChatSession(model, processor, max_new_tokens=max_new_tokens)
     session.messages = list(state.get("messages", []))
     session.images = list(state.get("images", []))
     if state.get("pending") is not None:
         session.pending = [state["pending"]]
+    if len(session.images) + len(session.pending) > max_images:
+        raise WebLimitError(f"this conversation would hold {len(session.images) + len(session.pending)} images; "
+                            f"the page takes at most {max_images}: press Reset to start a new one")
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if context is not None:
+        n = session.prompt_tokens(text)
+        if n > context - max_new_tokens:
+            raise WebLimitError(f"the question and the conversation so far are {n} tokens; the model's context "
+                                f"({context}) leaves room for {context - max_new_tokens}: shorten it or press Reset")
     pieces: queue.Queue = queue.Queue()
     failure: list[BaseException] = []
+    stop = threading.Event()
 
     def work() -> None:
         try:
-            session.ask(text, on_text=pieces.put)
+            session.ask(text, on_text=pieces.put, stop=stop)
         except Exception as err:  # noqa: BLE001 -- shown to the user below
             failure.append(err)
         finally:
             pieces.put(None)
 
-    threading.Thread(target=work, daemon=True).start()
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
     so_far = ""
-    while (piece := pieces.get()) is not None:
-        so_far += piece
-        yield so_far.strip()
+    try:
+        while (piece := pieces.get()) is not None:
+            so_far += piece
+            yield so_far.strip()
+    finally:  # also when the page went away and the stream was closed mid-answer
+        if worker.is_alive():
+            stop.set()
+            worker.join()
+            usage = session.last_usage
+            logger.info("web: generation stopped after %s of %d tokens", usage.get("completion_tokens"),
+                        max_new_tokens)
     if failure:
         raise RuntimeError(f"generation failed: {failure[0]}")
     state["messages"], state["images"], state["pending"] = session.messages, session.images, None
@@ -86,7 +111,7 @@ def answer_stream(model: Any, processor: Any, state: dict[str, Any], text: str,
 
 
 def build_app(model: Any, processor: Any, *, title: str, disclaimer: str, max_new_tokens: int = 256,
-              max_pixels: int | None = None) -> Any:
+              max_pixels: int | None = None, max_images: int = 8) -> Any:
     """The Gradio Blocks app."""
     import gradio as gr
 
@@ -129,9 +154,12 @@ def build_app(model: Any, processor: Any, *, title: str, disclaimer: str, max_ne
                 raise gr.Error("type a question first")
             history.append({"role": "user", "content": text})
             history.append({"role": "assistant", "content": ""})
-            for partial in answer_stream(model, processor, current, text, max_new_tokens):
-                history[-1] = {"role": "assistant", "content": partial}
-                yield history, current, ""
+            try:
+                for partial in answer_stream(model, processor, current, text, max_new_tokens, max_images=max_images):
+                    history[-1] = {"role": "assistant", "content": partial}
+                    yield history, current, ""
+            except WebLimitError as err:
+                raise gr.Error(str(err)) from None
 
         def clear() -> tuple[list, None, None, None]:
             return [], None, None, None
@@ -181,6 +209,6 @@ def run_web(args: Any) -> int:
     bits = 4 if args.load_in_4bit else 8 if args.load_in_8bit else None
     model, processor = load_for_inference(args.model, bits=bits, device=args.device, allow_pickle=args.allow_pickle)
     app = build_app(model, processor, title=Path(args.model).resolve().name, disclaimer=disclaimer_for(args.model),
-                    max_new_tokens=args.max_new_tokens, max_pixels=args.max_pixels)
+                    max_new_tokens=args.max_new_tokens, max_pixels=args.max_pixels, max_images=args.max_images)
     app.launch(**options)
     return 0

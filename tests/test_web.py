@@ -209,3 +209,35 @@ def test_web_beyond_loopback_warns_loudly_and_signs_in_with_a_password(caplog: p
     with pytest.raises(ValueError, match="max_upload_mb"):
         launch_options("127.0.0.1", 7860, max_upload_mb=0)
     assert "sign-in required" in caplog.text and "s3cret-pass" not in caplog.text
+
+
+def test_web_answers_hold_to_the_servers_limits(talking_model: Path, phantom: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 27: `medllava web` checked neither the prompt against the model's context nor how many images a
+    conversation gathers, and an answer whose page went away kept generating. Each limit is now a clear error
+    before any generation, and closing the answer stream stops its generation."""
+    from medllava.model import load_model
+    from medllava.web import FILE_WINDOW, WebLimitError, answer_stream, read_upload
+
+    model, processor = load_model(talking_model)
+    model.eval()
+    image = read_upload(str(sorted((phantom / "images").rglob("*.png"))[0]), FILE_WINDOW)
+    context = model.config.get_text_config().max_position_embeddings
+    state = {"messages": [], "images": [], "pending": image}
+    with pytest.raises(WebLimitError, match="context"):
+        next(answer_stream(model, processor, state, "why " * context, MAX_NEW))
+    assert state["pending"] is image and not state["messages"]  # nothing asked, the upload kept
+    crowded = {"messages": [], "images": [image] * 8, "pending": image}
+    with pytest.raises(WebLimitError, match="images"):
+        next(answer_stream(model, processor, crowded, "Any lesion?", MAX_NEW, max_images=8))
+    # a page that goes away: the generator is closed after its first piece, and generation stops there
+    model.generation_config.eos_token_id = None
+    import logging
+    import re
+
+    stream = answer_stream(model, processor, {"messages": [], "images": [], "pending": image}, "Describe.", 400)
+    next(stream)
+    with caplog.at_level(logging.INFO, logger="medllava.web"):
+        stream.close()  # waits for the generating thread, which the stop ends within a token
+    made = re.search(r"generation stopped after (\d+) of 400 tokens", caplog.text)
+    assert made and int(made.group(1)) < 400, caplog.text
