@@ -157,3 +157,41 @@ def test_dataloader_workers_freeze_the_inherited_heap(phantom: Path, base_models
     assert gc.get_freeze_count() == before
     assert dataset[0]["frozen"] == before  # in the main process nothing is frozen
     assert isinstance(dataset[0]["input_ids"], torch.Tensor)
+
+
+def _build_in_a_process(folder: str, log: str) -> bool:
+    import os
+    import time
+    from pathlib import Path
+
+    from medllava.data.cache import build_once
+
+    def write(staging: Path) -> None:
+        with open(log, "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+        staging.mkdir(parents=True)
+        for i in range(20):
+            (staging / f"part{i}.txt").write_text(str(i))
+            time.sleep(0.02)
+
+    return build_once(Path(folder), write)
+
+
+def test_two_jobs_on_one_cache_both_finish_and_the_data_is_made_once(tmp_path: Path) -> None:
+    """Issue 28: two jobs sharing one data.cache_dir wrote into the same staging folder and one crashed
+    (FileNotFoundError / FileExistsError). Under a lock beside the folder, the first makes it in a staging folder of
+    its own; the second waits and reuses it. A folder a killed job left incomplete is made again."""
+    import multiprocessing
+
+    from medllava.data.cache import COMPLETE, build_once, is_complete
+
+    folder, log = tmp_path / "cache" / "sft-key", tmp_path / "writers.log"
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        built = pool.starmap(_build_in_a_process, [(str(folder), str(log))] * 2)
+    assert sorted(built) == [False, True] and len(log.read_text().split()) == 1
+    assert is_complete(folder) and sorted(p.name for p in folder.iterdir()) == sorted(
+        [COMPLETE] + [f"part{i}.txt" for i in range(20)])
+    assert [p.name for p in folder.parent.iterdir() if "staging" in p.name] == []
+    # a folder without its COMPLETE mark (a killed writer) is made again
+    (folder / COMPLETE).unlink()
+    assert build_once(folder, lambda staging: staging.mkdir()) and is_complete(folder)

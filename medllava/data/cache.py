@@ -9,6 +9,10 @@ of copying Python objects. In-memory images (embedded in a `datasets` source) ar
 their content.
 
     <cache>/<key>/ids.npy labels.npy offsets.npy lengths.npy meta.jsonl meta_offsets.npy data_report.json COMPLETE
+
+Several jobs may share one cache folder: a folder is made under a file lock beside it (`<key>.lock`), in a
+staging folder of its writer's own (host, process, random suffix) renamed into place when whole; a second job
+waits for the lock and reuses what the first made (`build_once`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+import socket
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +98,30 @@ def is_complete(folder: Path) -> bool:
     return (folder / COMPLETE).is_file()
 
 
+def build_once(folder: Path, write: Callable[[Path], None]) -> bool:
+    """Make `folder` unless it is complete: under a file lock beside it, `write(staging)` fills a staging folder of
+    this writer's own, which is marked COMPLETE and renamed to `folder` (an incomplete leftover of a killed writer
+    is replaced). A concurrent job on the same cache waits for the lock, then finds the folder complete. Returns
+    True when this call made it."""
+    from filelock import FileLock
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if is_complete(folder):
+            return False
+        staging = folder.with_name(f"{folder.name}.staging-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            write(staging)
+            (staging / COMPLETE).write_text("ok\n", encoding="utf-8")
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(staging, folder)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+    return True
+
+
 def _image_ref(ref: Any, staging: Path, final: Path) -> str:
     """A path as is; an in-memory image written under staging/images, named by its content (its path once the
     staging folder is renamed to final)."""
@@ -104,10 +134,16 @@ def _image_ref(ref: Any, staging: Path, final: Path) -> str:
 
 
 def save_samples(samples: Sequence[Rendered], folder: Path, report: dict[str, Any] | None = None) -> Path:
-    """Write samples under folder (staged in a sibling, then renamed, so readers never see half a cache)."""
-    staging = folder.with_name(folder.name + ".staging")
-    if staging.exists():
-        shutil.rmtree(staging)
+    """Write samples as the cache folder `folder` (staged, then renamed, so readers never see half a cache)."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    build_once(folder, lambda staging: write_samples(samples, staging, folder, report))
+    return folder
+
+
+def write_samples(samples: Sequence[Rendered], staging: Path, folder: Path, report: dict[str, Any] | None = None) -> None:
+    """Write samples into `staging`, which will become `folder` (embedded images are referred to by their path
+    there); `build_once` marks it complete and renames it."""
     staging.mkdir(parents=True)
     lengths = np.asarray([len(s.input_ids) for s in samples], dtype=np.int64)
     offsets = np.zeros(len(samples) + 1, dtype=np.int64)
@@ -129,11 +165,6 @@ def save_samples(samples: Sequence[Rendered], folder: Path, report: dict[str, An
     np.save(staging / "meta_offsets.npy", meta_offsets)
     if report is not None:
         (staging / "data_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
-    (staging / COMPLETE).write_text("ok\n", encoding="utf-8")
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(staging, folder)
-    return folder
 
 
 class CachedSamples(Sequence[Rendered]):

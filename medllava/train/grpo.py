@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 
 from medllava.config import ConfigError, StageConfig
-from medllava.data.cache import cache_key, tokenizer_fingerprint
+from medllava.data.cache import build_once, cache_key, tokenizer_fingerprint
 from medllava.data.rl import build_rl_rows, rl_dataset
 from medllava.data.validate import REPORT_NAME
 from medllava.grading import grade
@@ -173,29 +172,27 @@ def prepared_rows(cfg: StageConfig, processor: Any, out: Path) -> list[dict[str,
     folder = Path(d.cache_dir or out / ".data_cache") / f"rl-{key}"
 
     def build() -> None:
-        if (folder / "rows.jsonl").is_file():
+        def write(staging: Path) -> None:
+            staging.mkdir(parents=True)
+
+            def store(image: Any) -> str:  # an embedded image: a file in the cache, named by its content
+                return str((folder / "images" / store_image(image, staging / "images")).resolve())
+
+            rows, _report = build_rl_rows(
+                d.train_files, processor, image_folder=d.image_folder, mode=g.prompt, instruction=g.instruction,
+                system_prompt=d.system_prompt, max_prompt_length=d.max_length, skip_invalid=d.skip_invalid,
+                allow_absolute_paths=d.allow_absolute_paths, max_samples=d.max_samples, report_dir=out,
+                store_embedded=store,
+            )
+            with (staging / "rows.jsonl").open("w", encoding="utf-8") as fh:
+                for row in rows:
+                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            (staging / REPORT_NAME).write_bytes((out / REPORT_NAME).read_bytes())
+
+        # another job on the same cache_dir may be making it: build_once waits for it and reuses its folder
+        if not build_once(folder, write):
             logger.info("data: reusing the checked RL rows in %s", folder)
             (out / REPORT_NAME).write_bytes((folder / REPORT_NAME).read_bytes())
-            return
-        staging = folder.with_name(folder.name + ".staging")
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir(parents=True)
-
-        def store(image: Any) -> str:  # an embedded image: a file in the cache, named by its content
-            return str((folder / "images" / store_image(image, staging / "images")).resolve())
-
-        rows, _report = build_rl_rows(
-            d.train_files, processor, image_folder=d.image_folder, mode=g.prompt, instruction=g.instruction,
-            system_prompt=d.system_prompt, max_prompt_length=d.max_length, skip_invalid=d.skip_invalid,
-            allow_absolute_paths=d.allow_absolute_paths, max_samples=d.max_samples, report_dir=out,
-            store_embedded=store,
-        )
-        with (staging / "rows.jsonl").open("w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        (staging / REPORT_NAME).write_bytes((out / REPORT_NAME).read_bytes())
-        staging.replace(folder)
 
     ranks.on_writer(build, "checking the RL data")
     with (folder / "rows.jsonl").open(encoding="utf-8") as fh:

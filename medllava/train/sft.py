@@ -19,7 +19,7 @@ from transformers import Trainer, TrainingArguments
 
 from medllava.attention import llm_attention, packed_implementation, set_llm_attention
 from medllava.config import ConfigError, StageConfig
-from medllava.data.cache import CachedSamples, cache_key, is_complete, save_samples, tokenizer_fingerprint
+from medllava.data.cache import CachedSamples, build_once, cache_key, tokenizer_fingerprint, write_samples
 from medllava.data.collate import SFTCollator, SFTDataset
 from medllava.data.packing import SamplePackingCollator, packing_isolates, with_packed_positions
 from medllava.data.render import Rendered, Renderer
@@ -127,17 +127,19 @@ def prepared_samples(cfg: StageConfig, renderer: Renderer, out: Path) -> Sequenc
     folder = Path(d.cache_dir or out / ".data_cache") / f"sft-{key}"
 
     def build() -> None:
-        if is_complete(folder):
+        def write(staging: Path) -> None:
+            # The report goes beside the run (also when bad records stop it), and into the cache with the samples.
+            samples, report = prepare_samples(d.train_files, renderer, image_folder=d.image_folder,
+                                              allow_absolute_paths=d.allow_absolute_paths, skip_invalid=d.skip_invalid,
+                                              report_dir=out, max_samples=d.max_samples, image_check=d.image_check,
+                                              workers=d.preprocess_workers)
+            write_samples(samples, staging, folder, report.to_dict())
+
+        # another job on the same cache_dir may be making it: build_once waits for it and reuses its folder
+        if not build_once(folder, write):
             logger.info("data: reusing the checked and rendered samples in %s", folder)
             (out / REPORT_NAME).write_text(json.dumps(CachedSamples(folder).report(), indent=2, ensure_ascii=False),
                                            encoding="utf-8")
-            return
-        # The report goes beside the run (also when bad records stop it), and into the cache with the samples.
-        samples, report = prepare_samples(d.train_files, renderer, image_folder=d.image_folder,
-                                          allow_absolute_paths=d.allow_absolute_paths, skip_invalid=d.skip_invalid,
-                                          report_dir=out, max_samples=d.max_samples, image_check=d.image_check,
-                                          workers=d.preprocess_workers)
-        save_samples(samples, folder, report.to_dict())
 
     ranks.on_writer(build, "checking and rendering the data")
     samples = CachedSamples(folder)
