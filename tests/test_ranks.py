@@ -330,3 +330,38 @@ def test_guard_sees_nonfinite_gradients_under_deepspeed(tmp_path: Path, phantom:
     assert result.returncode != 0
     assert ("DivergenceError: non-finite gradient (DeepSpeed found non-finite gradients and skipped the update) at "
             "step 2") in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sft", "grpo"])
+def test_two_nodes_with_node_local_caches_end_with_the_weights_of_one_node(kind: str, tmp_path: Path, phantom: Path,
+                                                                          base_models: dict) -> None:
+    """Issue 28: two torchrun agents on loopback acting as two nodes (1 process each), each with its own
+    data.cache_dir as on nodes without a shared scratch disk: only global rank 0 built the cache and node 1 died
+    with `No such file or directory: .../ids.npy`. Each node's first process now builds (or reuses) its own copy;
+    the job ends with the weights of 1 node x 2 processes."""
+    base = base_models[("clip", "llama")]
+    if kind == "sft":
+        make = lambda name: sft_cfg(tmp_path, phantom, base, name,  # noqa: E731
+                                    optim={"max_steps": 3, "per_device_batch_size": 2, "global_batch_size": 4})
+    else:
+        make = lambda name: grpo_cfg(tmp_path, phantom, base, name)  # noqa: E731
+    one = make("one")
+    result = run_ranks(2, one, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    two = yaml.safe_load(make("two").read_text())
+    port, procs = free_port(), []
+    for node in (0, 1):
+        two["data"]["cache_dir"] = str(tmp_path / f"node{node}-cache")
+        config = write_cfg(tmp_path, f"two-node{node}", two)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
+             "--master_addr=127.0.0.1", f"--master_port={port}", str(DRIVER), str(config)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=tmp_path))
+    logs = [p.communicate(timeout=TIMEOUT) for p in procs]
+    for p, (_, err) in zip(procs, logs):
+        assert p.returncode == 0, err[-4000:]
+    for node in (0, 1):  # each node made its own copy of the data
+        made = [f for f in (tmp_path / f"node{node}-cache").iterdir() if (f / "COMPLETE").is_file()]
+        assert len(made) == 1, list((tmp_path / f"node{node}-cache").iterdir())
+    assert_same_weights(tmp_path / "one" / "out", tmp_path / "two" / "out", atol=1e-6 if kind == "grpo" else 1e-5)

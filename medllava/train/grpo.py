@@ -178,23 +178,27 @@ def prepared_rows(cfg: StageConfig, processor: Any, out: Path) -> list[dict[str,
             def store(image: Any) -> str:  # an embedded image: a file in the cache, named by its content
                 return str((folder / "images" / store_image(image, staging / "images")).resolve())
 
+            report_dir = out if ranks.is_writer() else staging  # beside the run: written by the job's writer only
             rows, _report = build_rl_rows(
                 d.train_files, processor, image_folder=d.image_folder, mode=g.prompt, instruction=g.instruction,
                 system_prompt=d.system_prompt, max_prompt_length=d.max_length, skip_invalid=d.skip_invalid,
-                allow_absolute_paths=d.allow_absolute_paths, max_samples=d.max_samples, report_dir=out,
+                allow_absolute_paths=d.allow_absolute_paths, max_samples=d.max_samples, report_dir=report_dir,
                 store_embedded=store,
             )
             with (staging / "rows.jsonl").open("w", encoding="utf-8") as fh:
                 for row in rows:
                     fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-            (staging / REPORT_NAME).write_bytes((out / REPORT_NAME).read_bytes())
+            if report_dir != staging:
+                (staging / REPORT_NAME).write_bytes((out / REPORT_NAME).read_bytes())
 
-        # another job on the same cache_dir may be making it: build_once waits for it and reuses its folder
+        # another job (or node) on the same cache_dir may be making it: build_once waits for it and reuses it
         if not build_once(folder, write):
             logger.info("data: reusing the checked RL rows in %s", folder)
-            (out / REPORT_NAME).write_bytes((folder / REPORT_NAME).read_bytes())
+            if ranks.is_writer():
+                (out / REPORT_NAME).write_bytes((folder / REPORT_NAME).read_bytes())
 
-    ranks.on_writer(build, "checking the RL data")
+    # once per node: the cache may be on each node's own disk (data.cache_dir on local scratch)
+    ranks.on_node_writer(build, "checking the RL data")
     with (folder / "rows.jsonl").open(encoding="utf-8") as fh:
         rows = [json.loads(line) for line in fh]
     logger.info("data: %d RL questions (checked once, cached in %s)", len(rows), folder)

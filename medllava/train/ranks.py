@@ -7,6 +7,9 @@ the environment (RANK, WORLD_SIZE, LOCAL_RANK). Stage runners call these helpers
   final folder (the run's output folder is expected on a file system every rank sees).
 - `on_writer(fn)` runs `fn` on the writer while the other ranks wait; if it fails, every rank fails with the
   writer's message instead of waiting forever at a barrier.
+- `on_node_writer(fn)` runs `fn` on the first process of every node (LOCAL_RANK 0) while the others wait: for
+  what each node needs on its own disk (the data cache, when `data.cache_dir` is node-local scratch). On a disk
+  the nodes share, `fn` finds the work done by the first node (the cache's lock makes the others wait for it).
 - `all_ranks_true(flag)` is the AND of a flag over the ranks, so a decision (stop, skip) is the same everywhere.
 """
 
@@ -100,6 +103,31 @@ def on_writer(fn: Callable[[], T], what: str = "") -> T | None:
         raise error
     if status[0] is not None:
         raise OtherRankFailed(f"rank 0 failed{f' while {what}' if what else ''}; see its message ({status[0].splitlines()[0]})")
+    return result
+
+
+def on_node_writer(fn: Callable[[], T], what: str = "") -> T | None:
+    """Run `fn` on each node's first process (LOCAL_RANK 0); the others wait. Returns fn's result where it ran,
+    None elsewhere. A failure is re-raised where it happened and turns into OtherRankFailed, naming that rank, on
+    every other rank."""
+    if not _distributed():
+        return fn()
+    error: BaseException | None = None
+    result: T | None = None
+    if local_rank() == 0:
+        try:
+            result = fn()
+        except BaseException as err:  # noqa: BLE001 - re-raised below, after telling the other ranks
+            error = err
+    statuses: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(statuses, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(i, s) for i, s in enumerate(statuses) if s is not None]
+    if failed:
+        who, message = failed[0]
+        raise OtherRankFailed(f"rank {who} failed{f' while {what}' if what else ''}; see its message "
+                              f"({message.splitlines()[0]})")
     return result
 
 

@@ -128,20 +128,24 @@ def prepared_samples(cfg: StageConfig, renderer: Renderer, out: Path) -> Sequenc
 
     def build() -> None:
         def write(staging: Path) -> None:
-            # The report goes beside the run (also when bad records stop it), and into the cache with the samples.
+            # The report goes beside the run (also when bad records stop it; written by the job's writer only),
+            # and into the cache with the samples.
             samples, report = prepare_samples(d.train_files, renderer, image_folder=d.image_folder,
                                               allow_absolute_paths=d.allow_absolute_paths, skip_invalid=d.skip_invalid,
-                                              report_dir=out, max_samples=d.max_samples, image_check=d.image_check,
+                                              report_dir=out if ranks.is_writer() else None,
+                                              max_samples=d.max_samples, image_check=d.image_check,
                                               workers=d.preprocess_workers)
             write_samples(samples, staging, folder, report.to_dict())
 
-        # another job on the same cache_dir may be making it: build_once waits for it and reuses its folder
+        # another job (or node) on the same cache_dir may be making it: build_once waits for it and reuses it
         if not build_once(folder, write):
             logger.info("data: reusing the checked and rendered samples in %s", folder)
-            (out / REPORT_NAME).write_text(json.dumps(CachedSamples(folder).report(), indent=2, ensure_ascii=False),
-                                           encoding="utf-8")
+            if ranks.is_writer():
+                (out / REPORT_NAME).write_text(json.dumps(CachedSamples(folder).report(), indent=2,
+                                                          ensure_ascii=False), encoding="utf-8")
 
-    ranks.on_writer(build, "checking and rendering the data")
+    # once per node: the cache may be on each node's own disk (data.cache_dir on local scratch)
+    ranks.on_node_writer(build, "checking and rendering the data")
     samples = CachedSamples(folder)
     logger.info("data: %d samples (rendered once, cached in %s)", len(samples), folder)
     return samples
