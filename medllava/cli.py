@@ -408,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 USER_ERRORS = (("medllava.data.validate", "DataValidationError"), ("medllava.imaging", "ImageError"),
                ("medllava.model", "ModelLoadError"), ("medllava.export", "ExportError"),
-               ("medllava.train.safety", "DivergenceError"), ("medllava.train.ranks", "OtherRankFailed"))
+               ("medllava.train.safety", "DivergenceError"), ("medllava.dist", "OtherRankFailed"),
+               ("medllava.dist", "SharedOutputError"))
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
@@ -422,7 +423,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
 def take_launcher_arguments(argv: list[str]) -> list[str]:
     """Drop `--local_rank=N` / `--local-rank N` (the DeepSpeed launcher and torch.distributed.launch add it); the
-    rank is also in the environment, where medllava.train.ranks reads it."""
+    rank is also in the environment, where medllava.dist reads it."""
     out: list[str] = []
     skip_next = False
     for i, arg in enumerate(argv):

@@ -183,6 +183,10 @@ class RunSection:
     """A non-finite loss or gradient: 'stop' names the step and samples; 'skip' drops that update (counted)."""
     max_nonfinite_skips: int = 20
     """With 'skip': stop anyway after this many skipped batches (the run has diverged)."""
+    hang_timeout_s: float = 1800.0
+    """With several ranks: a rank whose training makes no progress for this long (a step, its generation and its
+    checkpoint included) ends the job with a message naming the step and the ranks that fell silent. Collectives
+    outside training (ranks waiting while rank 0 builds the data cache) wait up to max(1 h, 2 x this)."""
 
 
 @dataclass
@@ -281,6 +285,8 @@ class StageConfig:
                 Window.parse(self.data.window)
             except ValueError as err:
                 raise ConfigError(f"data.window: {err}") from None
+        if self.run.hang_timeout_s <= 0:
+            raise ConfigError(f"run.hang_timeout_s: {self.run.hang_timeout_s} must be positive (seconds)")
         if self.optim.per_device_batch_size <= 0 or self.optim.grad_accum <= 0:
             raise ConfigError("optim: batch size and grad_accum must be positive")
         if not 0.0 <= self.optim.warmup_ratio <= 1.0:

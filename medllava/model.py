@@ -38,6 +38,7 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 from transformers.utils import is_flash_attn_2_available
 
 from medllava.config import LoraSection, QuantizationSection, TrainableSection, require_model_folder
+from medllava.dist import local_rank, world_size
 from medllava.families import LLAVA, Family, UnsupportedModelError, family_of
 from medllava.families.base import unwrap
 from medllava.processor import (
@@ -104,8 +105,6 @@ def quantization_config(quant: QuantizationSection, compute_dtype: torch.dtype,
 def quantized_device_map() -> dict[str, Any] | str:
     """Where a quantized model must live: this process's GPU (one per rank), or the CPU."""
     if torch.cuda.is_available():
-        from medllava.train.ranks import local_rank, world_size
-
         return {"": local_rank() if world_size() > 1 else torch.cuda.current_device()}
     return "cpu"
 

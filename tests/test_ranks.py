@@ -365,3 +365,178 @@ def test_two_nodes_with_node_local_caches_end_with_the_weights_of_one_node(kind:
         made = [f for f in (tmp_path / f"node{node}-cache").iterdir() if (f / "COMPLETE").is_file()]
         assert len(made) == 1, list((tmp_path / f"node{node}-cache").iterdir())
     assert_same_weights(tmp_path / "one" / "out", tmp_path / "two" / "out", atol=1e-6 if kind == "grpo" else 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 28: the ground floor, one device per process, shared output, restarts, hangs
+
+
+def test_dist_is_the_ground_floor_and_the_one_place_that_reads_ranks() -> None:
+    """medllava/dist.py imports no other medllava module (the model code and the trainers both use it), and nothing
+    imports the old medllava.train.ranks."""
+    import ast
+
+    tree = ast.parse((REPO / "medllava" / "dist.py").read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not [m for m in imported if m.startswith("medllava")], imported
+    assert not (REPO / "medllava" / "train" / "ranks.py").exists()
+    for path in (REPO / "medllava").rglob("*.py"):
+        assert "train.ranks" not in path.read_text(), path
+
+
+def test_one_process_with_several_gpus_trains_on_one_never_dataparallel(tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 28: a plain `medllava train` that sees several GPUs fell into transformers' DataParallel (the batch
+    multiplied by the GPU count). The GPU count is simulated: the trainer keeps one device and says how to launch."""
+    from transformers import TrainingArguments
+
+    from medllava.train.sft import MedLlavaTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to=[], use_cpu=True)
+    assert args.device.type == "cpu"
+    args._n_gpu = 3  # what _setup_devices finds on a host with three visible GPUs and no launcher
+    with caplog.at_level("WARNING"):
+        trainer = MedLlavaTrainer(model=torch.nn.Linear(2, 2), args=args)
+    assert trainer.args.n_gpu == 1 and trainer._train_batch_size == 4
+    assert "3 GPUs are visible to this one process" in caplog.text and "NPROC=3 ./train.sh" in caplog.text
+
+
+def test_hang_message_names_the_silent_rank_and_the_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watchdog reads every rank's heartbeat from the launcher's store: a rank heard long ago (or never) is
+    named, with this rank's step."""
+    import torch.distributed as tdist
+
+    from medllava import dist as mdist
+
+    port = free_port()
+    server = tdist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "3", "RANK": "0",
+                       "TORCHELASTIC_RESTART_COUNT": "0"}.items():
+        monkeypatch.setenv(key, value)
+    watchdog = mdist.HangWatchdog(timeout_s=5, interval_s=0.5)
+    watchdog._store = mdist._heartbeat_store()
+    watchdog.progress(7)
+    watchdog._beat()
+    now = time.time()
+    tdist.PrefixStore(mdist.heartbeat_prefix(), server).set("1", json.dumps({"step": 7, "time": now - 60, "host": "node-b"}))
+    message = watchdog.describe(now)
+    assert "rank 0 on" in message and "no progress for 5 s at step 7" in message
+    assert "rank(s) 1, 2 stopped answering or fell behind" in message
+    assert "rank 1 on node-b: step 7, heard 60 s ago" in message and "rank 2: never heard" in message
+
+
+def _rank_pids(agent: int) -> dict[int, int]:
+    """{global rank: pid} of the worker processes a torchrun agent started (read from /proc)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == agent:
+            env_vars = dict(item.split(b"=", 1) for item in environ if b"=" in item)
+            if b"RANK" in env_vars:
+                found[int(env_vars[b"RANK"])] = int(proc.name)
+    return found
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, deadline_s: float = 300) -> None:
+    deadline = time.time() + deadline_s
+    while time.time() < deadline and not path.is_dir() and proc.poll() is None:
+        time.sleep(0.02)
+    assert path.is_dir(), f"{path} never appeared"
+
+
+@pytest.mark.slow
+def test_a_killed_rank_under_max_restarts_resumes_and_ends_with_the_uninterrupted_weights(
+        tmp_path: Path, phantom: Path, base_models: dict) -> None:
+    """Issue 28: under `torchrun --max-restarts=1`, rank 1 killed mid-stage makes torchrun restart the job, which
+    resumes from the newest checkpoint and ends with the weights of a run nobody killed."""
+    base = base_models[("clip", "llama")]
+    make = lambda name: sft_cfg(tmp_path, phantom, base, name,  # noqa: E731
+                                optim={"max_steps": 8, "per_device_batch_size": 2, "global_batch_size": 4},
+                                run={"save_steps": 2, "save_total_limit": 3})
+    straight, killed = make("straight"), make("killed")
+    result = run_ranks(2, straight, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    # torchrun's restarts need its c10d rendezvous (what --standalone and train.sh's many-node launch use)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--max-restarts=1", "--nnodes=1", "--nproc_per_node=2",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", str(DRIVER), str(killed)]
+    log = (tmp_path / "killed.log").open("w+")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env(), cwd=tmp_path,
+                            start_new_session=True)
+    try:
+        out = tmp_path / "killed" / "out"
+        _wait_for(out / "checkpoint-4", proc)
+        os.kill(_rank_pids(proc.pid)[1], signal.SIGKILL)
+        assert proc.wait(timeout=240) == 0, (tmp_path / "killed.log").read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = (tmp_path / "killed.log").read_text()
+    assert text.count("rank 1 of 2 joined the process group") == 2, "torchrun restarted the job once"
+    assert "resuming from" in text
+    assert_same_weights(out, tmp_path / "straight" / "out", atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_hung_rank_ends_the_job_naming_the_rank_and_step_within_the_set_time(tmp_path: Path, phantom: Path,
+                                                                            base_models: dict) -> None:
+    """Issue 28: rank 1 frozen (SIGSTOP) mid-stage left rank 0 waiting in its next collective for the process
+    group's timeout (an hour). With run.hang_timeout_s 8, rank 0 ends within the set time, naming itself, its step
+    and rank 1 as the rank that stopped answering; the launcher then ends the job."""
+    cfg = sft_cfg(tmp_path, phantom, base_models[("clip", "llama")], "hung",
+                  optim={"max_steps": 400, "per_device_batch_size": 2, "global_batch_size": 4},
+                  run={"save_steps": 2, "hang_timeout_s": 8})
+    log = (tmp_path / "hung.log").open("w+")
+    proc = subprocess.Popen(launch_cmd(2, cfg), stdout=log, stderr=subprocess.STDOUT, text=True, env=env(),
+                            cwd=tmp_path, start_new_session=True)
+    try:
+        _wait_for(tmp_path / "hung" / "out" / "checkpoint-2", proc)
+        pids = _rank_pids(proc.pid)
+        os.kill(pids[1], signal.SIGSTOP)
+        frozen = time.time()
+        while time.time() - frozen < 120 and Path(f"/proc/{pids[0]}").exists() and \
+                "zombie" not in Path(f"/proc/{pids[0]}/status").read_text():
+            time.sleep(0.1)
+        waited = time.time() - frozen
+        os.kill(pids[1], signal.SIGCONT)  # the launcher's SIGTERM reaches a frozen process only once it runs
+        assert proc.wait(timeout=120) != 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = (tmp_path / "hung.log").read_text()
+    assert 8 <= waited < 30, (waited, text[-3000:])
+    assert "rank 0 on" in text and "made no progress for 8 s at step" in text, text[-3000:]
+    assert "rank(s) 1 stopped answering or fell behind" in text
+    assert "rank 1 on" not in text.split("made no progress")[0][-300:], "the frozen rank does not blame the others"
+    assert "rank 1 was frozen for" in text or "exitcode: -15" in text  # woken by SIGCONT, it said why, or ended
+    assert "exitcode  : 75" in text or "exit code 75" in text.lower() or "exitcode: 75" in text, text[-3000:]
+
+
+@pytest.mark.slow
+def test_an_output_folder_the_nodes_do_not_share_fails_fast_naming_the_ranks(tmp_path: Path, phantom: Path,
+                                                                            base_models: dict) -> None:
+    """Issue 28: two loopback nodes whose run.output_dir resolves to different folders (a relative path on node-local
+    disks) trained on, with rank 0 alone writing checkpoints a restart of node 1 could never read. The stage now
+    stops before the model loads, naming the rank and host that cannot see the output folder."""
+    cfg = yaml.safe_load(sft_cfg(tmp_path, phantom, base_models[("clip", "llama")], "local").read_text())
+    cfg["run"]["output_dir"] = "runs/local"  # resolved in each node's own working folder
+    config = write_cfg(tmp_path, "local", cfg)
+    port, procs = free_port(), []
+    for node in (0, 1):
+        (tmp_path / f"node{node}").mkdir()
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
+             "--master_addr=127.0.0.1", f"--master_port={port}", str(DRIVER), str(config)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=tmp_path / f"node{node}"))
+    logs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+    assert all(p.returncode != 0 for p in procs)
+    text = "\n".join(logs)
+    assert "run.output_dir runs/local is not shared by the ranks: rank 1 on" in text, text[-3000:]
+    assert "loading" not in text.lower() or "model" not in text.split("is not shared")[0].lower()
+    assert not (tmp_path / "node0" / "runs" / "local" / "checkpoint-1").exists()

@@ -18,6 +18,7 @@ import torch
 from transformers import ProcessorMixin, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from medllava import dist as ranks
 from medllava.config import ConfigError, StageConfig, save_config
 from medllava.data.cache import file_sha256
 from medllava.data.collate import IMAGE_ERRORS
@@ -35,11 +36,11 @@ from medllava.model import (
     widest_dtype,
 )
 from medllava.processor import set_image_aspect, wrap_chat_template
-from medllava.train import ranks
 from medllava.train.safety import (
     CHECKPOINT_RE,
     STAGING,
     DivergenceGuard,
+    HangCallback,
     fsync_tree,
     is_complete_checkpoint,
     last_complete_checkpoint,
@@ -57,7 +58,7 @@ RUN_FACTS = "medllava_run.json"  # what the config alone does not say: ranks, ba
 # everything else in the resolved config must match the checkpoint's, unless run.resume is 'force'.
 RESUMABLE_CHANGES = frozenset({
     "name", "run.output_dir", "run.logging_steps", "run.report_to", "run.resume", "run.save_steps",
-    "run.save_total_limit", "run.on_nonfinite", "run.max_nonfinite_skips", "data.num_workers", "data.cache_dir",
+    "run.save_total_limit", "run.on_nonfinite", "run.max_nonfinite_skips", "run.hang_timeout_s", "data.num_workers", "data.cache_dir",
     "data.made_by", "data.preprocess_workers", "grpo.log_completions_every",
 })
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -68,15 +69,19 @@ class MedLlavaTrainerMixin:
     strict resume of full-model checkpoints."""
 
     def __init__(self, *args: Any, projector_lr: float | None = None, on_nonfinite: str = "stop",
-                 max_nonfinite_skips: int = 20, stage_config: dict[str, Any] | None = None, **kwargs: Any) -> None:
+                 max_nonfinite_skips: int = 20, hang_timeout_s: float = 1800.0,
+                 stage_config: dict[str, Any] | None = None, **kwargs: Any) -> None:
         self.projector_lr = projector_lr
         self.stage_config = stage_config
         self._staging = False
         self.guard = DivergenceGuard(on_nonfinite, max_nonfinite_skips)
+        if kwargs.get("args") is not None:  # before the Trainer sizes its batches from the GPU count
+            ranks.one_device_per_process(kwargs["args"])
         super().__init__(*args, **kwargs)
         self.guard.deepspeed_engine = lambda: self.model_wrapped if self.is_deepspeed_enabled else None
         self.guard.loss_scaler = lambda: getattr(self.accelerator, "scaler", None)
         self.add_callback(self.guard)
+        self.add_callback(HangCallback(ranks.HangWatchdog(hang_timeout_s)))
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
@@ -266,9 +271,10 @@ def begin_stage(cfg: StageConfig) -> tuple[Path, str, Any, ProcessorMixin, str |
     check_inputs(cfg)
     world = ranks.world_size()
     accumulation = cfg.accumulation(world)  # a global batch that does not divide fails here, not after loading
-    ranks.ensure_process_group(deepspeed=bool(cfg.run.deepspeed))
+    ranks.ensure_process_group(deepspeed=bool(cfg.run.deepspeed), timeout_s=max(3600.0, 2 * cfg.run.hang_timeout_s))
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    ranks.check_shared_output(out)  # before the model loads: node-local output folders fail here, not mid-run
     set_seed(cfg.run.seed)
     precision = resolve_precision(cfg.run.precision, on_cpu(cfg))
     unit = "completions" if cfg.kind == "grpo" else "samples"
@@ -339,7 +345,8 @@ class StageRun:
 def guard_kwargs(cfg: StageConfig) -> dict[str, Any]:
     """The MedLlavaTrainerMixin arguments a stage config sets."""
     return {"projector_lr": cfg.optim.projector_lr, "on_nonfinite": cfg.run.on_nonfinite,
-            "max_nonfinite_skips": cfg.run.max_nonfinite_skips, "stage_config": cfg.to_dict()}
+            "max_nonfinite_skips": cfg.run.max_nonfinite_skips, "hang_timeout_s": cfg.run.hang_timeout_s,
+            "stage_config": cfg.to_dict()}
 
 
 def flat_config(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

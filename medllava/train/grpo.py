@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from medllava import dist as ranks
 from medllava.config import ConfigError, StageConfig
 from medllava.data.cache import build_once, cache_key, tokenizer_fingerprint
 from medllava.data.rl import build_rl_rows, rl_dataset
@@ -26,7 +27,6 @@ from medllava.grading import grade
 from medllava.imaging import Window, store_image
 from medllava.model import apply_trainable
 from medllava.rewards import REWARDS, completion_text
-from medllava.train import ranks
 from medllava.train.common import (
     MedLlavaTrainerMixin,
     StageRun,

@@ -14,6 +14,8 @@ divergence guard.
   it, unless more than `max_skips` come in a row (the scale cannot bring the gradients back: stop). Under
   bf16/fp32 it means non-finite gradients whose update DeepSpeed dropped (stop, or counted as a skip); a
   non-finite norm without that flag stops the run (the update is applied already).
+- With several ranks, a rank whose training stops making progress (a hung collective, a frozen peer) ends the
+  job after run.hang_timeout_s, naming the step and the silent ranks (HangCallback feeds dist.HangWatchdog).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from medllava.train import ranks
+from medllava import dist as ranks
 
 logger = logging.getLogger(__name__)
 
@@ -207,3 +209,38 @@ class DivergenceGuard(TrainerCallback):
             path.write_text(json.dumps({"skipped": len(self.events), "events": self.events}, indent=2) + "\n",
                             encoding="utf-8")
             logger.warning("%d batch(es) skipped for non-finite values; see %s", len(self.events), path)
+
+
+class HangCallback(TrainerCallback):
+    """Feeds the hang watchdog: every step, micro-step, save, log and evaluation is progress."""
+
+    def __init__(self, watchdog: ranks.HangWatchdog) -> None:
+        self.watchdog = watchdog
+
+    def _progress(self, state: Any) -> None:
+        self.watchdog.progress(state.global_step)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._progress(state)
+        self.watchdog.start()
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._progress(state)
+
+    def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._progress(state)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._progress(state)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._progress(state)
+
+    def on_log(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._progress(state)
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._progress(state)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.watchdog.stop()

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainingArguments
 
+from medllava import dist as ranks
 from medllava.attention import llm_attention, packed_implementation, set_llm_attention
 from medllava.config import ConfigError, StageConfig
 from medllava.data.cache import CachedSamples, build_once, cache_key, tokenizer_fingerprint, write_samples
@@ -26,7 +27,6 @@ from medllava.data.render import Rendered, Renderer
 from medllava.data.validate import REPORT_NAME, prepare_samples
 from medllava.imaging import Window
 from medllava.model import apply_trainable, default_attn_implementation
-from medllava.train import ranks
 from medllava.train.common import (
     LOADER_SKIPS,
     MedLlavaTrainerMixin,
