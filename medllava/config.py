@@ -187,6 +187,9 @@ class RunSection:
     """With several ranks: a rank whose training makes no progress for this long (a step, its generation and its
     checkpoint included) ends the job with a message naming the step and the ranks that fell silent. Collectives
     outside training (ranks waiting while rank 0 builds the data cache) wait up to max(1 h, 2 x this)."""
+    shared_output_wait_s: float = 30.0
+    """With several ranks: how long each rank looks for the probe rank 0 writes into output_dir before the stage
+    stops with "output_dir is not shared" (a network file system may serve a cached listing that long)."""
 
 
 @dataclass
@@ -285,6 +288,8 @@ class StageConfig:
                 Window.parse(self.data.window)
             except ValueError as err:
                 raise ConfigError(f"data.window: {err}") from None
+        if self.run.shared_output_wait_s < 0:
+            raise ConfigError(f"run.shared_output_wait_s: {self.run.shared_output_wait_s} must be >= 0 (seconds)")
         if self.run.hang_timeout_s <= 0:
             raise ConfigError(f"run.hang_timeout_s: {self.run.hang_timeout_s} must be positive (seconds)")
         if self.optim.per_device_batch_size <= 0 or self.optim.grad_accum <= 0:

@@ -174,9 +174,11 @@ def all_ranks_true(flag: bool) -> bool:
     return bool(value.item())
 
 
-def check_shared_output(folder: Path) -> None:
+def check_shared_output(folder: Path, wait_s: float = 30.0) -> None:
     """Fail on every rank, naming the ranks and hosts that cannot see it, unless `folder` is one folder that every
-    rank sees: rank 0 writes a probe file there and every rank looks for it (a no-op with one rank)."""
+    rank sees: rank 0 writes a probe file there and every rank looks for it for up to `wait_s` (a network file
+    system may serve a cached listing of the folder for that long; NFS's default acdirmin is 30 s). A no-op with
+    one rank."""
     if not _distributed():
         return
     name = [f".medllava-shared-{uuid.uuid4().hex}" if is_writer() else None]
@@ -186,17 +188,31 @@ def check_shared_output(folder: Path) -> None:
         probe.write_text(socket.gethostname(), encoding="utf-8")
     barrier()
     seen: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(seen, (probe.is_file(), socket.gethostname(), str(folder.resolve())))
+    dist.all_gather_object(seen, (_sees(probe, wait_s), socket.gethostname(), str(folder.resolve())))
     barrier()
     if is_writer():
         probe.unlink(missing_ok=True)
     blind = [f"rank {i} on {host} ({path})" for i, (ok, host, path) in enumerate(seen) if not ok]
     if blind:
         raise SharedOutputError(
-            f"run.output_dir {folder} is not shared by the ranks: {', '.join(blind)} cannot see the file rank 0 "
+            f"run.output_dir {folder} is not shared by the ranks: {', '.join(blind)} cannot see (within {wait_s:g} s) the file rank 0 "
             f"wrote there ({seen[0][2]} on {seen[0][1]}). Checkpoints, resume and the final folder need one folder "
             "every rank sees: put run.output_dir on a file system every node mounts, as an absolute path "
             "(only data.cache_dir may be node-local)")
+
+
+def _sees(probe: Path, wait_s: float) -> bool:
+    """Whether `probe` shows in its folder's listing within `wait_s`."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if probe.name in os.listdir(probe.parent):
+                return True
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
 
 
 def one_device_per_process(args: Any) -> None:

@@ -250,20 +250,30 @@ def grpo_cfg(tmp: Path, phantom: Path, base: Path, name: str) -> Path:
     return write_cfg(tmp, name, cfg)
 
 
+def checkpointed_sft_cfg(tmp: Path, phantom: Path, base: Path, name: str) -> Path:
+    """8 steps on 2 ranks, a checkpoint every 2: the run the kill and restart tests interrupt."""
+    return sft_cfg(tmp, phantom, base, name, optim={"max_steps": 8, "per_device_batch_size": 2, "global_batch_size": 4},
+                   run={"save_steps": 2, "save_total_limit": 3})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, phantom: Path, base_models: dict) -> dict[str, Path]:
+    """{kind: output folder} of the 2-rank runs nobody interrupted (made once for the tests that interrupt them)."""
+    tmp, base, outs = tmp_path_factory.mktemp("uninterrupted"), base_models[("clip", "llama")], {}
+    for kind, make in (("sft", checkpointed_sft_cfg), ("grpo", grpo_cfg)):
+        result = run_ranks(2, make(tmp, phantom, base, f"straight-{kind}"), cwd=tmp)
+        assert result.returncode == 0, result.stderr[-4000:]
+        outs[kind] = tmp / f"straight-{kind}" / "out"
+    return outs
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sft", "grpo"])
 def test_sigkill_of_a_two_rank_job_then_rerun_ends_with_the_uninterrupted_weights(kind: str, tmp_path: Path,
-                                                                                  phantom: Path, base_models: dict) -> None:
-    base = base_models[("clip", "llama")]
-    if kind == "sft":
-        make = lambda name: sft_cfg(tmp_path, phantom, base, name,  # noqa: E731
-                                    optim={"max_steps": 8, "per_device_batch_size": 2, "global_batch_size": 4},
-                                    run={"save_steps": 2, "save_total_limit": 3})
-    else:
-        make = lambda name: grpo_cfg(tmp_path, phantom, base, name)  # noqa: E731
-    straight, killed = make("straight"), make("killed")
-    result = run_ranks(2, straight, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-4000:]
+                                                                                  phantom: Path, base_models: dict,
+                                                                                  uninterrupted: dict) -> None:
+    make = checkpointed_sft_cfg if kind == "sft" else grpo_cfg
+    killed = make(tmp_path, phantom, base_models[("clip", "llama")], "killed")
     proc = subprocess.Popen(launch_cmd(2, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(),
                             cwd=tmp_path, start_new_session=True)
     out = tmp_path / "killed" / "out"
@@ -272,7 +282,7 @@ def test_sigkill_of_a_two_rank_job_then_rerun_ends_with_the_uninterrupted_weight
     result = run_ranks(2, killed, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "resuming from" in result.stderr
-    assert_same_weights(out, tmp_path / "straight" / "out", atol=1e-6)
+    assert_same_weights(out, uninterrupted[kind], atol=1e-6)
 
 
 @pytest.mark.slow
@@ -453,16 +463,10 @@ def _wait_for(path: Path, proc: subprocess.Popen, deadline_s: float = 300) -> No
 
 @pytest.mark.slow
 def test_a_killed_rank_under_max_restarts_resumes_and_ends_with_the_uninterrupted_weights(
-        tmp_path: Path, phantom: Path, base_models: dict) -> None:
+        tmp_path: Path, phantom: Path, base_models: dict, uninterrupted: dict) -> None:
     """Issue 28: under `torchrun --max-restarts=1`, rank 1 killed mid-stage makes torchrun restart the job, which
     resumes from the newest checkpoint and ends with the weights of a run nobody killed."""
-    base = base_models[("clip", "llama")]
-    make = lambda name: sft_cfg(tmp_path, phantom, base, name,  # noqa: E731
-                                optim={"max_steps": 8, "per_device_batch_size": 2, "global_batch_size": 4},
-                                run={"save_steps": 2, "save_total_limit": 3})
-    straight, killed = make("straight"), make("killed")
-    result = run_ranks(2, straight, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-4000:]
+    killed = checkpointed_sft_cfg(tmp_path, phantom, base_models[("clip", "llama")], "killed")
     # torchrun's restarts need its c10d rendezvous (what --standalone and train.sh's many-node launch use)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--max-restarts=1", "--nnodes=1", "--nproc_per_node=2",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", str(DRIVER), str(killed)]
@@ -480,7 +484,7 @@ def test_a_killed_rank_under_max_restarts_resumes_and_ends_with_the_uninterrupte
     text = (tmp_path / "killed.log").read_text()
     assert text.count("rank 1 of 2 joined the process group") == 2, "torchrun restarted the job once"
     assert "resuming from" in text
-    assert_same_weights(out, tmp_path / "straight" / "out", atol=1e-6)
+    assert_same_weights(out, uninterrupted["sft"], atol=1e-6)
 
 
 @pytest.mark.slow
@@ -526,6 +530,7 @@ def test_an_output_folder_the_nodes_do_not_share_fails_fast_naming_the_ranks(tmp
     stops before the model loads, naming the rank and host that cannot see the output folder."""
     cfg = yaml.safe_load(sft_cfg(tmp_path, phantom, base_models[("clip", "llama")], "local").read_text())
     cfg["run"]["output_dir"] = "runs/local"  # resolved in each node's own working folder
+    cfg["run"]["shared_output_wait_s"] = 2
     config = write_cfg(tmp_path, "local", cfg)
     port, procs = free_port(), []
     for node in (0, 1):
@@ -538,5 +543,77 @@ def test_an_output_folder_the_nodes_do_not_share_fails_fast_naming_the_ranks(tmp
     assert all(p.returncode != 0 for p in procs)
     text = "\n".join(logs)
     assert "run.output_dir runs/local is not shared by the ranks: rank 1 on" in text, text[-3000:]
+    assert "cannot see (within 2 s) the file rank 0 wrote there" in text
     assert "loading" not in text.lower() or "model" not in text.split("is not shared")[0].lower()
     assert not (tmp_path / "node0" / "runs" / "local" / "checkpoint-1").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 28: train.sh on many nodes (medllava/launch.py builds each node's launcher command)
+
+
+def test_slurm_first_host_of_a_node_list() -> None:
+    from medllava.launch import first_host
+
+    assert first_host("gpu[07-09,12],cpu1") == "gpu07"
+    assert first_host("node3,node4") == "node3"
+    assert first_host("a100-[001-004]-ib") == "a100-001-ib"
+    assert first_host("single") == "single"
+
+
+def test_layout_from_slurm_and_from_explicit_variables() -> None:
+    from medllava.launch import LaunchError, layout_from_env
+
+    slurm = {"SLURM_JOB_ID": "123456", "SLURM_NNODES": "4", "SLURM_NODEID": "2", "SLURM_GPUS_ON_NODE": "8",
+             "SLURM_JOB_NODELIST": "gpu[10-13]"}
+    layout = layout_from_env(slurm, gpus=0)
+    assert (layout.nnodes, layout.node_rank, layout.nproc, layout.master_addr) == (4, 2, 8, "gpu10")
+    assert layout.master_port == 20000 + 123456 % 10000 and layout.job_id == "123456"
+    mine = layout_from_env({**slurm, "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1",
+                            "MASTER_PORT": "29600", "NPROC": "4"}, gpus=8)
+    assert (mine.nnodes, mine.node_rank, mine.nproc, mine.master_addr, mine.master_port) == (2, 1, 4, "10.0.0.1",
+                                                                                              29600)
+    one = layout_from_env({}, gpus=3)
+    assert (one.nnodes, one.node_rank, one.nproc) == (1, 0, 3) and layout_from_env({}, gpus=0).nproc == 1
+    with pytest.raises(LaunchError, match="set MASTER_ADDR"):
+        layout_from_env({"NNODES": "2", "NODE_RANK": "1"}, gpus=1)
+    with pytest.raises(LaunchError, match="NODE_RANK=2 is not a node of NNODES=2"):
+        layout_from_env({"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "h"}, gpus=1)
+    with pytest.raises(LaunchError, match="NPROC='eight' is not a whole number"):
+        layout_from_env({"NPROC": "eight"}, gpus=1)
+
+
+def test_each_launcher_joins_the_nodes() -> None:
+    """The command every node runs for 2 nodes x 8 GPUs, node 1, rendezvous at host0:29600."""
+    from medllava.launch import LaunchError, Layout, launch_command
+
+    layout = Layout(nnodes=2, node_rank=1, nproc=8, master_addr="host0", master_port=29600, job_id="77")
+    torchrun = launch_command("torchrun", layout, ["train", "s.yaml"], max_restarts=2, python="py")
+    assert torchrun == ["py", "-m", "torch.distributed.run", "--nproc_per_node=8", "--max-restarts=2", "--nnodes=2",
+                        "--node_rank=1", "--rdzv-backend=c10d", "--rdzv-endpoint=host0:29600", "--rdzv-id=77",
+                        "-m", "medllava.cli", "train", "s.yaml"]
+    accelerate = launch_command("accelerate", layout, ["train", "s.yaml"], python="py")
+    flags = dict(zip(accelerate[4:-4:2], accelerate[5:-4:2]))
+    assert accelerate[3] == "--multi_gpu" and flags["--num_processes"] == "16" and flags["--num_machines"] == "2"
+    assert flags["--machine_rank"] == "1" and flags["--main_process_ip"] == "host0"
+    deepspeed = launch_command("deepspeed", layout, ["train", "s.yaml"], hostfile="hosts", python="py")
+    assert deepspeed == ["py", "-m", "deepspeed.launcher.runner", "--master_addr", "host0", "--master_port", "29600",
+                         "--hostfile", "hosts", "--no_ssh", "--node_rank", "1", "--module", "medllava.cli", "train",
+                         "s.yaml"]
+    made = launch_command("deepspeed", layout, ["train"], python="py")  # no HOSTFILE: one is written
+    assert Path(made[made.index("--hostfile") + 1]).read_text() == "node0 slots=8\nnode1 slots=8\n"
+    single = launch_command("torchrun", Layout(nproc=4), ["train"], python="py")
+    assert "--standalone" in single and not any(a.startswith("--nnodes") for a in single)
+    with pytest.raises(LaunchError, match="LAUNCHER='mpirun'"):
+        launch_command("mpirun", layout, ["train"])
+
+
+def test_train_sh_reads_the_layout_and_refuses_an_impossible_one(tmp_path: Path) -> None:
+    layout = subprocess.run([sys.executable, "-m", "medllava.launch", "--layout"], capture_output=True, text=True,
+                            env={**env(), "SLURM_JOB_ID": "9", "SLURM_NNODES": "2", "SLURM_NODEID": "1",
+                                 "SLURM_JOB_NODELIST": "n[1-2]", "NPROC": "1"}, check=True).stdout
+    assert layout.split() == ["NNODES=2", "NODE_RANK=1", "NPROC=1", "MASTER_ADDR=n1", "MASTER_PORT=20009",
+                              "JOB_ID=9"]
+    bad = subprocess.run([sys.executable, "-m", "medllava.launch", "--", "train", "x.yaml"], capture_output=True,
+                         text=True, env={**env(), "NNODES": "2", "NODE_RANK": "0"})
+    assert bad.returncode == 2 and "set MASTER_ADDR" in bad.stderr

@@ -58,7 +58,8 @@ RUN_FACTS = "medllava_run.json"  # what the config alone does not say: ranks, ba
 # everything else in the resolved config must match the checkpoint's, unless run.resume is 'force'.
 RESUMABLE_CHANGES = frozenset({
     "name", "run.output_dir", "run.logging_steps", "run.report_to", "run.resume", "run.save_steps",
-    "run.save_total_limit", "run.on_nonfinite", "run.max_nonfinite_skips", "run.hang_timeout_s", "data.num_workers", "data.cache_dir",
+    "run.save_total_limit", "run.on_nonfinite", "run.max_nonfinite_skips", "run.hang_timeout_s",
+    "run.shared_output_wait_s", "data.num_workers", "data.cache_dir",
     "data.made_by", "data.preprocess_workers", "grpo.log_completions_every",
 })
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -274,7 +275,7 @@ def begin_stage(cfg: StageConfig) -> tuple[Path, str, Any, ProcessorMixin, str |
     ranks.ensure_process_group(deepspeed=bool(cfg.run.deepspeed), timeout_s=max(3600.0, 2 * cfg.run.hang_timeout_s))
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ranks.check_shared_output(out)  # before the model loads: node-local output folders fail here, not mid-run
+    ranks.check_shared_output(out, cfg.run.shared_output_wait_s)  # before the model loads: node-local output folders fail here, not mid-run
     set_seed(cfg.run.seed)
     precision = resolve_precision(cfg.run.precision, on_cpu(cfg))
     unit = "completions" if cfg.kind == "grpo" else "samples"
