@@ -7,8 +7,16 @@
 #   ./train.sh stages/<family>    a real recipe family: align -> instruct -> [pass-rate filter] -> grpo -> export
 #
 # Environment for real recipes:
-#   NPROC=8                 processes (GPUs); default: every visible GPU
+#   NPROC=8                 processes (GPUs) per node; default: every visible GPU
 #   LAUNCHER=torchrun       torchrun | accelerate | deepspeed
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=host0 [MASTER_PORT=29500]   many nodes: run train.sh on every node with its
+#                           NODE_RANK; under SLURM (`srun --ntasks-per-node=1 ./train.sh stages/<family>`) they come
+#                           from SLURM's environment. Node 0 runs the pass-rate filter, the evaluations and the export;
+#                           the other nodes wait for them. run.output_dir must be on a disk every node mounts.
+#   MAX_RESTARTS=2          torchrun / accelerate restart a failed stage from its newest checkpoint (default 0)
+#   HOSTFILE=FILE           DeepSpeed's hostfile: with NNODES>1 it gives the node order; alone (on node 0 only)
+#                           DeepSpeed starts the listed nodes over ssh
+#   NODE_WAIT=14400         seconds a node waits for node 0's filter or evaluation before giving up
 #   INSTRUCT=instruct_lora  which instruction recipe to run (instruct | instruct_lora | instruct_qlora)
 #   GRPO=grpo_lora          which RL recipe to run (grpo | grpo_lora)
 #   STAGES="align instruct" which stages to run, in order
@@ -79,19 +87,20 @@ PY
   medllava summary "$runs/summary.json" --timing "$runs/timing.json"
 }
 
-launch() {
-  local nproc=${NPROC:-$(nvidia-smi -L 2>/dev/null | wc -l)}
-  [ "$nproc" -ge 1 ] || nproc=1
-  case "${LAUNCHER:-torchrun}" in
-    torchrun)   torchrun --standalone --nproc_per_node="$nproc" -m medllava.cli "$@" ;;
-    # accelerate's --multi_gpu is its multi-process launcher (torch's elastic agent); on a machine without GPUs
-    # the ranks join over gloo (its --cpu would start a single process). Precision comes from the stage.
-    accelerate) local multi=(); [ "$nproc" -gt 1 ] && multi=(--multi_gpu)
-                accelerate launch "${multi[@]}" --num_processes "$nproc" --num_machines 1 --mixed_precision no \
-                  --dynamo_backend no --main_process_port "${MASTER_PORT:-29500}" -m medllava.cli "$@" ;;
-    deepspeed)  deepspeed --num_gpus "$nproc" --master_port "${MASTER_PORT:-29500}" --module medllava.cli "$@" ;;
-    *) echo "unknown LAUNCHER=${LAUNCHER}" >&2; exit 2 ;;
-  esac
+launch() {  # the launcher's command for this node: medllava/launch.py (layout from NNODES... or SLURM)
+  python -m medllava.launch -- "$@"
+}
+
+wait_for_node0() {  # wait_for_node0 FILE NEWER_THAN WHAT: the other nodes wait for what node 0 makes between stages
+  local file=$1 newer=$2 what=$3 waited=0 limit=${NODE_WAIT:-14400}
+  until [ -f "$file" ] && { [ ! -e "$newer" ] || [ "$file" -nt "$newer" ]; }; do
+    [ "$waited" -gt 0 ] || echo "== node $NODE_RANK: waiting for node 0's $what ($file)"
+    if [ "$waited" -ge "$limit" ]; then
+      echo "node $NODE_RANK: node 0's $what ($file) did not appear within NODE_WAIT=$limit s; see node 0's log" >&2
+      exit 1
+    fi
+    sleep 2; waited=$((waited + 2))
+  done
 }
 
 stage_field() {  # stage_field RECIPE EXPRESSION [overrides...]: a field of the resolved stage config
@@ -105,8 +114,11 @@ PY
 }
 
 family() {
-  local dir=$1 stage recipe out prev="" args filtered
+  local dir=$1 stage recipe out prev="" args filtered layout
   [ -d "$dir" ] || { echo "no such recipe folder: $dir" >&2; exit 2; }
+  layout=$(python -m medllava.launch --layout) || exit 2
+  eval "export $layout"
+  [ "$NNODES" -eq 1 ] || echo "== node $NODE_RANK of $NNODES ($NPROC processes each), rendezvous at $MASTER_ADDR:$MASTER_PORT"
   # shellcheck disable=SC2206
   local extra=(${TRAIN_ARGS:-})
   # The default chain: align, instruct, grpo (INSTRUCT/GRPO pick variants); a recipe folder that ships only the
@@ -134,7 +146,9 @@ family() {
     else
       if [ "$(stage_field "$recipe" "cfg.kind == 'grpo' and bool(cfg.grpo.pass_rate_filter.source)" "${args[@]}")" = True ]; then
         filtered=$(stage_field "$recipe" "cfg.data.train_files[0]" "${args[@]}")
-        if [ -f "$filtered" ] && [ "$filtered" -nt "$prev/medllava_stage.yaml" ]; then
+        if [ "$NODE_RANK" != 0 ]; then
+          wait_for_node0 "$filtered" "$prev/medllava_stage.yaml" "pass-rate filter"
+        elif [ -f "$filtered" ] && [ "$filtered" -nt "$prev/medllava_stage.yaml" ]; then
           echo "== pass-rate filter: $filtered is newer than $prev (kept)"
         else
           echo "== pass-rate filter: questions $prev sometimes gets right -> $filtered"
@@ -145,6 +159,10 @@ family() {
       launch train "$recipe" "${args[@]}"
     fi
     prev=$out
+    if [ "$NODE_RANK" != 0 ]; then  # node 0 evaluates; the next stage starts when it is done
+      [ -z "${EVAL_DATA:-}" ] || wait_for_node0 "$out/eval/metrics.json" "$out/medllava_stage.yaml" "evaluation"
+      continue
+    fi
     if [ -n "${EVAL_DATA:-}" ] && [ ! -f "$out/eval/metrics.json" ]; then
       local prior=()
       [ -n "${EVAL_PRIOR:-}" ] && read -r -a prior <<<"--prior-from $EVAL_PRIOR"
@@ -152,7 +170,7 @@ family() {
         ${prior[@]+"${prior[@]}"} --summary "$(dirname "$out")/summary.json" --stage "$stage"
     fi
   done
-  if [ -n "$prev" ] && [ "${EXPORT:-1}" != 0 ]; then
+  if [ -n "$prev" ] && [ "${EXPORT:-1}" != 0 ] && [ "$NODE_RANK" = 0 ]; then
     local exported
     exported="$(dirname "$prev")/export"
     if [ -f "$exported/config.json" ] && [ "$exported/config.json" -nt "$prev/medllava_stage.yaml" ]; then

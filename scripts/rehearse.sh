@@ -18,7 +18,9 @@
 # Everything else -- batch sizes, learning rates, precision, DeepSpeed files, LoRA and QLoRA settings, prompts,
 # rewards, generations per question -- is the recipe's own.
 #
-# Environment: NPROC (default 2 processes), LAUNCHER (torchrun | accelerate | deepspeed; default torchrun),
+# Environment: NPROC (default 2 processes; per node), LAUNCHER (torchrun | accelerate | deepspeed; default torchrun),
+# NNODES (default 1; more: that many loopback "nodes" on this machine, each its own train.sh with its NODE_RANK and
+# its own node-local data cache, as on nodes without a shared scratch disk; node i's log in WORKDIR/node<i>.log),
 # STAGES (default: the pair families every variant, chained: align instruct instruct_lora instruct_qlora grpo grpo_lora;
 # the model-family recipes train.sh's own chain: qwen25vl_medvlthinker instruct grpo, medgemma instruct_lora grpo_lora).
 set -euo pipefail
@@ -59,8 +61,28 @@ export NPROC=${NPROC:-2} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=$
 export EVAL_DATA=data/vqa/vqa_rad_test.jsonl EVAL_IMAGES=data/vqa/images
 [ -z "${STAGES:-$default_stages}" ] || export STAGES=${STAGES:-$default_stages}
 export TRAIN_ARGS="--grpo.pass_rate_filter.min_rate=-1 --grpo.max_completion_length=32 ${TRAIN_ARGS:-}"
-echo "== rehearsal of stages/$family on $NPROC CPU processes (${LAUNCHER:-torchrun}) in $work: ${STAGES:-the chain of train.sh}"
-"$repo/train.sh" "$repo/stages/$family"
-echo "{\"family\": \"$family\", \"launcher\": \"${LAUNCHER:-torchrun}\", \"nproc\": $NPROC, \"stages\": \"${STAGES:-default}\", \"seconds\": $(( $(date +%s) - start ))}" \
+nodes=${NNODES:-1}
+echo "== rehearsal of stages/$family on $nodes x $NPROC CPU processes (${LAUNCHER:-torchrun}) in $work: ${STAGES:-the chain of train.sh}"
+if [ "$nodes" -gt 1 ]; then
+  export NNODES=$nodes MASTER_ADDR=127.0.0.1 MASTER_PORT=${MASTER_PORT:-29500}
+  pids=()
+  for ((node = 1; node < nodes; node++)); do
+    NODE_RANK=$node TRAIN_ARGS="$TRAIN_ARGS --data.cache_dir=$work/node$node-cache" \
+      setsid "$repo/train.sh" "$repo/stages/$family" >"$work/node$node.log" 2>&1 &
+    pids+=($!)
+  done
+  status=0
+  NODE_RANK=0 TRAIN_ARGS="$TRAIN_ARGS --data.cache_dir=$work/node0-cache" "$repo/train.sh" "$repo/stages/$family" || status=$?
+  # node 0 failed: the others would wait for it until NODE_WAIT; end them (each node is its own process group)
+  [ "$status" = 0 ] || for pid in "${pids[@]}"; do kill -- "-$pid" 2>/dev/null || true; done
+  for ((node = 1; node < nodes; node++)); do
+    wait "${pids[node - 1]}" || { echo "node $node failed; the end of $work/node$node.log:" >&2
+                                  tail -n 40 "$work/node$node.log" >&2; status=1; }
+  done
+  [ "$status" = 0 ] || exit "$status"
+else
+  "$repo/train.sh" "$repo/stages/$family"
+fi
+echo "{\"family\": \"$family\", \"launcher\": \"${LAUNCHER:-torchrun}\", \"nnodes\": $nodes, \"nproc\": $NPROC, \"stages\": \"${STAGES:-default}\", \"seconds\": $(( $(date +%s) - start ))}" \
   >"$work/rehearsal.json"
 echo "== rehearsal of stages/$family done in $(( $(date +%s) - start )) s"

@@ -33,10 +33,16 @@ def published_fixtures(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return work
 
 
-def _env(launcher: str, stages: list[str] | None) -> dict[str, str]:
+LOOPBACK_NODES = {"medgemma": 2}  # jobs run as 2 loopback nodes x 1 process instead of 1 node x 2 (issue 28)
+
+
+def _env(launcher: str, stages: list[str] | None, nodes: int = 1) -> dict[str, str]:
     """The rehearsal's environment; stages None: the recipe folder's own chain (train.sh's default)."""
     env = {**os.environ, "LAUNCHER": launcher, "MASTER_PORT": str(free_port()), "CUDA_VISIBLE_DEVICES": ""}
-    env.pop("STAGES", None)
+    for key in ("STAGES", "NNODES", "NODE_RANK", "MASTER_ADDR", "NPROC"):
+        env.pop(key, None)
+    if nodes > 1:
+        env.update(NNODES=str(nodes), NPROC=str(2 // nodes))
     return {**env, "STAGES": " ".join(stages)} if stages is not None else env
 
 
@@ -50,7 +56,8 @@ def rehearse_together(jobs: dict[str, tuple[str, Path, str, list[str] | None]]) 
             work.mkdir(parents=True, exist_ok=True)
             out, err = (files.enter_context((work / f"rehearsal.{kind}").open("w")) for kind in ("out", "err"))
             procs[name] = subprocess.Popen([str(REPO / "scripts/rehearse.sh"), family, str(work)], text=True,
-                                           stdout=out, stderr=err, env=_env(launcher, stages))
+                                           stdout=out, stderr=err,
+                                           env=_env(launcher, stages, LOOPBACK_NODES.get(name, 1)))
         for proc in procs.values():
             proc.wait(timeout=1800)
     return {name: subprocess.CompletedProcess(proc.args, proc.returncode, (jobs[name][1] / "rehearsal.out").read_text(),
@@ -131,8 +138,9 @@ MODEL_FAMILIES = {"qwen25vl_medvlthinker": ("deepspeed", ["instruct", "grpo"]),
 def test_rehearsal_of_the_model_family_recipes(tmp_path: Path, published_fixtures: Path) -> None:
     """The recipes that start from a released VLM, from a tiny stock model of its family (`medllava tiny
     --family`): Qwen2.5-VL (SFT warm start with packed M-RoPE rows, then GRPO with a KL reference) under the
-    DeepSpeed launcher with ZeRO-3, MedGemma (LoRA SFT on padded batches, then LoRA GRPO) under torchrun; both
-    at once, each evaluated after every stage and exported."""
+    DeepSpeed launcher with ZeRO-3, MedGemma (LoRA SFT on padded batches, then LoRA GRPO) under torchrun on two
+    loopback nodes of one process each (train.sh per node, node-local data caches, node 0 filtering, evaluating
+    and exporting while node 1 waits); both at once, each evaluated after every stage and exported."""
     import importlib.util
 
     if importlib.util.find_spec("deepspeed") is None:
@@ -159,3 +167,10 @@ def test_rehearsal_of_the_model_family_recipes(tmp_path: Path, published_fixture
     logs = {family: result.stdout + result.stderr for family, result in results.items()}
     assert "packing on" in logs["qwen25vl_medvlthinker"]  # M-RoPE rows, isolation probed on the model
     assert "packing off: Gemma 3 attends bidirectionally" in logs["medgemma"]
+    work = jobs["medgemma"][1]  # two nodes: each made its own data cache, node 1 waited for node 0's filter
+    assert "== node 0 of 2 (1 processes each)" in logs["medgemma"]
+    node1 = (work / "node1.log").read_text()
+    assert "== node 1: waiting for node 0's pass-rate filter" in node1 and "== export" not in node1
+    assert "16 per device x 2 rank(s) x 4 accumulation" in node1
+    for node in (0, 1):
+        assert sorted(p.name.split("-")[0] for p in (work / f"node{node}-cache").iterdir() if p.is_dir()) == ["rl", "sft"]
