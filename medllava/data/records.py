@@ -38,6 +38,8 @@ ERROR_KINDS: dict[str, str] = {
     "too_long": "the rendered sample exceeds max_length (never truncated through image tokens)",
     "template_error": "the chat template cannot render the conversation",
     "bad_answer": "an RL/eval record's answer does not fit its question type",
+    "same_pair": "a preference pair's chosen and rejected sides are the same answer with the same images",
+    "bad_weight": "a preference pair's weight is not a finite number >= 0",
 }
 
 ROLE_ALIASES = {

@@ -1,0 +1,219 @@
+"""Read preference pairs (for DPO) from the published layouts into one form; every problem is a RecordError naming
+the file, the line and the id, and the rejected side's images obey every image rule the chosen side's do.
+
+Layouts, detected per record, from JSON, JSONL or any `datasets` source (as SFT records):
+- TRL: {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages, "images" | "image"}
+  (TRL feeds the chosen side's images to both sides);
+- ms-swift: {"messages": [..., the chosen assistant turn], "rejected_response": str, "images", "rejected_images",
+  "rejected_messages": [...]} -- `rejected_images` are the rejected side's own images (the conditional preference
+  "same answer, another image"), `rejected_messages` its whole conversation;
+- LLaMA-Factory: {"conversations": [{"from", "value"}, ...], "chosen": {"from", "value"}, "rejected": {...},
+  "images"};
+- medllava's own (what `data_recipes/preference_pairs.py` writes): TRL's keys plus "rejected_images" and "weight".
+An optional "weight" (MMedPO's per-pair clinical-relevance weight) is a finite number >= 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medllava.data.records import RawRecord, Record, RecordError, Turn, iter_raw, normalize
+from medllava.data.validate import check_images, check_structure, first_failure, resolve_image
+from medllava.imaging import ImageError
+
+LAYOUTS = ("trl", "ms-swift", "llama-factory")
+
+
+@dataclass
+class PreferencePair:
+    """One pair: the prompt turns (ending with the user's), the chosen and rejected answers, and each side's images.
+
+    `rejected_prompt` / `rejected_images` are None when the rejected side shares the chosen side's."""
+
+    id: str
+    prompt: list[Turn]
+    chosen: str
+    rejected: str
+    images: list[Any]
+    rejected_prompt: list[Turn] | None = None
+    rejected_images: list[Any] | None = None
+    weight: float = 1.0
+    layout: str = "trl"
+    source: str = ""
+    line: int = 0
+
+    @property
+    def own_rejected_images(self) -> bool:
+        """Whether the rejected side sees images of its own (the conditional, image-grounded preference)."""
+        return self.rejected_images is not None and self.rejected_images != self.images
+
+    def side(self, which: str) -> tuple[list[Turn], str, list[Any]]:
+        """(prompt turns, answer, images) of 'chosen' or 'rejected'."""
+        if which == "chosen":
+            return self.prompt, self.chosen, self.images
+        prompt = self.rejected_prompt if self.rejected_prompt is not None else self.prompt
+        images = self.rejected_images if self.rejected_images is not None else self.images
+        return prompt, self.rejected, images
+
+
+def detect_layout(data: dict[str, Any]) -> str:
+    """Which published layout a record is in (raises KeyError naming the keys when none)."""
+    if "rejected_response" in data or "rejected_messages" in data:
+        return "ms-swift"
+    if "conversations" in data and "chosen" in data and "rejected" in data:
+        return "llama-factory"
+    if "prompt" in data and "chosen" in data and "rejected" in data:
+        return "trl"
+    raise KeyError(f"no preference layout fits the keys {sorted(data)} (TRL: prompt/chosen/rejected; ms-swift: "
+                   "messages/rejected_response; LLaMA-Factory: conversations/chosen/rejected)")
+
+
+def _turns(value: Any, raw: RawRecord, what: str, key: str = "messages") -> tuple[list[Turn], list[Any]]:
+    """Turns (and images given as parts) of a conversation value, through the SFT reader's normalisation."""
+    if isinstance(value, str):
+        return [Turn("user", value)], []
+    record = normalize(RawRecord(raw.source, raw.line, {"id": "-", key: value}))
+    if not record.turns:
+        raise RecordError("empty_conversation", f"'{what}' has no turns")
+    return record.turns, record.images
+
+
+def _answer(value: Any, raw: RawRecord, what: str) -> str:
+    """The assistant text of a completion given as text, one message, a list of messages, or {from, value}."""
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, dict) and "value" in value:
+        text = value["value"] if isinstance(value["value"], str) else None
+    else:
+        turns, _ = _turns(value if isinstance(value, list) else [value], raw, what)
+        if any(t.role != "assistant" for t in turns):
+            raise RecordError("bad_roles", f"'{what}' must hold assistant turns only")
+        text = "\n".join(t.text for t in turns)
+    if not isinstance(text, str):
+        raise RecordError("missing_field", f"'{what}' must be text")
+    if not text.strip():
+        raise RecordError("empty_answer", f"'{what}' is empty")
+    return text
+
+
+def _as_images(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def parse_pair(raw: RawRecord) -> PreferencePair:
+    """A preference pair from one parsed record, or a located RecordError."""
+    data = raw.data or {}
+    rid = data.get("id")
+    rid = str(rid) if rid is not None else f"{Path(raw.source).name}:{raw.line}"
+    try:
+        pair = _parse(data, raw, rid)
+        _check(pair)
+    except RecordError as err:
+        raise err.located(raw.source, raw.line, rid) from None
+    return pair
+
+
+def _parse(data: dict[str, Any], raw: RawRecord, rid: str) -> PreferencePair:
+    try:
+        layout = detect_layout(data)
+    except KeyError as err:
+        raise RecordError("missing_field", str(err.args[0])) from None
+    images = _as_images(data.get("images", data.get("image")))
+    rejected_prompt = rejected_images = None
+    if layout == "trl":
+        prompt, part_images = _turns(data["prompt"], raw, "prompt")
+        images = images or part_images
+        chosen, rejected = _answer(data["chosen"], raw, "chosen"), _answer(data["rejected"], raw, "rejected")
+    elif layout == "llama-factory":
+        prompt, _ = _turns(data["conversations"], raw, "conversations", key="conversations")
+        chosen, rejected = _answer(data["chosen"], raw, "chosen"), _answer(data["rejected"], raw, "rejected")
+    else:  # ms-swift: the conversation ends with the chosen answer
+        if "messages" not in data:
+            raise RecordError("missing_field", "ms-swift layout: 'messages' (ending with the chosen answer) is missing")
+        turns, part_images = _turns(data["messages"], raw, "messages")
+        images = images or part_images
+        if turns[-1].role != "assistant":
+            raise RecordError("bad_roles", "'messages' must end with the chosen assistant turn")
+        prompt, chosen = turns[:-1], turns[-1].text
+        if "rejected_messages" in data:
+            other, other_images = _turns(data["rejected_messages"], raw, "rejected_messages")
+            if other[-1].role != "assistant":
+                raise RecordError("bad_roles", "'rejected_messages' must end with the rejected assistant turn")
+            rejected_prompt, rejected = other[:-1], other[-1].text
+            rejected_images = other_images or None
+        else:
+            rejected = _answer(data["rejected_response"], raw, "rejected_response")
+    if "rejected_images" in data:
+        rejected_images = _as_images(data["rejected_images"])
+    weight = data.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        raise RecordError("bad_weight", f"'weight' {weight!r} must be a finite number >= 0")
+    return PreferencePair(id=rid, prompt=prompt, chosen=chosen, rejected=rejected, images=images,
+                          rejected_prompt=rejected_prompt, rejected_images=rejected_images, weight=float(weight),
+                          layout=layout, source=raw.source, line=raw.line)
+
+
+def _check(pair: PreferencePair) -> None:
+    """Each side is a well-formed conversation (SFT's rules) with as many placeholders as images, and the pair
+    prefers something: identical sides teach nothing."""
+    for which in ("chosen", "rejected"):
+        prompt, answer, images = pair.side(which)
+        try:
+            check_structure(Record(pair.id, images, [*prompt, Turn("assistant", answer)]))
+        except RecordError as err:
+            raise RecordError(err.kind, f"{which} side: {err.reason}") from None
+    if pair.side("chosen") == pair.side("rejected"):
+        raise RecordError("same_pair", "chosen and rejected are the same answer with the same images")
+
+
+def read_pairs(source: str | Path, image_folder: str | Path = ".", *,
+               allow_absolute: bool = False) -> Iterator[PreferencePair | RecordError]:
+    """Every pair of a source with both sides' image paths resolved inside the image folder, or its error."""
+    for raw in iter_raw(source):
+        if raw.error is not None:
+            yield raw.error
+            continue
+        try:
+            pair = parse_pair(raw)
+            pair.images = [resolve_image(r, image_folder, allow_absolute=allow_absolute) for r in pair.images]
+            if pair.rejected_images is not None:
+                try:
+                    pair.rejected_images = [resolve_image(r, image_folder, allow_absolute=allow_absolute)
+                                            for r in pair.rejected_images]
+                except RecordError as err:
+                    raise RecordError(err.kind, f"rejected side: {err.reason}") from None
+        except RecordError as err:
+            rid = (raw.data or {}).get("id")
+            yield err if err.source else err.located(raw.source, raw.line, None if rid is None else str(rid))
+            continue
+        yield pair
+
+
+def check_pair_images(pairs: Iterable[PreferencePair], *, level: str = "header",
+                      progress: bool = False) -> tuple[list[PreferencePair], list[RecordError]]:
+    """Check both sides' images (each distinct image once; 'header', 'full' or 'none' as for SFT): the pairs whose
+    images all pass, and an error naming the pair, the side and the image for each other pair."""
+    pairs = list(pairs)
+    refs = [r for p in pairs for r in (*p.images, *(p.rejected_images or []))]
+    failures = check_images(refs, level=level, progress=progress)
+    kept, errors = [], []
+    for pair in pairs:
+        failed: tuple[str, ImageError] | None = None
+        for which, refs_of_side in (("chosen", pair.images), ("rejected", pair.rejected_images or [])):
+            err = first_failure(refs_of_side, failures)
+            if err is not None:
+                failed = (which, err)
+                break
+        if failed is None:
+            kept.append(pair)
+        else:
+            which, err = failed
+            errors.append(RecordError(err.kind, f"{which} side: {err}", source=pair.source, line=pair.line,
+                                      record_id=pair.id))
+    return kept, errors

@@ -1,0 +1,120 @@
+"""Preference pairs (issue 26, first part): the TRL, ms-swift and LLaMA-Factory layouts read into one form, the
+rejected side's own images (ms-swift `rejected_images`) kept apart from the chosen side's, and every SFT image
+rule applied to both sides, each problem named by file, line and side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from medllava.data.preference import PreferencePair, check_pair_images, read_pairs
+from medllava.data.records import RecordError
+
+from .conftest import write_jsonl
+
+QUESTION = "<image>\nIs there a pneumothorax?"
+
+
+@pytest.fixture()
+def images(tmp_path: Path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, shade in (("ct.png", 200), ("ct_noised.png", 90)):
+        Image.new("L", (16, 16), shade).save(folder / name)
+    return folder
+
+
+def read(path: Path, images: Path) -> list[PreferencePair | RecordError]:
+    return list(read_pairs(path, images))
+
+
+def test_the_three_published_layouts_read_into_the_same_pair(tmp_path: Path, images: Path) -> None:
+    rows = [
+        {"id": "trl", "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                                                  "text": "Is there a pneumothorax?"}]}],
+         "chosen": [{"role": "assistant", "content": "Yes, on the right."}],
+         "rejected": [{"role": "assistant", "content": "No."}], "images": ["ct.png"]},
+        {"id": "swift", "messages": [{"role": "user", "content": QUESTION},
+                                     {"role": "assistant", "content": "Yes, on the right."}],
+         "rejected_response": "No.", "images": ["ct.png"]},
+        {"id": "factory", "conversations": [{"from": "human", "value": QUESTION}],
+         "chosen": {"from": "gpt", "value": "Yes, on the right."}, "rejected": {"from": "gpt", "value": "No."},
+         "images": ["ct.png"]},
+        {"id": "trl-text", "prompt": QUESTION, "chosen": "Yes, on the right.", "rejected": "No.", "image": "ct.png"},
+    ]
+    pairs = read(write_jsonl(tmp_path / "pairs.jsonl", rows), images)
+    assert all(isinstance(p, PreferencePair) for p in pairs), pairs
+    assert [p.layout for p in pairs] == ["trl", "ms-swift", "llama-factory", "trl"]
+    for pair in pairs:
+        assert [(t.role, t.text.replace("\n", " ").strip()) for t in pair.prompt] == \
+            [("user", "<image> Is there a pneumothorax?")], pair.id
+        assert (pair.chosen, pair.rejected, pair.weight) == ("Yes, on the right.", "No.", 1.0)
+        assert pair.images == [images / "ct.png"] and pair.rejected_images is None and not pair.own_rejected_images
+        assert pair.side("rejected")[2] == [images / "ct.png"]  # TRL's case: the rejected side sees the same image
+
+
+def test_ms_swift_rejected_images_and_messages_belong_to_the_rejected_side(tmp_path: Path, images: Path) -> None:
+    rows = [
+        {"id": "own-image", "messages": [{"role": "user", "content": QUESTION},
+                                         {"role": "assistant", "content": "Yes, on the right."}],
+         "rejected_response": "Yes, on the right.", "images": ["ct.png"], "rejected_images": ["ct_noised.png"],
+         "weight": 0.7},
+        {"id": "own-conversation", "messages": [{"role": "user", "content": QUESTION},
+                                                {"role": "assistant", "content": "Yes."}],
+         "rejected_messages": [{"role": "user", "content": "<image>\nIs the lung collapsed?"},
+                               {"role": "assistant", "content": "No."}],
+         "images": ["ct.png"]},
+    ]
+    own, conversation = read(write_jsonl(tmp_path / "swift.jsonl", rows), images)
+    assert own.own_rejected_images and own.weight == 0.7
+    assert own.side("chosen") == (own.prompt, "Yes, on the right.", [images / "ct.png"])
+    assert own.side("rejected") == (own.prompt, "Yes, on the right.", [images / "ct_noised.png"])
+    prompt, answer, side_images = conversation.side("rejected")
+    assert prompt[0].text.endswith("Is the lung collapsed?") and answer == "No." and side_images == [images / "ct.png"]
+
+
+def test_bad_pairs_are_named_by_file_line_and_side(tmp_path: Path, images: Path) -> None:
+    base = {"messages": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "Yes."}],
+            "rejected_response": "No.", "images": ["ct.png"]}
+    rows = [
+        {"id": "no-layout", "question": "Is there a pneumothorax?", "answer": "yes"},
+        {**base, "id": "two-rejected-images", "rejected_images": ["ct.png", "ct_noised.png"]},
+        {**base, "id": "escape", "rejected_images": ["../secret.png"]},
+        {**base, "id": "negative-weight", "weight": -1},
+        {**base, "id": "same", "rejected_response": "Yes."},
+        {"id": "empty", "prompt": QUESTION, "chosen": "Yes.", "rejected": " ", "images": ["ct.png"]},
+        "{not json",
+    ]
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    errors = read(path, images)
+    assert all(isinstance(e, RecordError) for e in errors), errors
+    found = [(e.line, e.record_id, e.kind) for e in errors]
+    assert found == [(1, "no-layout", "missing_field"), (2, "two-rejected-images", "image_count_mismatch"),
+                     (3, "escape", "image_outside_root"), (4, "negative-weight", "bad_weight"),
+                     (5, "same", "same_pair"), (6, "empty", "empty_answer"), (7, None, "invalid_json")]
+    assert all(e.source == str(path) for e in errors)
+    assert "rejected side: 1 <image> placeholder(s) for 2 image(s)" in str(errors[1])
+    assert "rejected side" in str(errors[2]) and "weight" in str(errors[3]) and "same answer" in str(errors[4])
+
+
+def test_rejected_images_are_checked_like_every_training_image(tmp_path: Path, images: Path) -> None:
+    (images / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 10)
+    rows = [{"id": str(i), "prompt": QUESTION, "chosen": "Yes.", "rejected": "Yes.", "images": ["ct.png"],
+             "rejected_images": [name]} for i, name in enumerate(["ct_noised.png", "gone.png", "truncated.png"])]
+    rows.append({"id": "chosen-gone", "prompt": QUESTION, "chosen": "Yes.", "rejected": "No.", "images": ["nope.png"]})
+    pairs = read(write_jsonl(tmp_path / "pairs.jsonl", rows), images)
+    kept, errors = check_pair_images(pairs)
+    assert [p.id for p in kept] == ["0"]
+    assert [(e.record_id, e.kind) for e in errors] == [("1", "missing_image"), ("2", "unsupported_format"),
+                                                       ("chosen-gone", "missing_image")]
+    assert str(errors[0]).startswith(f"{tmp_path / 'pairs.jsonl'}:2 (id 1): missing_image: rejected side:")
+    assert "chosen side" in str(errors[2])
+
+
+def test_a_json_array_file_and_a_datasets_folder_are_read_too(tmp_path: Path, images: Path) -> None:
+    row = {"id": "a", "prompt": QUESTION, "chosen": "Yes.", "rejected": "No.", "images": ["ct.png"]}
+    (tmp_path / "pairs.json").write_text(json.dumps([row, {**row, "id": "b"}]))
+    assert [p.id for p in read(tmp_path / "pairs.json", images)] == ["a", "b"]
