@@ -175,38 +175,50 @@ def all_ranks_true(flag: bool) -> bool:
 
 
 def check_shared_output(folder: Path, wait_s: float = 30.0) -> None:
-    """Fail on every rank, naming the ranks and hosts that cannot see it, unless `folder` is one folder that every
-    rank sees: rank 0 writes a probe file there and every rank looks for it for up to `wait_s` (a network file
-    system may serve a cached listing of the folder for that long; NFS's default acdirmin is 30 s). A no-op with
-    one rank."""
+    """Make the output folder and fail on every rank, naming the ranks and hosts that cannot see it, unless it is
+    one folder that every rank sees: rank 0 writes a probe file there and every rank looks for it for up to
+    `wait_s` (a network file system may serve a cached listing of the folder for that long; NFS's default acdirmin
+    is 30 s). A rank that cannot make the folder or write the probe is reported the same way, by every rank, rather
+    than leaving the others at a barrier. With one rank: only the folder is made."""
     if not _distributed():
+        folder.mkdir(parents=True, exist_ok=True)
         return
+    problem: str | None = None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        problem = f"cannot make it ({err})"
     name = [f".medllava-shared-{uuid.uuid4().hex}" if is_writer() else None]
     dist.broadcast_object_list(name, src=0)
     probe = folder / str(name[0])
-    if is_writer():
-        probe.write_text(socket.gethostname(), encoding="utf-8")
+    if is_writer() and problem is None:
+        try:
+            probe.write_text(socket.gethostname(), encoding="utf-8")
+        except OSError as err:
+            problem = f"cannot write there ({err})"
     barrier()
+    if problem is None and not _sees(probe, wait_s):
+        problem = f"cannot see (within {wait_s:g} s) the file rank 0 wrote there"
     seen: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(seen, (_sees(probe, wait_s), socket.gethostname(), str(folder.resolve())))
+    dist.all_gather_object(seen, (problem, socket.gethostname(), str(folder.resolve())))
     barrier()
     if is_writer():
         probe.unlink(missing_ok=True)
-    blind = [f"rank {i} on {host} ({path})" for i, (ok, host, path) in enumerate(seen) if not ok]
-    if blind:
+    bad = [f"rank {i} on {host} ({path}) {what}" for i, (what, host, path) in enumerate(seen) if what]
+    if bad:
         raise SharedOutputError(
-            f"run.output_dir {folder} is not shared by the ranks: {', '.join(blind)} cannot see (within {wait_s:g} s) the file rank 0 "
-            f"wrote there ({seen[0][2]} on {seen[0][1]}). Checkpoints, resume and the final folder need one folder "
-            "every rank sees: put run.output_dir on a file system every node mounts, as an absolute path "
-            "(only data.cache_dir may be node-local)")
+            f"run.output_dir {folder} is not one folder every rank can use: {'; '.join(bad)}. Rank 0 sees "
+            f"{seen[0][2]} on {seen[0][1]}. Checkpoints, resume and the final folder need one writable folder every "
+            "rank sees: put run.output_dir on a file system every node mounts, as an absolute path (only "
+            "data.cache_dir may be node-local)")
 
 
 def _sees(probe: Path, wait_s: float) -> bool:
-    """Whether `probe` shows in its folder's listing within `wait_s`."""
+    """Whether `probe` shows (by name, or in its folder's listing) within `wait_s`."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            if probe.name in os.listdir(probe.parent):
+            if probe.exists() or probe.name in os.listdir(probe.parent):
                 return True
         except OSError:
             pass
@@ -255,6 +267,7 @@ class HangWatchdog:
     def start(self) -> None:
         if self._thread is not None or world_size() <= 1:
             return
+        self._stop.clear()
         self._store = _heartbeat_store()
         self._last = time.monotonic()
         self._beat()
@@ -278,13 +291,16 @@ class HangWatchdog:
 
     def heartbeats(self) -> dict[int, dict[str, Any] | None]:
         """Every rank's last heartbeat (None: never heard, or the store does not answer)."""
-        beats: dict[int, dict[str, Any] | None] = {}
-        for other in range(world_size()):
+        beats: dict[int, dict[str, Any] | None] = dict.fromkeys(range(world_size()))
+        for other in beats:
+            if self._store is None:
+                break
             try:
                 key = str(other)
-                beats[other] = json.loads(self._store.get(key)) if self._store is not None and \
-                    self._store.check([key]) else None
-            except (RuntimeError, OSError, ValueError):
+                beats[other] = json.loads(self._store.get(key)) if self._store.check([key]) else None
+            except (RuntimeError, OSError):  # the store's host is gone or frozen: do not wait on it per rank
+                break
+            except ValueError:
                 beats[other] = None
         return beats
 

@@ -42,6 +42,8 @@ class Layout:
     master_addr: str = "127.0.0.1"
     master_port: int = DEFAULT_PORT
     job_id: str = "medllava"
+    addr_given: bool = False
+    """Whether the address came from the environment (MASTER_ADDR or SLURM), not the one-node default."""
 
     def shell(self) -> str:
         """The layout as shell assignments, for `eval` in train.sh."""
@@ -51,15 +53,17 @@ class Layout:
 
 
 def first_host(nodelist: str) -> str:
-    """The first host of a SLURM host list: "gpu[07-09,12],cpu1" -> "gpu07", "node3,node4" -> "node3"."""
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?([^,]*)", nodelist.strip())
-    if not match or not match.group(1):
-        raise LaunchError(f"SLURM_JOB_NODELIST {nodelist!r}: no host name in it")
-    prefix, ranges, suffix = match.groups()
-    if ranges is None:
-        return prefix + suffix
-    first = ranges.split(",")[0].split("-")[0]
-    return f"{prefix}{first}{suffix}"
+    """The first host of a SLURM host list: "gpu[07-09,12],cpu1" -> "gpu07", "r[1-2]-n[01-04]" -> "r1-n01"."""
+    depth, first = 0, ""
+    for char in nodelist.strip():  # the first entry: up to a comma outside brackets
+        if char == "," and depth == 0:
+            break
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        first += char
+    host = re.sub(r"\[([^\]]+)\]", lambda m: re.split(r"[,-]", m.group(1))[0], first)
+    if not host or "[" in host or "]" in host:
+        raise LaunchError(f"SLURM node list {nodelist!r}: no host name in it")
+    return host
 
 
 def visible_gpus() -> int:
@@ -95,14 +99,16 @@ def layout_from_env(env: Mapping[str, str], gpus: int | None = None) -> Layout:
     node_rank = _int(env, "NODE_RANK", pick("NODE_RANK", "SLURM_NODEID", "0"))
     gpus = visible_gpus() if gpus is None else gpus
     nproc = _int(env, "NPROC", pick("NPROC", "SLURM_GPUS_ON_NODE", str(max(gpus, 1))))
+    given = True
     if env.get("MASTER_ADDR"):
         addr = env["MASTER_ADDR"]
-    elif slurm and nnodes > 1:
-        addr = first_host(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", ""))
+    elif slurm and nnodes > 1:  # the step's nodes (an srun on part of the allocation), else the job's
+        addr = first_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+                          or env.get("SLURM_NODELIST", ""))
     elif nnodes > 1:
         raise LaunchError(f"NNODES={nnodes}: set MASTER_ADDR to the address of node 0 (the same on every node)")
     else:
-        addr = "127.0.0.1"
+        addr, given = "127.0.0.1", False
     default_port = str(20000 + int(env["SLURM_JOB_ID"]) % 10000) if slurm and env["SLURM_JOB_ID"].isdigit() \
         else str(DEFAULT_PORT)
     port = _int(env, "MASTER_PORT", env.get("MASTER_PORT") or default_port)
@@ -111,7 +117,7 @@ def layout_from_env(env: Mapping[str, str], gpus: int | None = None) -> Layout:
     if not 0 <= node_rank < nnodes:
         raise LaunchError(f"NODE_RANK={node_rank} is not a node of NNODES={nnodes} (0 to {nnodes - 1})")
     job = env.get("JOB_ID") or (env["SLURM_JOB_ID"] if slurm else "medllava")
-    return Layout(nnodes, node_rank, nproc, addr, port, job)
+    return Layout(nnodes, node_rank, nproc, addr, port, job, given)
 
 
 def launch_command(launcher: str, layout: Layout, args: list[str], *, max_restarts: int = 0,
@@ -136,12 +142,20 @@ def launch_command(launcher: str, layout: Layout, args: list[str], *, max_restar
                "--num_processes", str(total), "--num_machines", str(layout.nnodes), "--machine_rank",
                str(layout.node_rank), "--main_process_ip", layout.master_addr, "--main_process_port",
                str(layout.master_port), "--mixed_precision", "no", "--dynamo_backend", "no"]
+        if many:  # the c10d rendezvous, as for torchrun: a restarted node can re-join it
+            cmd += ["--rdzv_backend", "c10d"]
         if max_restarts:
             cmd += ["--max_restarts", str(max_restarts)]
         return [*cmd, "-m", "medllava.cli", *args]
     if launcher == "deepspeed":
-        cmd = [python, "-m", "deepspeed.launcher.runner", "--master_addr", layout.master_addr, "--master_port",
-               str(layout.master_port)]
+        if max_restarts:
+            raise LaunchError("MAX_RESTARTS: the DeepSpeed launcher does not restart failed ranks; use "
+                              "LAUNCHER=torchrun (DeepSpeed configs work under it) or rerun train.sh, which resumes")
+        cmd = [python, "-m", "deepspeed.launcher.runner", "--master_port", str(layout.master_port)]
+        if many or layout.addr_given or not hostfile:
+            # with HOSTFILE alone DeepSpeed finds the first listed host's address itself (127.0.0.1 would send the
+            # ssh-started ranks to their own loopback)
+            cmd += ["--master_addr", layout.master_addr]
         if many:  # every node runs its own launcher (no ssh); the hostfile gives the node order and slots
             cmd += ["--hostfile", hostfile or write_hostfile(layout), "--no_ssh", "--node_rank",
                     str(layout.node_rank)]

@@ -16,8 +16,14 @@ py="$venv/bin/python"
 stamp="$venv/.medllava-install"
 lock="$root/requirements/lock.txt"
 want=$(cat "$root/pyproject.toml" "$root/scripts/setup_venv.sh" "$root/scripts/cpu_torch.sh" "$lock" | sha256sum | cut -c1-16)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$py" -c "import medllava, data_recipes, torch, torchvision" 2>/dev/null; then
-  exit 0
+ready() { [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$py" -c "import medllava, data_recipes, torch, torchvision" 2>/dev/null; }
+ready && exit 0
+# Several runs at once (train.sh on every node of a shared checkout, rehearsals side by side) install one at a time;
+# the ones that waited find the work done.
+if command -v flock >/dev/null 2>&1; then
+  exec 9>"$venv/.install.lock"
+  flock 9
+  ready && exit 0
 fi
 
 pip_install() {  # quiet pip; drop the warnings some machines' pip config prints about missing local indexes

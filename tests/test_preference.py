@@ -66,14 +66,27 @@ def test_ms_swift_rejected_images_and_messages_belong_to_the_rejected_side(tmp_p
                                                 {"role": "assistant", "content": "Yes."}],
          "rejected_messages": [{"role": "user", "content": "<image>\nIs the lung collapsed?"},
                                {"role": "assistant", "content": "No."}],
+         "images": ["ct.png"], "rejected_images": ["ct_noised.png"]},
+        {"id": "own-conversation-no-images", "messages": [{"role": "user", "content": QUESTION},
+                                                          {"role": "assistant", "content": "Yes."}],
+         "rejected_messages": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "No."}],
          "images": ["ct.png"]},
+        {"id": "factory-system", "system": "You are a radiologist.", "conversations": [{"from": "human",
+                                                                                        "value": QUESTION}],
+         "chosen": {"from": "gpt", "value": "Yes."}, "rejected": {"from": "gpt", "value": "No."},
+         "images": ["ct.png"], "weight": None},
     ]
-    own, conversation = read(write_jsonl(tmp_path / "swift.jsonl", rows), images)
+    own, conversation, no_images, system = read(write_jsonl(tmp_path / "swift.jsonl", rows), images)
     assert own.own_rejected_images and own.weight == 0.7
     assert own.side("chosen") == (own.prompt, "Yes, on the right.", [images / "ct.png"])
     assert own.side("rejected") == (own.prompt, "Yes, on the right.", [images / "ct_noised.png"])
     prompt, answer, side_images = conversation.side("rejected")
-    assert prompt[0].text.endswith("Is the lung collapsed?") and answer == "No." and side_images == [images / "ct.png"]
+    assert prompt[0].text.endswith("Is the lung collapsed?") and answer == "No."
+    assert side_images == [images / "ct_noised.png"]
+    # ms-swift: rejected_messages bring their own images; without them the placeholder has no image
+    assert isinstance(no_images, RecordError) and no_images.kind == "image_count_mismatch"
+    assert "rejected side: 1 <image> placeholder(s) for 0 image(s)" in str(no_images)
+    assert [t.role for t in system.prompt] == ["system", "user"] and system.weight == 1.0
 
 
 def test_bad_pairs_are_named_by_file_line_and_side(tmp_path: Path, images: Path) -> None:

@@ -6,11 +6,12 @@ Layouts, detected per record, from JSON, JSONL or any `datasets` source (as SFT 
   (TRL feeds the chosen side's images to both sides);
 - ms-swift: {"messages": [..., the chosen assistant turn], "rejected_response": str, "images", "rejected_images",
   "rejected_messages": [...]} -- `rejected_images` are the rejected side's own images (the conditional preference
-  "same answer, another image"), `rejected_messages` its whole conversation;
-- LLaMA-Factory: {"conversations": [{"from", "value"}, ...], "chosen": {"from", "value"}, "rejected": {...},
-  "images"};
+  "same answer, another image"), `rejected_messages` its whole conversation (with its own `rejected_images`);
+- LLaMA-Factory (sharegpt): {"conversations": [{"from", "value"}, ...], "chosen": {"from", "value"},
+  "rejected": {...}, "images", "system"};
 - medllava's own (what `data_recipes/preference_pairs.py` writes): TRL's keys plus "rejected_images" and "weight".
-An optional "weight" (MMedPO's per-pair clinical-relevance weight) is a finite number >= 0.
+An optional "weight" (MMedPO's per-pair clinical-relevance weight) is a finite number >= 0 (null: 1). Not read yet:
+TRL's implicit-prompt records (chosen/rejected conversations without `prompt`) and LLaMA-Factory's alpaca layout.
 """
 
 from __future__ import annotations
@@ -132,6 +133,8 @@ def _parse(data: dict[str, Any], raw: RawRecord, rid: str) -> PreferencePair:
         chosen, rejected = _answer(data["chosen"], raw, "chosen"), _answer(data["rejected"], raw, "rejected")
     elif layout == "llama-factory":
         prompt, _ = _turns(data["conversations"], raw, "conversations", key="conversations")
+        if isinstance(data.get("system"), str) and data["system"].strip():  # LLaMA-Factory's `system` column
+            prompt = [Turn("system", data["system"]), *prompt]
         chosen, rejected = _answer(data["chosen"], raw, "chosen"), _answer(data["rejected"], raw, "rejected")
     else:  # ms-swift: the conversation ends with the chosen answer
         if "messages" not in data:
@@ -146,12 +149,13 @@ def _parse(data: dict[str, Any], raw: RawRecord, rid: str) -> PreferencePair:
             if other[-1].role != "assistant":
                 raise RecordError("bad_roles", "'rejected_messages' must end with the rejected assistant turn")
             rejected_prompt, rejected = other[:-1], other[-1].text
-            rejected_images = other_images or None
+            # ms-swift: a rejected conversation of its own brings its own images (`rejected_images`, or parts)
+            rejected_images = other_images or _as_images(data.get("rejected_images"))
         else:
             rejected = _answer(data["rejected_response"], raw, "rejected_response")
     if "rejected_images" in data:
         rejected_images = _as_images(data["rejected_images"])
-    weight = data.get("weight", 1.0)
+    weight = 1.0 if data.get("weight") is None else data["weight"]
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
         raise RecordError("bad_weight", f"'weight' {weight!r} must be a finite number >= 0")
     return PreferencePair(id=rid, prompt=prompt, chosen=chosen, rejected=rejected, images=images,

@@ -82,7 +82,8 @@ class MedLlavaTrainerMixin:
         self.guard.deepspeed_engine = lambda: self.model_wrapped if self.is_deepspeed_enabled else None
         self.guard.loss_scaler = lambda: getattr(self.accelerator, "scaler", None)
         self.add_callback(self.guard)
-        self.add_callback(HangCallback(ranks.HangWatchdog(hang_timeout_s)))
+        self.hang_watchdog = ranks.HangWatchdog(hang_timeout_s)
+        self.add_callback(HangCallback(self.hang_watchdog))
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
@@ -274,8 +275,8 @@ def begin_stage(cfg: StageConfig) -> tuple[Path, str, Any, ProcessorMixin, str |
     accumulation = cfg.accumulation(world)  # a global batch that does not divide fails here, not after loading
     ranks.ensure_process_group(deepspeed=bool(cfg.run.deepspeed), timeout_s=max(3600.0, 2 * cfg.run.hang_timeout_s))
     out = Path(cfg.run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ranks.check_shared_output(out, cfg.run.shared_output_wait_s)  # before the model loads: node-local output folders fail here, not mid-run
+    # made here; before the model loads, an output folder the ranks do not share fails here, not mid-run
+    ranks.check_shared_output(out, cfg.run.shared_output_wait_s)
     set_seed(cfg.run.seed)
     precision = resolve_precision(cfg.run.precision, on_cpu(cfg))
     unit = "completions" if cfg.kind == "grpo" else "samples"
@@ -396,7 +397,10 @@ def train_and_save(run: StageRun) -> Path:
     """Train (resuming from the newest complete checkpoint when there is one) and publish the output folder."""
     if run.checkpoint:
         logger.info("resuming from %s", run.checkpoint)
-    run.trainer.train(resume_from_checkpoint=run.checkpoint)
+    try:
+        run.trainer.train(resume_from_checkpoint=run.checkpoint)
+    finally:  # a run that fails (divergence, out of memory) must not be ended later as "hung" during teardown
+        run.trainer.hang_watchdog.stop()
     return save_stage_output(run.cfg, run.trainer, run.processor, run.base_ref)
 
 
