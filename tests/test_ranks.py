@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -518,8 +519,10 @@ def test_a_hung_rank_ends_the_job_naming_the_rank_and_step_within_the_set_time(t
     assert "rank 0 on" in text and "made no progress for 8 s at step" in text, text[-3000:]
     assert "rank(s) 1 stopped answering or fell behind" in text
     assert "rank 1 on" not in text.split("made no progress")[0][-300:], "the frozen rank does not blame the others"
-    assert "rank 1 was frozen for" in text or "exitcode: -15" in text  # woken by SIGCONT, it said why, or ended
-    assert "exitcode  : 75" in text or "exit code 75" in text.lower() or "exitcode: 75" in text, text[-3000:]
+    # woken by SIGCONT, rank 1 said why, or the launcher's SIGTERM ended it first (torchrun writes the exit code as
+    # "failed (exitcode: -15)" or, in its summary, "exitcode  : -15")
+    assert "rank 1 was frozen for" in text or re.search(r"exitcode\s*:\s*-15\b", text), text[-3000:]
+    assert re.search(r"exitcode\s*:\s*75\b", text) or "exit code 75" in text.lower(), text[-3000:]
 
 
 @pytest.mark.slow
