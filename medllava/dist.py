@@ -89,13 +89,11 @@ def ensure_process_group(deepspeed: bool = False, timeout_s: float = 3600.0) -> 
         else:
             backend = "gloo"
         timeout = timedelta(seconds=timeout_s)
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and attempt != "0":
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and _attempt() != "0":
             # A torchrun restart: the agent's store still holds the dead attempt's gloo/NCCL addresses under the
             # same keys (env:// adds no attempt prefix), and the new ranks would connect to closed ports. Each
             # attempt gets a prefix of its own in the agent's store.
-            store = dist.PrefixStore(f"medllava-attempt-{attempt}", dist.TCPStore(
-                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout))
+            store = dist.PrefixStore(f"medllava-attempt-{_attempt()}", _launcher_store(timeout))
             dist.init_process_group(backend=backend, store=store, rank=rank(), world_size=world_size(),
                                     timeout=timeout)
         else:
@@ -348,19 +346,28 @@ class HangWatchdog:
 def _heartbeat_store() -> Any:
     """A client of the launcher's key-value store (torchrun's agent, or rank 0's for the DeepSpeed launcher), under a
     prefix of this attempt (torchrun restarts keep the store); None where it cannot be reached."""
-    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-    if not host or not port:
+    if not os.environ.get("MASTER_ADDR") or not os.environ.get("MASTER_PORT"):
         return None
     try:
-        store = dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=10),
-                              wait_for_workers=False)
+        store = _launcher_store(timedelta(seconds=10))
     except (RuntimeError, OSError) as err:
-        logger.warning("hang watchdog: no heartbeats (the store at %s:%s does not answer: %s)", host, port, err)
+        logger.warning("hang watchdog: no heartbeats (the store at %s:%s does not answer: %s)",
+                       os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], err)
         return None
     return dist.PrefixStore(heartbeat_prefix(), store)
 
 
+def _launcher_store(timeout: timedelta) -> Any:
+    """A client of the key-value store the launcher serves at MASTER_ADDR:MASTER_PORT."""
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout,
+                         wait_for_workers=False)
+
+
+def _attempt() -> str:
+    """Which torchrun attempt this is ("0" before any restart)."""
+    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+
+
 def heartbeat_prefix() -> str:
     """Where this attempt's heartbeats live in the store (torchrun restarts keep the store, not the attempt)."""
-    return (f"medllava-heartbeat/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/"
-            f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
+    return f"medllava-heartbeat/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{_attempt()}"

@@ -6,7 +6,8 @@ command line (torchrun, accelerate, the DeepSpeed launcher). It imports nothing 
 
 The layout: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT and NPROC (processes per node, default every visible
 GPU, at least 1) from the environment; under SLURM (one `train.sh` per node: `srun --ntasks-per-node=1`) the
-missing ones come from SLURM_NNODES, SLURM_NODEID, the first host of SLURM_JOB_NODELIST and SLURM_GPUS_ON_NODE,
+missing ones come from SLURM_NNODES, SLURM_NODEID, the first host of the step's (else the job's) node list and
+SLURM_GPUS_ON_NODE,
 and the port from the job id (two jobs sharing a node do not collide). LAUNCHER picks the launcher; MAX_RESTARTS
 (torchrun, accelerate) restarts a failed job from its newest checkpoint; HOSTFILE (DeepSpeed) names the nodes.
 """
@@ -77,7 +78,7 @@ def visible_gpus() -> int:
     return sum(1 for line in listed.splitlines() if line.startswith("GPU "))
 
 
-def _int(env: Mapping[str, str], key: str, value: str) -> int:
+def _int(key: str, value: str) -> int:
     try:
         return int(value)
     except ValueError:
@@ -95,10 +96,10 @@ def layout_from_env(env: Mapping[str, str], gpus: int | None = None) -> Layout:
             return env[slurm_key]
         return default
 
-    nnodes = _int(env, "NNODES", pick("NNODES", "SLURM_NNODES", "1"))
-    node_rank = _int(env, "NODE_RANK", pick("NODE_RANK", "SLURM_NODEID", "0"))
+    nnodes = _int("NNODES", pick("NNODES", "SLURM_NNODES", "1"))
+    node_rank = _int("NODE_RANK", pick("NODE_RANK", "SLURM_NODEID", "0"))
     gpus = visible_gpus() if gpus is None else gpus
-    nproc = _int(env, "NPROC", pick("NPROC", "SLURM_GPUS_ON_NODE", str(max(gpus, 1))))
+    nproc = _int("NPROC", pick("NPROC", "SLURM_GPUS_ON_NODE", str(max(gpus, 1))))
     given = True
     if env.get("MASTER_ADDR"):
         addr = env["MASTER_ADDR"]
@@ -111,7 +112,7 @@ def layout_from_env(env: Mapping[str, str], gpus: int | None = None) -> Layout:
         addr, given = "127.0.0.1", False
     default_port = str(20000 + int(env["SLURM_JOB_ID"]) % 10000) if slurm and env["SLURM_JOB_ID"].isdigit() \
         else str(DEFAULT_PORT)
-    port = _int(env, "MASTER_PORT", env.get("MASTER_PORT") or default_port)
+    port = _int("MASTER_PORT", env.get("MASTER_PORT") or default_port)
     if nnodes < 1 or nproc < 1:
         raise LaunchError(f"NNODES={nnodes}, NPROC={nproc}: both must be at least 1")
     if not 0 <= node_rank < nnodes:
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args:
             parser.error("nothing to launch: python -m medllava.launch -- train STAGE.yaml")
         cmd = launch_command(os.environ.get("LAUNCHER", "torchrun"), layout, args,
-                             max_restarts=_int(os.environ, "MAX_RESTARTS", os.environ.get("MAX_RESTARTS", "0")),
+                             max_restarts=_int("MAX_RESTARTS", os.environ.get("MAX_RESTARTS", "0")),
                              hostfile=os.environ.get("HOSTFILE") or None)
     except LaunchError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -22,11 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medllava.data.records import RawRecord, Record, RecordError, Turn, iter_raw, normalize
+from medllava.data.records import RawRecord, Record, RecordError, Turn, as_list, iter_raw, normalize
 from medllava.data.validate import check_images, check_structure, first_failure, resolve_image
 from medllava.imaging import ImageError
-
-LAYOUTS = ("trl", "ms-swift", "llama-factory")
 
 
 @dataclass
@@ -101,12 +99,6 @@ def _answer(value: Any, raw: RawRecord, what: str) -> str:
     return text
 
 
-def _as_images(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
 def parse_pair(raw: RawRecord) -> PreferencePair:
     """A preference pair from one parsed record, or a located RecordError."""
     data = raw.data or {}
@@ -125,7 +117,7 @@ def _parse(data: dict[str, Any], raw: RawRecord, rid: str) -> PreferencePair:
         layout = detect_layout(data)
     except KeyError as err:
         raise RecordError("missing_field", str(err.args[0])) from None
-    images = _as_images(data.get("images", data.get("image")))
+    images = as_list(data.get("images", data.get("image")))
     rejected_prompt = rejected_images = None
     if layout == "trl":
         prompt, part_images = _turns(data["prompt"], raw, "prompt")
@@ -150,11 +142,11 @@ def _parse(data: dict[str, Any], raw: RawRecord, rid: str) -> PreferencePair:
                 raise RecordError("bad_roles", "'rejected_messages' must end with the rejected assistant turn")
             rejected_prompt, rejected = other[:-1], other[-1].text
             # ms-swift: a rejected conversation of its own brings its own images (`rejected_images`, or parts)
-            rejected_images = other_images or _as_images(data.get("rejected_images"))
+            rejected_images = other_images or as_list(data.get("rejected_images"))
         else:
             rejected = _answer(data["rejected_response"], raw, "rejected_response")
     if "rejected_images" in data:
-        rejected_images = _as_images(data["rejected_images"])
+        rejected_images = as_list(data["rejected_images"])
     weight = 1.0 if data.get("weight") is None else data["weight"]
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
         raise RecordError("bad_weight", f"'weight' {weight!r} must be a finite number >= 0")

@@ -264,7 +264,8 @@ def write_records(rows: list[dict[str, Any]], path: str | Path) -> Path:
     return path
 
 
-def _as_list(value: Any) -> list[Any]:
+def as_list(value: Any) -> list[Any]:
+    """None -> [], a list or tuple -> a list, anything else -> [it] (a record's one image or several)."""
     if value is None:
         return []
     if isinstance(value, (list, tuple)):
@@ -281,7 +282,7 @@ def normalize(raw: RawRecord) -> Record:
     def fail(kind: str, reason: str) -> RecordError:
         return RecordError(kind, reason, source=raw.source, line=raw.line, record_id=rid)
 
-    images = _as_list(data.get("images", data.get("image")))
+    images = as_list(data.get("images", data.get("image")))
     turns: list[Turn] = []
     if "conversations" in data:
         convs = data["conversations"]

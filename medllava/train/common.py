@@ -275,7 +275,7 @@ def begin_stage(cfg: StageConfig) -> tuple[Path, str, Any, ProcessorMixin, str |
     accumulation = cfg.accumulation(world)  # a global batch that does not divide fails here, not after loading
     ranks.ensure_process_group(deepspeed=bool(cfg.run.deepspeed), timeout_s=max(3600.0, 2 * cfg.run.hang_timeout_s))
     out = Path(cfg.run.output_dir)
-    # made here; before the model loads, an output folder the ranks do not share fails here, not mid-run
+    # makes the folder; one the ranks do not share fails here, before the model loads, not mid-run
     ranks.check_shared_output(out, cfg.run.shared_output_wait_s)
     set_seed(cfg.run.seed)
     precision = resolve_precision(cfg.run.precision, on_cpu(cfg))

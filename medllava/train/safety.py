@@ -217,30 +217,14 @@ class HangCallback(TrainerCallback):
     def __init__(self, watchdog: ranks.HangWatchdog) -> None:
         self.watchdog = watchdog
 
-    def _progress(self, state: Any) -> None:
+    def _progress(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.watchdog.progress(state.global_step)
 
+    on_step_begin = on_substep_end = on_step_end = on_save = on_log = on_evaluate = _progress
+
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._progress(state)
+        self._progress(args, state, control)
         self.watchdog.start()
-
-    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._progress(state)
-
-    def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._progress(state)
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._progress(state)
-
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._progress(state)
-
-    def on_log(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._progress(state)
-
-    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._progress(state)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.watchdog.stop()
