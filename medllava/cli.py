@@ -32,14 +32,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from medllava.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    if cfg.kind == "grpo":
-        from medllava.train.grpo import run_grpo
+    from medllava.train.stage import run_stage
 
-        out = run_grpo(cfg)
-    else:
-        from medllava.train.sft import run_sft
-
-        out = run_sft(cfg)
+    out = run_stage(cfg)
     print(f"stage {cfg.name} done: {out}")
     return 0
 

@@ -238,12 +238,70 @@ class GRPOSection:
     pass_rate_filter: PassRateFilterSection = field(default_factory=PassRateFilterSection)
 
 
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+"""TRL's DPO loss types (trl.DPOConfig.loss_type); a test keeps this list equal to the ones TRL's trainer accepts."""
+
+
+@dataclass
+class DPOSection:
+    """Direct preference optimisation on preference pairs (TRL's DPOTrainer; pairs read by medllava.data.preference,
+    each side with its own images). The knobs named as in trl.DPOConfig mean what they mean there."""
+
+    beta: float = 0.1
+    """How far the policy may move from the reference (TRL's beta; IPO's tau)."""
+    loss_type: list[str] | str = "sigmoid"
+    """TRL loss type(s); several are summed with `loss_weights` (MPO: [sigmoid, bco_pair, sft])."""
+    loss_weights: list[float] | None = None
+    """One weight per loss type (None: 1 each)."""
+    sft_weight: float = 0.0
+    """RPO: add the chosen answers' negative log-likelihood (TRL's 'sft' loss) with this weight; 0: none."""
+    label_smoothing: float = 0.0
+    """Robust / EXO / cDPO: the assumed share of flipped preferences."""
+    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl"
+    ld_alpha: float | None = None
+    """LD-DPO: weight of the tokens past the shorter answer's length (None: plain sums)."""
+    use_weighting: bool = False
+    """WPO: weight each pair by the policy's probability of both answers."""
+    pair_weights: bool = True
+    """Multiply each pair's loss by its record's `weight` (MMedPO's clinical-relevance weighting; 1 when absent)."""
+
+    def loss_types(self) -> list[str]:
+        """The loss types TRL runs, RPO's 'sft' term included."""
+        types_ = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        return [*types_, "sft"] if self.sft_weight > 0 else types_
+
+    def weights(self) -> list[float] | None:
+        """TRL's loss_weights for loss_types() (None: 1 each)."""
+        if self.sft_weight <= 0:
+            return self.loss_weights
+        return [*(self.loss_weights or [1.0] * (len(self.loss_types()) - 1)), self.sft_weight]
+
+    def validate(self) -> None:
+        given = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        unknown = [t for t in given if t not in DPO_LOSS_TYPES]
+        if not given or unknown:
+            raise ConfigError(f"dpo.loss_type: unknown {unknown or 'empty list'}; known: {list(DPO_LOSS_TYPES)}")
+        if self.beta <= 0:
+            raise ConfigError(f"dpo.beta: {self.beta} must be positive")
+        if self.loss_weights is not None and len(self.loss_weights) != len(given):
+            raise ConfigError(f"dpo.loss_weights: {len(self.loss_weights)} weight(s) for {len(given)} loss type(s) {given}")
+        if self.sft_weight < 0:
+            raise ConfigError(f"dpo.sft_weight: {self.sft_weight} must be >= 0")
+        if self.sft_weight > 0 and "sft" in given:
+            raise ConfigError("dpo.sft_weight: the loss types already hold 'sft'; give its weight in loss_weights")
+        if self.pair_weights and any(t.startswith("aot") for t in given):
+            raise ConfigError("dpo.loss_type aot sorts the batch's pairs, so per-pair weights cannot follow them; "
+                              "set dpo.pair_weights: false")
+
+
 @dataclass
 class StageConfig:
     """One training stage: everything needed to reproduce it."""
 
     name: str = "stage"
-    kind: Literal["sft", "grpo"] = "sft"
+    kind: Literal["sft", "grpo", "dpo"] = "sft"
+    """What the stage trains (one entry of medllava.train.stage.STAGE_KINDS each)."""
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     trainable: TrainableSection = field(default_factory=TrainableSection)
@@ -252,6 +310,7 @@ class StageConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     run: RunSection = field(default_factory=RunSection)
     grpo: GRPOSection = field(default_factory=GRPOSection)
+    dpo: DPOSection = field(default_factory=DPOSection)
 
     def validate(self) -> None:
         """Cross-field checks that types alone cannot express."""
@@ -279,6 +338,15 @@ class StageConfig:
                 )
             if not g.rewards:
                 raise ConfigError("grpo.rewards: at least one reward")
+            from medllava.rewards import REWARDS
+
+            unknown = [n for n in g.rewards if n not in REWARDS]
+            if unknown:
+                raise ConfigError(f"grpo.rewards: unknown reward(s) {unknown}; known: {sorted(REWARDS)}")
+            if g.gate_accuracy_on_format and g.prompt == "plain":
+                raise ConfigError("grpo.gate_accuracy_on_format needs prompt 'answer' or 'think' (a format to gate on)")
+        if self.kind == "dpo":
+            self.dpo.validate()
         if self.data.max_length <= 0:
             raise ConfigError("data.max_length must be positive")
         if self.data.window is not None:

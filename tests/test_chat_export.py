@@ -20,7 +20,7 @@ from medllava.chat import ChatSession
 from medllava.config import config_from_dict
 from medllava.export import export, probe_image, probe_logits, push
 from medllava.model import load_model
-from medllava.train.sft import run_sft
+from medllava.train.stage import run_stage
 
 from .conftest import stage_dict
 
@@ -38,7 +38,7 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory, phantom: Path, base_model
     tmp = tmp_path_factory.mktemp("lora_run")
     cfg = stage_dict(tmp, phantom, init_from=base_models[("clip", "llama")],
                      trainable={"vision": "frozen", "projector": "full", "llm": "lora"}, optim={"lr": 5e-2})
-    return run_sft(config_from_dict(cfg))
+    return run_stage(config_from_dict(cfg))
 
 
 def test_session_answers_and_keeps_history(base_models: dict, phantom: Path) -> None:

@@ -123,3 +123,43 @@ def test_start_up_only_settings_do_not_block_resume(tmp_path: Path) -> None:
         check_resume_config(config_from_dict(stage_dict(tmp_path, tmp_path, init_from=tmp_path,
                                                         data={"preprocess_workers": 1}, optim={"lr": 1.0})),
                             str(checkpoint))
+
+
+def _minimal(**extra: object) -> dict:
+    return {"model": {"init_from": "runs/x"}, "data": {"train_files": ["a.jsonl"]},
+            "optim": {"per_device_batch_size": 8}, **extra}
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ({"kind": "grpo", "grpo": {"rewards": {"accuracy": 1.0, "fluency": 1.0}}}, "unknown reward"),
+    ({"kind": "grpo", "grpo": {"prompt": "plain", "gate_accuracy_on_format": True}}, "needs prompt"),
+    ({"kind": "dpo", "dpo": {"loss_type": ["sigmoid", "dpop"]}}, r"dpo.loss_type: unknown .*dpop"),
+    ({"kind": "dpo", "dpo": {"beta": 0}}, "dpo.beta"),
+    ({"kind": "dpo", "dpo": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}}, "dpo.loss_weights"),
+    ({"kind": "dpo", "dpo": {"loss_type": "aot"}}, "pair_weights"),
+    ({"kind": "dpo", "dpo": {"sft_weight": -1}}, "dpo.sft_weight"),
+    ({"kind": "ppo"}, "kind"),
+])
+def test_every_stage_check_fails_before_a_model_loads(section: dict, message: str) -> None:
+    """Each kind's own settings are checked by StageConfig.validate (an unknown reward name used to pass the
+    config and fail only after the model had loaded)."""
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(_minimal(**section))
+
+
+def test_every_stage_kind_has_one_table_entry() -> None:
+    """A stage kind is one entry of the table: its runner, what its batch counts, and its config section."""
+    import importlib
+    import typing
+
+    from medllava.train.stage import STAGE_KINDS
+
+    kinds = typing.get_args(typing.get_type_hints(StageConfig)["kind"])
+    assert set(kinds) == set(STAGE_KINDS) == {"sft", "grpo", "dpo"}
+    for name, kind in STAGE_KINDS.items():
+        module, function = kind.runner.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), name
+        assert kind.batch_unit in ("samples", "completions", "pairs")
+    cfg = config_from_dict(_minimal(kind="dpo", dpo={"beta": 0.2, "loss_type": ["sigmoid", "sft"],
+                                                     "loss_weights": [1.0, 0.5]}))
+    assert (cfg.dpo.beta, cfg.dpo.loss_type, cfg.dpo.loss_weights) == (0.2, ["sigmoid", "sft"], [1.0, 0.5])

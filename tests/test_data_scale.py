@@ -62,10 +62,10 @@ def _stage_with_broken_image(tmp_path: Path, phantom: Path, base: Path, image_ch
 
 def test_an_image_that_fails_in_the_loader_is_skipped_counted_and_named(tmp_path: Path, phantom: Path,
                                                                           base_models: dict) -> None:
-    from medllava.train.sft import run_sft
+    from medllava.train.stage import run_stage
 
     cfg, broken = _stage_with_broken_image(tmp_path, phantom, base_models[("clip", "llama")], "header")
-    out = run_sft(config_from_dict(cfg))  # 6 steps x 4 samples: every one of the 24 samples is met
+    out = run_stage(config_from_dict(cfg))  # 6 steps x 4 samples: every one of the 24 samples is met
     report = json.loads((out / "data_report.json").read_text())
     assert report["valid"] == 24 and report["invalid"] == 0  # the header check let it through ...
     assert report["loader_skipped"] == len(broken)  # ... and the loader named it, once however often it was met

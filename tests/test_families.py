@@ -18,7 +18,8 @@ from medllava.data.render import IGNORE_INDEX, Renderer
 from medllava.data.validate import prepare_samples
 from medllava.families import FAMILIES, by_name, family_of
 from medllava.model import ModelLoadError, apply_trainable, end_of_turn_ids, family_of_source, load_model
-from medllava.train.sft import prepare_sft, run_sft
+from medllava.train.sft import prepare_sft
+from medllava.train.stage import run_stage
 from tests.conftest import stage_dict, write_jsonl
 
 NEW = [f.name for f in FAMILIES if not f.assembled]
@@ -181,7 +182,7 @@ def test_sft_trains_and_reloads_with_plain_transformers(tiny: dict[str, Path], n
     cfg = stage_dict(tmp_path, phantom, init_from=tiny[name], data={"train_files": [str(data)], "max_length": 512},
                      trainable={"vision": "frozen", "projector": "full", "llm": llm},
                      optim={"max_steps": 2, "projector_lr": 1e-3})
-    out = run_sft(config_from_dict(cfg))
+    out = run_stage(config_from_dict(cfg))
     facts = json.loads((out / "medllava_run.json").read_text())
     assert facts["packing"] is (by_name(name).packing_refusal is None)
     if llm == "full":
@@ -241,7 +242,7 @@ def lora_runs(tiny: dict[str, Path], phantom: Path, tmp_path_factory: pytest.Tem
         cfg = stage_dict(tmp, phantom, init_from=tiny[name], data={"train_files": [str(_records(tmp, phantom, 4))],
                                                                    "max_length": 512},
                          trainable={"vision": "frozen", "projector": "full", "llm": "lora"}, optim={"max_steps": 1})
-        out[name] = run_sft(config_from_dict(cfg))
+        out[name] = run_stage(config_from_dict(cfg))
     return out
 
 
@@ -279,7 +280,7 @@ def test_grpo_step_on_each_family(tiny: dict[str, Path], name: str, phantom: Pat
     import math
 
     from medllava.config import load_config
-    from medllava.train.grpo import run_grpo
+    from medllava.train.stage import run_stage
     from tests.conftest import REPO
 
     quant = ["--quantization.bits=4"] if name == "qwen2_5_vl" else []
@@ -290,7 +291,7 @@ def test_grpo_step_on_each_family(tiny: dict[str, Path], name: str, phantom: Pat
             "--optim.per_device_batch_size=8", "--grpo.num_generations=4", "--grpo.max_completion_length=4",
             "--run.use_cpu=true", "--run.logging_steps=1", "--data.max_samples=8", "--trainable.llm=lora",
             "--lora.r=4", "--lora.alpha=8", *quant]
-    out = run_grpo(load_config(REPO / "stages/demo/grpo.yaml", args))
+    out = run_stage(load_config(REPO / "stages/demo/grpo.yaml", args))
     history = json.loads((out / "train_log.json").read_text())
     assert [h for h in history if "loss" in h and math.isfinite(h["loss"])]
     model, _ = load_model(out)
@@ -460,7 +461,7 @@ def test_idefics3_renders_as_its_processor_and_trains(phantom: Path, tmp_path: P
     cfg = stage_dict(tmp_path, phantom, init_from=folder, data={"train_files": [str(_records(tmp_path, phantom, 4))],
                                                                 "max_length": 512},
                      trainable={"vision": "frozen", "projector": "full", "llm": "lora"}, optim={"max_steps": 1})
-    model, _ = load_model(run_sft(config_from_dict(cfg)))
+    model, _ = load_model(run_stage(config_from_dict(cfg)))
     assert type(model).__name__ == "Idefics3ForConditionalGeneration"
 
 

@@ -20,7 +20,8 @@ from medllava.config import ConfigError, config_from_dict
 from medllava.model import ModelLoadError, load_model
 from medllava.train.common import save_stage_output
 from medllava.train.safety import STAGING, DivergenceError
-from medllava.train.sft import prepare_sft, run_sft
+from medllava.train.sft import prepare_sft
+from medllava.train.stage import run_stage
 
 from .conftest import stage_dict
 
@@ -178,7 +179,7 @@ def test_exploding_updates_stop_the_run(tmp_path: Path, phantom: Path, base_mode
     cfg = config_from_dict(stage_dict(tmp_path, phantom, init_from=base_models[("clip", "llama")],
                                       optim={"lr": 1e30, "max_grad_norm": 0.0, "max_steps": 5}))
     with pytest.raises(DivergenceError, match=r"non-finite (loss|gradient) .* at step [2-5], samples \["):
-        run_sft(cfg)
+        run_stage(cfg)
 
 
 def test_pickle_weights_are_refused_unless_allowed(tmp_path: Path, base_models: dict) -> None:
@@ -231,7 +232,7 @@ def test_mixed_precision_resume_restores_every_tensor_in_its_own_dtype(tmp_path:
     base = base_models[("clip", "llama")]
     sections = {"optim": {"max_steps": 4, "per_device_batch_size": 4, "lr": 5e-3},
                 "run": {"precision": "bf16", "save_steps": 2, "save_total_limit": 5}}
-    straight = run_sft(config_from_dict(stage_dict(tmp_path / "a", phantom, init_from=base, **sections)))
+    straight = run_stage(config_from_dict(stage_dict(tmp_path / "a", phantom, init_from=base, **sections)))
     resumed_dir = tmp_path / "b" / "out"
     resumed_dir.mkdir(parents=True)
     shutil.copytree(straight / "checkpoint-2", resumed_dir / "checkpoint-2")

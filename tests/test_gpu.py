@@ -12,7 +12,8 @@ from medllava.attention import llm_attention, packed_implementation, set_llm_att
 from medllava.config import config_from_dict
 from medllava.data.packing import SamplePackingCollator, packing_isolates
 from medllava.model import load_model
-from medllava.train.sft import prepare_sft, run_sft
+from medllava.train.sft import prepare_sft
+from medllava.train.stage import run_stage
 
 from .conftest import stage_dict
 
@@ -26,7 +27,7 @@ def _gpu_stage(tmp: Path, phantom: Path, base: Path, **sections) -> dict:
 
 
 def test_bf16_full_step_on_gpu(tmp_path: Path, phantom: Path, base_models: dict) -> None:
-    out = run_sft(config_from_dict(_gpu_stage(tmp_path, phantom, base_models[("siglip", "qwen2")])))
+    out = run_stage(config_from_dict(_gpu_stage(tmp_path, phantom, base_models[("siglip", "qwen2")])))
     model, _ = load_model(out)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -53,7 +54,7 @@ def test_deepspeed_zero2_on_gpu(tmp_path: Path, phantom: Path, base_models: dict
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
-    out = run_sft(config_from_dict(cfg))
+    out = run_stage(config_from_dict(cfg))
     assert (out / "model.safetensors").is_file()
 
 
@@ -133,7 +134,7 @@ def test_bf16_resume_on_gpu_is_bitwise(tmp_path: Path, phantom: Path, base_model
     base = base_models[("clip", "llama")]
     sections = {"optim": {"max_steps": 4, "per_device_batch_size": 4, "lr": 5e-3},
                 "run": {"save_steps": 2, "save_total_limit": 5}}
-    straight = run_sft(config_from_dict(_gpu_stage(tmp_path / "a", phantom, base, **sections)))
+    straight = run_stage(config_from_dict(_gpu_stage(tmp_path / "a", phantom, base, **sections)))
     (tmp_path / "b" / "out").mkdir(parents=True)
     shutil.copytree(straight / "checkpoint-2", tmp_path / "b" / "out" / "checkpoint-2")
     run = prepare_sft(config_from_dict(_gpu_stage(tmp_path / "b", phantom, base, **sections)))

@@ -13,7 +13,8 @@ from medllava.data.rl import build_rl_rows, from_llava_conversation, prompt_text
 from medllava.data.validate import DataValidationError
 from medllava.data.vqa import parse_vqa
 from medllava.model import load_model
-from medllava.train.grpo import COMPLETIONS_LOG, prepare_grpo, reward_setup, run_grpo
+from medllava.train.grpo import COMPLETIONS_LOG, prepare_grpo
+from medllava.train.stage import run_stage
 
 from .conftest import REPO, write_jsonl
 
@@ -40,7 +41,7 @@ def test_one_grpo_step(mode: str, tmp_path: Path, phantom: Path, base_models: di
     if mode == "qlora":
         pytest.importorskip("bitsandbytes")
     cfg = config_from_dict(grpo_stage(tmp_path, phantom, base_models[("clip", "llama")], *overrides))
-    out = run_grpo(cfg)
+    out = run_stage(cfg)
     history = json.loads((out / "train_log.json").read_text())
     logged = [h for h in history if "loss" in h]
     assert logged and all(math.isfinite(h["loss"]) for h in logged)
@@ -71,12 +72,10 @@ def test_grpo_on_siglip_qwen_with_think_prompt_and_gating(tmp_path: Path, phanto
 
 def test_reward_config_errors(tmp_path: Path, phantom: Path, base_models: dict) -> None:
     base = base_models[("clip", "llama")]
-    cfg = config_from_dict(grpo_stage(tmp_path, phantom, base, "--grpo.rewards={accuracy: 1.0, fluency: 1.0}"))
-    with pytest.raises(ConfigError, match="unknown reward"):
-        reward_setup(cfg, tmp_path)
-    cfg = config_from_dict(grpo_stage(tmp_path, phantom, base, "--grpo.gate_accuracy_on_format=true"))
+    with pytest.raises(ConfigError, match="unknown reward"):  # the config fails, before any model loads
+        config_from_dict(grpo_stage(tmp_path, phantom, base, "--grpo.rewards={accuracy: 1.0, fluency: 1.0}"))
     with pytest.raises(ConfigError, match="needs prompt"):
-        reward_setup(cfg, tmp_path)
+        config_from_dict(grpo_stage(tmp_path, phantom, base, "--grpo.gate_accuracy_on_format=true"))
     with pytest.raises(ConfigError, match="multiple of num_generations"):
         config_from_dict(grpo_stage(tmp_path, phantom, base, "--optim.per_device_batch_size=6"))
 

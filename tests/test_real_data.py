@@ -185,21 +185,20 @@ def test_model_card_lists_what_reproduces_the_run(tmp_path: Path, phantom: Path,
     import sys
 
     from medllava.export import export
-    from medllava.train.grpo import run_grpo
-    from medllava.train.sft import run_sft
+    from medllava.train.stage import run_stage
 
     sft = stage_dict(tmp_path / "sft", phantom, init_from=base_models[("clip", "llama")],
                      trainable={"vision": "frozen", "projector": "full", "llm": "lora"},
                      lora={"target_modules": ["q_proj", "v_proj"]},
                      optim={"max_steps": 2, "per_device_batch_size": 2, "global_batch_size": 4, "warmup_ratio": 0.1,
                             "scheduler": "cosine"}, run={"seed": 7})
-    first = run_sft(config_from_dict(sft))
+    first = run_stage(config_from_dict(sft))
     grpo = stage_dict(tmp_path / "grpo", phantom, init_from=first, optim={"max_steps": 1, "per_device_batch_size": 4})
     grpo["kind"] = "grpo"
     grpo["data"]["train_files"] = [str(phantom / "rl.jsonl")]
     grpo["grpo"] = {"prompt": "plain", "rewards": {"accuracy": 1.0, "answer_format": 0.25}, "num_generations": 4,
                     "max_completion_length": 6, "temperature": 0.9, "beta": 0.0, "log_completions_every": 0}
-    second = run_grpo(config_from_dict(grpo))
+    second = run_stage(config_from_dict(grpo))
     result = subprocess.run([sys.executable, "-m", "medllava.cli", "eval", str(second), "--data", str(phantom / "test.jsonl"),
                              "--image-folder", str(phantom / "images"), "--limit", "4"], capture_output=True, text=True,
                             timeout=300)

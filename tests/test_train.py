@@ -18,7 +18,8 @@ from transformers import TrainerCallback
 from medllava.config import config_from_dict, load_config
 from medllava.model import component_of, load_model
 from medllava.train.common import save_stage_output
-from medllava.train.sft import prepare_sft, run_sft
+from medllava.train.sft import prepare_sft
+from medllava.train.stage import run_stage
 
 from .conftest import REPO, stage_dict
 
@@ -159,7 +160,7 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path: Path, phantom: Path
     base = base_models[("clip", "llama")]
     steps = ("--optim.max_steps=4", "--run.save_steps=2", "--run.save_total_limit=3")
     straight = demo_stage("instruct", tmp_path / "a", phantom, *steps, init_from=base)
-    run_sft(config_from_dict(straight))
+    run_stage(config_from_dict(straight))
     # The same stage, stopped after step 2 (checkpoint-2), then run again with the full budget.
     first = demo_stage("instruct", tmp_path / "b", phantom, *steps, init_from=base)
     cfg = config_from_dict(first)

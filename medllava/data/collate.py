@@ -186,3 +186,47 @@ def add_pixels(batch: dict[str, Any], features: Sequence[dict[str, Any]]) -> Non
     for key in inputs[0] if inputs else []:
         value = torch.cat([i[key] for i in inputs], dim=0)
         batch[key] = value[None] if key in tiled else value
+
+
+PAIR_WEIGHTS = "pair_weights"
+"""Batch key of the pairs' weights (DPO); the DPO trainer takes it out before the forward pass."""
+PAIR_BATCHES = "pair_batches"
+"""Batch key of one sub-batch per pair, present when the pairs' weights differ (the loss is then weighted per pair)."""
+
+
+class PreferenceCollator:
+    """Preference pairs -> one batch in TRL's DPO layout: rows chosen_0 .. chosen_{B-1}, rejected_0 .. rejected_{B-1},
+    each row with its own images in row order, and `completion_mask` on each side's final answer.
+
+    A rejected side with images of its own (a corrupted image, another study) sees those pixels, never the chosen
+    side's (TRL's vision collator repeats the chosen images for both halves). The sides come from an SFTDataset
+    over the pairs' sides (pair i = items 2i, 2i+1), so every family's image expansion and token types are SFT's.
+    A side whose image fails to decode in the loader leaves its whole pair unsupervised (the error is reported like
+    SFT's); a pair is never trained on one side."""
+
+    def __init__(self, sides: SFTDataset, weights: Sequence[float], pad_token_id: int, per_pair: bool = True):
+        self.sides = sides
+        self.weights = list(weights)
+        self.pad = SFTCollator(pad_token_id)
+        self.per_pair = per_pair
+
+    def rows(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A padded SFT batch as DPO rows: labels become the completion mask."""
+        batch["completion_mask"] = (batch.pop("labels") != IGNORE_INDEX).long()
+        return batch
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        index = [int(f["pair"]) for f in features]
+        pairs = [(self.sides[2 * i], self.sides[2 * i + 1]) for i in index]
+        for chosen, rejected in pairs:
+            if "image_error" in chosen or "image_error" in rejected:
+                chosen["labels"] = torch.full_like(chosen["labels"], IGNORE_INDEX)
+                rejected["labels"] = torch.full_like(rejected["labels"], IGNORE_INDEX)
+        batch = self.rows(self.pad([c for c, _ in pairs] + [r for _, r in pairs]))
+        weights = [self.weights[i] for i in index]
+        batch[PAIR_WEIGHTS] = torch.tensor(weights, dtype=torch.float32)
+        if self.per_pair and len(set(weights)) > 1:
+            batch[PAIR_BATCHES] = [
+                {k: v for k, v in self.rows(self.pad([c, r])).items() if k not in ("sample_ids", IMAGE_ERRORS)}
+                for c, r in pairs]
+        return batch

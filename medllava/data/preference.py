@@ -22,9 +22,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from medllava.data.records import RawRecord, Record, RecordError, Turn, as_list, iter_raw, normalize
-from medllava.data.validate import check_images, check_structure, first_failure, resolve_image
+from medllava.data.render import IGNORE_INDEX, Rendered, Renderer
+from medllava.data.validate import (
+    ValidationReport,
+    check_images,
+    check_structure,
+    default_workers,
+    finish_report,
+    first_failure,
+    render_records,
+    resolve_image,
+)
 from medllava.imaging import ImageError
+
+SIDES = ("chosen", "rejected")
 
 
 @dataclass
@@ -213,3 +227,62 @@ def check_pair_images(pairs: Iterable[PreferencePair], *, level: str = "header",
             errors.append(RecordError(err.kind, f"{which} side: {err}", source=pair.source, line=pair.line,
                                       record_id=pair.id))
     return kept, errors
+
+
+def last_answer_only(sample: Rendered) -> Rendered:
+    """The sample with only its last supervised span kept: a pair's completion is its final answer, never an
+    earlier assistant turn of the shared conversation."""
+    supervised = np.flatnonzero(sample.labels != IGNORE_INDEX)
+    breaks = np.flatnonzero(np.diff(supervised) > 1)
+    start = supervised[breaks[-1] + 1] if len(breaks) else supervised[0]
+    labels = sample.labels.copy()
+    labels[:start] = IGNORE_INDEX
+    return Rendered(sample.id, sample.input_ids, labels, sample.images, sample.length, sample.source, sample.line)
+
+
+def side_record(pair: PreferencePair, which: str) -> Record:
+    """One side of a pair as an SFT record: its prompt turns, its answer, its images."""
+    prompt, answer, images = pair.side(which)
+    return Record(pair.id, list(images), [*prompt, Turn("assistant", answer)], source=pair.source, line=pair.line)
+
+
+def prepare_pairs(files: Iterable[str], renderer: Renderer, *, image_folder: str | Path = ".",
+                  allow_absolute_paths: bool = False, skip_invalid: bool = False,
+                  report_dir: str | Path | None = None, max_samples: int | None = None, image_check: str = "header",
+                  workers: int | None = None, progress: bool = True,
+                  ) -> tuple[list[Rendered], list[float], ValidationReport]:
+    """Read, check and render every pair of the files, both sides by SFT's rules (containment, image headers and
+    pixel limits, placeholders, length never truncated). Returns the sides as one list (chosen, rejected, chosen,
+    ... : pair i is items 2i and 2i+1, each labelled on its final answer only), the pairs' weights, and the report;
+    a bad pair stops the run unless skipping, and is then counted and named (file, line, side)."""
+    pairs: list[PreferencePair] = []
+    errors: list[RecordError] = []
+    sources: dict[str, int] = {}
+    total = 0
+    for file in files:
+        for item in read_pairs(file, image_folder, allow_absolute=allow_absolute_paths):
+            if max_samples is not None and total >= max_samples:
+                break
+            total += 1
+            sources[str(file)] = sources.get(str(file), 0) + 1
+            (pairs if isinstance(item, PreferencePair) else errors).append(item)
+    pairs, image_errors = check_pair_images(pairs, level=image_check, progress=progress)
+    errors += image_errors
+    records = [side_record(pair, which) for pair in pairs for which in SIDES]
+    rendered = render_records(records, renderer, workers=default_workers() if workers is None else workers,
+                              progress=progress)
+    samples: list[Rendered] = []
+    weights: list[float] = []
+    for i, pair in enumerate(pairs):
+        sides = rendered[2 * i: 2 * i + 2]
+        failed = next(((which, r) for which, r in zip(SIDES, sides, strict=True) if isinstance(r, RecordError)), None)
+        if failed is not None:
+            which, err = failed
+            errors.append(RecordError(err.kind, f"{which} side: {err.reason}", source=pair.source, line=pair.line,
+                                      record_id=pair.id))
+            continue
+        samples += [last_answer_only(r) for r in sides]  # type: ignore[arg-type]
+        weights.append(pair.weight)
+    report = finish_report(total, len(weights), errors, skip_invalid=skip_invalid, report_dir=report_dir,
+                           sources=sources)
+    return samples, weights, report

@@ -1,4 +1,4 @@
-"""What the SFT and GRPO stage runners share: precision, loading the stage's model, and writing its outputs."""
+"""What every stage runner shares (see train/stage.py for the table of kinds): precision, loading the stage's model, and writing its outputs."""
 
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ from medllava.train.safety import (
     publish_folder,
     remove_empty_staging,
 )
+from medllava.train.stage import STAGE_KINDS
 
 logger = logging.getLogger(__name__)
 
@@ -279,7 +280,7 @@ def begin_stage(cfg: StageConfig) -> tuple[Path, str, Any, ProcessorMixin, str |
     ranks.check_shared_output(out, cfg.run.shared_output_wait_s)
     set_seed(cfg.run.seed)
     precision = resolve_precision(cfg.run.precision, on_cpu(cfg))
-    unit = "completions" if cfg.kind == "grpo" else "samples"
+    unit = STAGE_KINDS[cfg.kind].batch_unit
     logger.info("stage %s (%s): precision %s, output %s", cfg.name, cfg.kind, precision, out)
     logger.info("global batch: %d %s per optimizer step = %d per device x %d rank(s) x %d accumulation",
                 cfg.global_batch(world), unit, cfg.optim.per_device_batch_size, world, accumulation)
@@ -455,8 +456,8 @@ def run_facts(cfg: StageConfig, trainer: Any, out: Path) -> dict[str, Any]:
         files.append(entry)
     collator = type(getattr(trainer, "data_collator", None)).__name__
     return {"world_size": world, "accumulation": cfg.accumulation(world), "global_batch": cfg.global_batch(world),
-            "batch_unit": "completions" if cfg.kind == "grpo" else "samples",
-            "packing": None if cfg.kind == "grpo" else collator == "SamplePackingCollator",
+            "batch_unit": STAGE_KINDS[cfg.kind].batch_unit,
+            "packing": collator == "SamplePackingCollator" if STAGE_KINDS[cfg.kind].packs else None,
             "valid_records": report.get("valid"), "data_files": files}
 
 
@@ -610,7 +611,7 @@ def save_stage_output(cfg: StageConfig, trainer: Any, processor: ProcessorMixin,
             peft_cfg.base_model_name_or_path = str(Path(base_ref).resolve())
     trainer.save_model(str(staging))  # gathers ZeRO-3 shards, writes adapters for LoRA, and the processor
     if trainer.is_world_process_zero():
-        if cfg.kind == "sft":
+        if STAGE_KINDS[cfg.kind].loader_images:
             merge_loader_skips(out)
         # The Trainer pickles its arguments beside the weights; the resolved YAML is our record of the run.
         (staging / "training_args.bin").unlink(missing_ok=True)

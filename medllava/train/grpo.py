@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from medllava import dist as ranks
-from medllava.config import ConfigError, StageConfig
+from medllava.config import StageConfig
 from medllava.data.cache import build_once, cache_key, tokenizer_fingerprint
 from medllava.data.rl import build_rl_rows, rl_dataset
 from medllava.data.validate import REPORT_NAME
@@ -36,7 +36,6 @@ from medllava.train.common import (
     guard_kwargs,
     resume_checkpoint,
     save_base_if_needed,
-    train_and_save,
     trainer_kwargs,
 )
 
@@ -119,15 +118,11 @@ class CompletionSampler:
 
 
 def reward_setup(cfg: StageConfig, out_dir: Path) -> tuple[list[Callable[..., list[float]]], list[float]]:
-    """Reward functions and weights from the config; with gating, accuracy counts only when the format holds."""
+    """Reward functions and weights from the config (names and gating checked by StageConfig.validate); with
+    gating, accuracy counts only when the format holds."""
     g = cfg.grpo
     names = list(g.rewards)
-    unknown = [n for n in names if n not in REWARDS]
-    if unknown:
-        raise ConfigError(f"grpo.rewards: unknown reward(s) {unknown}; known: {sorted(REWARDS)}")
     if g.gate_accuracy_on_format:
-        if g.prompt == "plain":
-            raise ConfigError("grpo.gate_accuracy_on_format needs prompt 'answer' or 'think' (a format to gate on)")
         gated = f"accuracy_if_{g.prompt}_format"
         names = [gated if n == "accuracy" else n for n in names]
         weights = [g.rewards["accuracy" if n == gated else n] for n in names]
@@ -236,7 +231,3 @@ def prepare_grpo(cfg: StageConfig) -> StageRun:
         cast_trainable(trainer.model, torch.float32)
     return StageRun(cfg, trainer, processor, base_ref, resume_checkpoint(cfg))
 
-
-def run_grpo(cfg: StageConfig) -> Path:
-    """Run one GRPO stage end to end; returns the output folder."""
-    return train_and_save(prepare_grpo(cfg))

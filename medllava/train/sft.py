@@ -36,7 +36,6 @@ from medllava.train.common import (
     guard_kwargs,
     resume_checkpoint,
     save_base_if_needed,
-    train_and_save,
     trainer_kwargs,
 )
 from medllava.train.loss import head_inputs, supervised_loss
@@ -177,7 +176,3 @@ def prepare_sft(cfg: StageConfig) -> StageRun:
     check_packing(cfg, trainer, processor)
     return StageRun(cfg, trainer, processor, base_ref, checkpoint)
 
-
-def run_sft(cfg: StageConfig) -> Path:
-    """Run one SFT stage end to end; returns the output folder."""
-    return train_and_save(prepare_sft(cfg))

@@ -1,0 +1,174 @@
+"""The DPO stage runner (preference optimisation on image-grounded pairs), on TRL's DPOTrainer.
+
+Reads top to bottom: load the previous stage's model -> read, check and render both sides of every pair (SFT's
+rules; cached per data version) -> keep a frozen reference (a copy of the starting model; with LoRA none: the
+adapter switched off or TRL's copy of the starting adapter) -> apply the trainable spec -> TRL's DPO losses on
+batches in which each side carries its own images (medllava.data.collate.PreferenceCollator) -> save like every
+stage. Each pair's loss is multiplied by its record's weight (MMedPO's clinical-relevance weighting).
+TRL logs rewards/chosen, rewards/rejected, rewards/accuracies and rewards/margins per logging step.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medllava import dist as ranks
+from medllava.config import StageConfig
+from medllava.data.cache import CachedSamples, build_once, cache_key, tokenizer_fingerprint, write_samples
+from medllava.data.collate import PAIR_BATCHES, PAIR_WEIGHTS, PreferenceCollator, SFTDataset
+from medllava.data.preference import prepare_pairs
+from medllava.data.render import Renderer
+from medllava.data.validate import REPORT_NAME
+from medllava.imaging import Window
+from medllava.model import apply_trainable
+from medllava.train.common import (
+    LOADER_SKIPS,
+    MedLlavaTrainerMixin,
+    StageRun,
+    begin_stage,
+    cast_trainable,
+    cast_trainable_to_fp32,
+    guard_kwargs,
+    resume_checkpoint,
+    save_base_if_needed,
+    trainer_kwargs,
+    uses_lora,
+)
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "weights.json"
+
+
+def _dpo_trainer_class() -> type:
+    from trl import DPOTrainer
+
+    class MedLlavaDPOTrainer(MedLlavaTrainerMixin, DPOTrainer):
+        """TRL's DPOTrainer with medllava's optimizer groups, guard, atomic checkpoints and strict resume; each pair's
+        loss weighted by its record's weight."""
+
+        def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: torch.Tensor | int | None = None) -> Any:
+            weights = inputs.pop(PAIR_WEIGHTS, None)
+            per_pair = inputs.pop(PAIR_BATCHES, None)
+            if weights is None:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if per_pair is None:  # one weight for the whole micro-batch: the batch's mean loss times it
+                if not bool((weights == weights[0]).all()):
+                    raise ValueError("pairs of different weights need their per-pair batches (PreferenceCollator)")
+                return super().compute_loss(model, inputs, False, num_items_in_batch) * weights[0]
+            # weights differ: TRL's loss is a mean over pairs, so each pair runs alone and is weighted
+            bookkeeping = {k: v for k, v in inputs.items() if k in ("sample_ids", "image_errors")}
+            losses = [super(MedLlavaDPOTrainer, self).compute_loss(model, {**sub, **bookkeeping}, False,
+                                                                   num_items_in_batch) * w
+                      for sub, w in zip(per_pair, weights, strict=True)]
+            return torch.stack(losses).mean()
+
+        def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            if not _internal_call and "ref" in getattr(unwrapped, "peft_config", {}):
+                # TRL's frozen copy of the starting adapter is the reference, not part of the stage's output
+                unwrapped.delete_adapter("ref")
+            super().save_model(output_dir, _internal_call)
+
+    return MedLlavaDPOTrainer
+
+
+def dpo_arguments(cfg: StageConfig, precision: str) -> Any:
+    """DPOConfig from the stage config: the shared Trainer fields plus the DPO ones (TRL's names)."""
+    from trl import DPOConfig
+
+    d = cfg.dpo
+    return DPOConfig(
+        **trainer_kwargs(cfg, precision),
+        beta=d.beta,
+        loss_type=d.loss_types(),
+        loss_weights=d.weights(),
+        label_smoothing=d.label_smoothing,
+        f_divergence_type=d.f_divergence_type,
+        ld_alpha=d.ld_alpha,
+        use_weighting=d.use_weighting,
+        max_length=None,  # over-long pairs are invalid records (data.max_length), never truncated
+        precompute_ref_log_probs=False,
+    )
+
+
+def prepared_pairs(cfg: StageConfig, renderer: Renderer, out: Path) -> tuple[CachedSamples, list[float]]:
+    """Both sides of every checked and rendered pair (pair i = sides 2i, 2i+1) and the pairs' weights, prepared
+    once per data version by each node's writer and read by every rank."""
+    d = cfg.data
+    key = cache_key(d.train_files, kind="dpo", image_folder=str(Path(d.image_folder).resolve()), format=d.format,
+                    max_length=d.max_length, system_prompt=d.system_prompt, skip_invalid=d.skip_invalid,
+                    allow_absolute_paths=d.allow_absolute_paths, max_samples=d.max_samples, image_check=d.image_check,
+                    tokenizer=tokenizer_fingerprint(renderer.tokenizer), chat_template=str(renderer.template),
+                    image_tokens=renderer.images.fingerprint())
+    folder = Path(d.cache_dir or out / ".data_cache") / f"dpo-{key}"
+
+    def build() -> None:
+        def write(staging: Path) -> None:
+            samples, weights, report = prepare_pairs(
+                d.train_files, renderer, image_folder=d.image_folder, allow_absolute_paths=d.allow_absolute_paths,
+                skip_invalid=d.skip_invalid, report_dir=out if ranks.is_writer() else None,
+                max_samples=d.max_samples, image_check=d.image_check, workers=d.preprocess_workers)
+            write_samples(samples, staging, folder, report.to_dict())
+            (staging / WEIGHTS_FILE).write_text(json.dumps(weights), encoding="utf-8")
+
+        if not build_once(folder, write):
+            logger.info("data: reusing the checked and rendered pairs in %s", folder)
+            if ranks.is_writer():
+                (out / REPORT_NAME).write_text(json.dumps(CachedSamples(folder).report(), indent=2,
+                                                          ensure_ascii=False), encoding="utf-8")
+
+    ranks.on_node_writer(build, "checking and rendering the preference pairs")
+    weights = json.loads((folder / WEIGHTS_FILE).read_text(encoding="utf-8"))
+    logger.info("data: %d preference pairs (rendered once, cached in %s)", len(weights), folder)
+    return CachedSamples(folder), weights
+
+
+def pair_index(sides: CachedSamples, n: int) -> Any:
+    """The `datasets` table TRL's trainer iterates: one row per pair (its index, and the chosen side's images,
+    which mark the set as a vision one for TRL: it then leaves the rows to the collator)."""
+    from datasets import Dataset
+
+    return Dataset.from_dict({"pair": list(range(n)), "images": [[str(r) for r in sides.meta(2 * i)["images"]]
+                                                                 for i in range(n)]})
+
+
+def prepare_dpo(cfg: StageConfig) -> StageRun:
+    """Load the model, check and render the pairs, keep the reference, apply the trainable spec, build the trainer."""
+    out, precision, model, processor, base_ref = begin_stage(cfg)
+    checkpoint = resume_checkpoint(cfg)
+    if checkpoint is None:  # a fresh run reports only its own loader-time skips
+        ranks.on_writer(lambda: shutil.rmtree(out / LOADER_SKIPS, ignore_errors=True), "clearing old loader skips")
+    renderer = Renderer(processor, cfg.data.format, cfg.data.max_length, cfg.data.system_prompt)
+    sides, weights = prepared_pairs(cfg, renderer, out)
+    base_ref = save_base_if_needed(cfg, model, processor, base_ref)
+    # Full or projector-only training keeps a frozen copy of the starting model as the reference; LoRA needs none
+    # (TRL switches the adapter off, or to its copy of the starting adapter).
+    reference = None if uses_lora(cfg) else copy.deepcopy(model).eval().requires_grad_(False)
+    model = apply_trainable(model, cfg.trainable, cfg.lora, gradient_checkpointing=cfg.run.gradient_checkpointing)
+    cast_trainable_to_fp32(model, precision, cfg.run.deepspeed)
+    window = Window.parse(cfg.data.window) if cfg.data.window else None
+    collator = PreferenceCollator(SFTDataset(sides, renderer.images, window=window), weights,
+                                  processor.tokenizer.pad_token_id, per_pair=cfg.dpo.pair_weights)
+    if not cfg.dpo.pair_weights:
+        collator.weights = [1.0] * len(weights)
+    trainer = _dpo_trainer_class()(
+        model=model,
+        ref_model=reference,
+        args=dpo_arguments(cfg, precision),
+        train_dataset=pair_index(sides, len(weights)),
+        data_collator=collator,
+        processing_class=processor,
+        **guard_kwargs(cfg),
+    )
+    if precision == "fp32":  # TRL casts a quantized model's trainable weights to bf16 (see grpo.py)
+        cast_trainable(trainer.model, torch.float32)
+    return StageRun(cfg, trainer, processor, base_ref, checkpoint)

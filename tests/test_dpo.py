@@ -1,0 +1,167 @@
+"""The DPO stage (issue 26): pairs in the published layouts train through `medllava train`, each side's own images
+reach the model (a rejected side with an image of its own never sees the chosen one), TRL's DPO loss equals the
+loss written out by hand on a tiny fp32 model, LoRA keeps no second model, and per-pair weights weigh the loss."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from medllava.config import config_from_dict
+from medllava.data.collate import PAIR_BATCHES, PAIR_WEIGHTS
+
+from .conftest import stage_dict, write_jsonl
+
+BETA = 0.5
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory: pytest.TempPathFactory, phantom: Path) -> dict[str, Path]:
+    """The phantom's yes/no questions as pairs: chosen = (image, gold answer), rejected = (a blank image of its own,
+    the same answer) for half of them and (the image, the wrong answer) for the others; in the three layouts."""
+    folder = tmp_path_factory.mktemp("pairs")
+    images = phantom / "images"
+    (images / "blank").mkdir(exist_ok=True)
+    rows = [json.loads(line) for line in (phantom / "rl.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["qtype"] == "yes_no"][:8]
+    trl, swift, factory = [], [], []
+    for i, r in enumerate(rows):
+        blank = f"blank/{Path(r['image']).stem}.png"
+        Image.new("RGB", (32, 32), (0, 0, 0)).save(images / blank)
+        answer = r["answer"].capitalize() + "."
+        wrong = ("No." if r["answer"] == "yes" else "Yes.")
+        own_image = i % 2 == 0
+        rejected = answer if own_image else wrong
+        extra = {"rejected_images": [blank]} if own_image else {}
+        question = f"<image>\n{r['question']}"
+        trl.append({"id": r["id"], "prompt": question, "chosen": answer, "rejected": rejected,
+                    "images": [r["image"]], "weight": 1.0 + i % 3, **extra})
+        swift.append({"id": r["id"], "messages": [{"role": "user", "content": question},
+                                                  {"role": "assistant", "content": answer}],
+                      "rejected_response": rejected, "images": [r["image"]], **extra})
+        factory.append({"id": r["id"], "conversations": [{"from": "human", "value": question}],
+                        "chosen": {"from": "gpt", "value": answer}, "rejected": {"from": "gpt", "value": wrong},
+                        "images": [r["image"]]})
+    return {"trl": write_jsonl(folder / "trl.jsonl", trl), "ms-swift": write_jsonl(folder / "swift.jsonl", swift),
+            "llama-factory": write_jsonl(folder / "factory.jsonl", factory)}
+
+
+def dpo_stage(tmp: Path, phantom: Path, base: Path, data: Path, llm: str = "full", **dpo: Any) -> dict[str, Any]:
+    return stage_dict(tmp, phantom, init_from=base, data={"train_files": [str(data)], "max_length": 256},
+                      trainable={"vision": "frozen", "projector": "full", "llm": llm},
+                      optim={"lr": 1e-3, "max_steps": 2, "per_device_batch_size": 2}, dpo={"beta": BETA, **dpo}) \
+        | {"kind": "dpo", "name": "dpo"}
+
+
+def sequence_logps(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """Sum of each row's completion-token log-probabilities, from the model's full logits (no fused head)."""
+    inputs = {k: v for k, v in batch.items() if k not in ("completion_mask", "sample_ids", PAIR_WEIGHTS, PAIR_BATCHES)}
+    logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+    targets = batch["input_ids"][:, 1:]
+    token = torch.gather(F.log_softmax(logits, dim=-1), 2, targets[..., None])[..., 0]
+    return (token * batch["completion_mask"][:, 1:]).sum(dim=1)
+
+
+def hand_dpo_loss(policy: torch.nn.Module, reference: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """-log sigmoid(beta ((pi_c - ref_c) - (pi_r - ref_r))), per pair, weighted, averaged over the pairs."""
+    pi = sequence_logps(policy, batch)
+    with torch.no_grad():
+        ref = sequence_logps(reference, batch)
+    pi_c, pi_r = pi.chunk(2)
+    ref_c, ref_r = ref.chunk(2)
+    per_pair = -F.logsigmoid(BETA * ((pi_c - ref_c) - (pi_r - ref_r)))
+    return (per_pair * batch[PAIR_WEIGHTS]).mean()
+
+
+def test_rejected_images_reach_the_model_not_the_chosen_ones(tmp_path: Path, phantom: Path, base_models: dict,
+                                                              pairs: dict[str, Path]) -> None:
+    from medllava.train.dpo import prepare_dpo
+
+    run = prepare_dpo(config_from_dict(dpo_stage(tmp_path, phantom, base_models[("clip", "llama")], pairs["trl"])))
+    collator = run.trainer.data_collator
+    batch = collator([{"pair": 0}, {"pair": 1}])  # pair 0: a blank image of its own; pair 1: the same image
+    pixels = batch["pixel_values"]
+    assert pixels.shape[0] == 4  # rows chosen 0, chosen 1, rejected 0, rejected 1, one image each
+    chosen0 = collator.sides[0]["image_inputs"]["pixel_values"][0]
+    blank0 = collator.sides[1]["image_inputs"]["pixel_values"][0]
+    assert not torch.equal(chosen0, blank0)
+    torch.testing.assert_close(pixels[0], chosen0)
+    torch.testing.assert_close(pixels[2], blank0)  # the rejected side's own (blank) image, not the chosen one
+    torch.testing.assert_close(pixels[3], pixels[1])  # a text reject sees the chosen image
+    assert torch.equal(batch["input_ids"][0][batch["completion_mask"][0].bool()],
+                       batch["input_ids"][2][batch["completion_mask"][2].bool()])  # same answer, other image
+    seen: list[torch.Tensor] = []
+    tower = run.trainer.model.model.vision_tower
+    handle = tower.register_forward_pre_hook(lambda _m, args, kwargs: seen.append(
+        (kwargs.get("pixel_values") if kwargs.get("pixel_values") is not None else args[0]).detach().clone()),
+        with_kwargs=True)
+    try:
+        run.trainer.compute_loss(run.trainer.model, {k: v for k, v in batch.items() if k != PAIR_BATCHES})
+    finally:
+        handle.remove()
+    assert any(s.shape[0] == 4 and torch.equal(s[2], blank0) for s in seen), [s.shape for s in seen]
+
+
+@pytest.mark.parametrize("llm", ["full", "lora"])
+def test_dpo_loss_and_gradients_equal_the_hand_computed_loss(llm: str, tmp_path: Path, phantom: Path,
+                                                            base_models: dict, pairs: dict[str, Path]) -> None:
+    """On a tiny fp32 model whose policy has moved away from its reference: TRL's loss through our trainer equals
+    the DPO loss computed from full logits, weights included, and so do the gradients; LoRA keeps no second model."""
+    from medllava.model import load_model
+    from medllava.train.dpo import prepare_dpo
+
+    base = base_models[("clip", "llama")]
+    run = prepare_dpo(config_from_dict(dpo_stage(tmp_path, phantom, base, pairs["trl"], llm=llm)))
+    trainer = run.trainer
+    model = trainer.model
+    if llm == "lora":  # the reference is the adapter switched off (or TRL's copy of it): no second model
+        assert trainer.ref_model is None
+    else:
+        assert trainer.ref_model is not None and not any(p.requires_grad for p in trainer.ref_model.parameters())
+    reference, _ = load_model(base)  # the starting model, loaded on its own
+    torch.manual_seed(1)
+    with torch.no_grad():  # move the policy away from the reference
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    model.train()
+    batch = trainer.data_collator([{"pair": 2}, {"pair": 3}])  # weights 3 and 1: a weighted micro-batch
+    assert batch[PAIR_WEIGHTS].tolist() == [3.0, 1.0] and PAIR_BATCHES in batch
+    params = [p for p in model.parameters() if p.requires_grad]
+    ours = trainer.compute_loss(model, dict(batch))
+    ours_grads = torch.autograd.grad(ours, params)
+    plain = {k: v for k, v in batch.items() if k != PAIR_BATCHES}
+    hand = hand_dpo_loss(model, reference, plain)
+    hand_grads = torch.autograd.grad(hand, params)
+    assert math.isfinite(float(ours)) and abs(float(ours) - math.log(2) * 2) > 1e-3  # it moved
+    torch.testing.assert_close(ours, hand, atol=1e-5, rtol=1e-5)
+    for a, b in zip(ours_grads, hand_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["trl", "ms-swift", "llama-factory"])
+def test_medllava_train_runs_dpo_on_each_layout(layout: str, tmp_path: Path, phantom: Path, base_models: dict,
+                                               pairs: dict[str, Path]) -> None:
+    import yaml
+
+    from medllava.cli import main
+
+    cfg = dpo_stage(tmp_path, phantom, base_models[("siglip", "qwen2")], pairs[layout], llm="lora")
+    path = tmp_path / "dpo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path)]) == 0
+    out = Path(cfg["run"]["output_dir"])
+    log = json.loads((out / "train_log.json").read_text())
+    steps = [h for h in log if "loss" in h]
+    assert len(steps) == 2 and all(math.isfinite(h["loss"]) for h in steps)
+    assert all("rewards/margins" in h for h in steps)
+    assert (out / "adapter_config.json").is_file() and not (out / "ref").exists()
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["valid"] == 8 and report["invalid"] == 0
