@@ -24,9 +24,12 @@ BETA = 0.5
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory: pytest.TempPathFactory, phantom: Path) -> dict[str, Path]:
+    return write_pairs(tmp_path_factory.mktemp("pairs"), phantom)
+
+
+def write_pairs(folder: Path, phantom: Path) -> dict[str, Path]:
     """The phantom's yes/no questions as pairs: chosen = (image, gold answer), rejected = (a blank image of its own,
     the same answer) for half of them and (the image, the wrong answer) for the others; in the three layouts."""
-    folder = tmp_path_factory.mktemp("pairs")
     images = phantom / "images"
     (images / "blank").mkdir(exist_ok=True)
     rows = [json.loads(line) for line in (phantom / "rl.jsonl").read_text().splitlines()]
