@@ -264,7 +264,9 @@ class DPOSection:
     use_weighting: bool = False
     """WPO: weight each pair by the policy's probability of both answers."""
     pair_weights: bool = True
-    """Multiply each pair's loss by its record's `weight` (MMedPO's clinical-relevance weighting; 1 when absent)."""
+    """Multiply each pair's loss by its record's `weight` (MMedPO's clinical-relevance weighting; 1 when absent).
+    When the data's weights differ, each pair of a micro-batch runs its own forward pass (TRL's loss is a mean
+    over a batch's pairs): exact, at the cost of batching; per_device_batch_size 1 loses nothing."""
 
     def loss_types(self) -> list[str]:
         """The loss types TRL runs, RPO's 'sft' term included."""

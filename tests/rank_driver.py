@@ -33,13 +33,10 @@ def main() -> int:
     cfg = load_config(args.config)
     rank = int(os.environ.get("RANK", "0"))
     try:
-        if cfg.kind == "grpo":
-            from medllava.train.grpo import prepare_grpo as prepare
-        else:
-            from medllava.train.sft import prepare_sft as prepare
         from medllava.train.common import train_and_save
+        from medllava.train.stage import STAGE_KINDS
 
-        run = prepare(cfg)
+        run = STAGE_KINDS[cfg.kind].prepare(cfg)
         trainer = run.trainer
         seen: list[list[str]] = []
         if args.record is not None:

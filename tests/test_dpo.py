@@ -106,10 +106,11 @@ def test_rejected_images_reach_the_model_not_the_chosen_ones(tmp_path: Path, pha
         (kwargs.get("pixel_values") if kwargs.get("pixel_values") is not None else args[0]).detach().clone()),
         with_kwargs=True)
     try:
-        run.trainer.compute_loss(run.trainer.model, {k: v for k, v in batch.items() if k != PAIR_BATCHES})
+        run.trainer.compute_loss(run.trainer.model, batch)  # weights 1 and 2: each pair runs alone
     finally:
         handle.remove()
-    assert any(s.shape[0] == 4 and torch.equal(s[2], blank0) for s in seen), [s.shape for s in seen]
+    assert [s.shape[0] for s in seen] == [2, 2]  # the policy on pair 0, then on pair 1 (the reference is a copy)
+    assert torch.equal(seen[0][1], blank0) and torch.equal(seen[0][0], chosen0)
 
 
 @pytest.mark.parametrize("llm", ["full", "lora"])

@@ -251,6 +251,21 @@ def grpo_cfg(tmp: Path, phantom: Path, base: Path, name: str) -> Path:
     return write_cfg(tmp, name, cfg)
 
 
+def dpo_cfg(tmp: Path, phantom: Path, base: Path, name: str) -> Path:
+    """6 full-model DPO steps of 4 pairs (weights 1 to 3, half the rejected sides with images of their own), a
+    checkpoint every 2."""
+    from tests.test_dpo import dpo_stage, write_pairs
+
+    (tmp / name).mkdir(parents=True, exist_ok=True)
+    pairs = write_pairs(tmp / name, phantom)
+    cfg = dpo_stage(tmp / name, phantom, base, pairs["trl"])
+    cfg["optim"] = {"lr": 1e-3, "max_steps": 6, "per_device_batch_size": 2, "global_batch_size": 4,
+                    "warmup_ratio": 0.0}
+    cfg["run"].update(save_steps=2, save_total_limit=3)
+    cfg["run"].pop("use_cpu")
+    return write_cfg(tmp, name, cfg)
+
+
 def checkpointed_sft_cfg(tmp: Path, phantom: Path, base: Path, name: str) -> Path:
     """8 steps on 2 ranks, a checkpoint every 2: the run the kill and restart tests interrupt."""
     return sft_cfg(tmp, phantom, base, name, optim={"max_steps": 8, "per_device_batch_size": 2, "global_batch_size": 4},
@@ -261,7 +276,7 @@ def checkpointed_sft_cfg(tmp: Path, phantom: Path, base: Path, name: str) -> Pat
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory, phantom: Path, base_models: dict) -> dict[str, Path]:
     """{kind: output folder} of the 2-rank runs nobody interrupted (made once for the tests that interrupt them)."""
     tmp, base, outs = tmp_path_factory.mktemp("uninterrupted"), base_models[("clip", "llama")], {}
-    for kind, make in (("sft", checkpointed_sft_cfg), ("grpo", grpo_cfg)):
+    for kind, make in (("sft", checkpointed_sft_cfg), ("grpo", grpo_cfg), ("dpo", dpo_cfg)):
         result = run_ranks(2, make(tmp, phantom, base, f"straight-{kind}"), cwd=tmp)
         assert result.returncode == 0, result.stderr[-4000:]
         outs[kind] = tmp / f"straight-{kind}" / "out"
@@ -269,11 +284,21 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory, phantom: Path, base_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["sft", "grpo"])
+def test_two_rank_dpo_ends_with_the_weights_of_one_rank(tmp_path: Path, phantom: Path, base_models: dict,
+                                                        uninterrupted: dict) -> None:
+    """The same 4 weighted pairs per step on 1 rank (2 micro-batches) and on 2 (one each, gradients averaged)."""
+    one = dpo_cfg(tmp_path, phantom, base_models[("clip", "llama")], "one")
+    result = run_ranks(1, one, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert_same_weights(tmp_path / "one" / "out", uninterrupted["dpo"], atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sft", "grpo", "dpo"])
 def test_sigkill_of_a_two_rank_job_then_rerun_ends_with_the_uninterrupted_weights(kind: str, tmp_path: Path,
                                                                                   phantom: Path, base_models: dict,
                                                                                   uninterrupted: dict) -> None:
-    make = checkpointed_sft_cfg if kind == "sft" else grpo_cfg
+    make = {"sft": checkpointed_sft_cfg, "grpo": grpo_cfg, "dpo": dpo_cfg}[kind]
     killed = make(tmp_path, phantom, base_models[("clip", "llama")], "killed")
     proc = subprocess.Popen(launch_cmd(2, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(),
                             cwd=tmp_path, start_new_session=True)

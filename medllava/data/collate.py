@@ -191,7 +191,8 @@ def add_pixels(batch: dict[str, Any], features: Sequence[dict[str, Any]]) -> Non
 PAIR_WEIGHTS = "pair_weights"
 """Batch key of the pairs' weights (DPO); the DPO trainer takes it out before the forward pass."""
 PAIR_BATCHES = "pair_batches"
-"""Batch key of one sub-batch per pair, present when the pairs' weights differ (the loss is then weighted per pair)."""
+"""Batch key of one sub-batch per pair, present in every batch when the data's pair weights differ (the loss is
+then weighted per pair: TRL's loss is a mean over the pairs of a batch)."""
 
 
 class PreferenceCollator:
@@ -204,11 +205,12 @@ class PreferenceCollator:
     A side whose image fails to decode in the loader leaves its whole pair unsupervised (the error is reported like
     SFT's); a pair is never trained on one side."""
 
-    def __init__(self, sides: SFTDataset, weights: Sequence[float], pad_token_id: int, per_pair: bool = True):
+    def __init__(self, sides: SFTDataset, weights: Sequence[float], pad_token_id: int):
         self.sides = sides
         self.weights = list(weights)
         self.pad = SFTCollator(pad_token_id)
-        self.per_pair = per_pair
+        # decided for the data, not per batch: every rank then runs the same collectives in every step
+        self.per_pair = len(set(self.weights)) > 1
 
     def rows(self, batch: dict[str, Any]) -> dict[str, Any]:
         """A padded SFT batch as DPO rows: labels become the completion mask."""
@@ -225,7 +227,7 @@ class PreferenceCollator:
         batch = self.rows(self.pad([c for c, _ in pairs] + [r for _, r in pairs]))
         weights = [self.weights[i] for i in index]
         batch[PAIR_WEIGHTS] = torch.tensor(weights, dtype=torch.float32)
-        if self.per_pair and len(set(weights)) > 1:
+        if self.per_pair:
             batch[PAIR_BATCHES] = [
                 {k: v for k, v in self.rows(self.pad([c, r])).items() if k not in ("sample_ids", IMAGE_ERRORS)}
                 for c, r in pairs]

@@ -60,11 +60,12 @@ def _dpo_trainer_class() -> type:
             per_pair = inputs.pop(PAIR_BATCHES, None)
             if weights is None:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            if per_pair is None:  # one weight for the whole micro-batch: the batch's mean loss times it
+            if per_pair is None:  # every pair of the data has this weight: the batch's mean loss times it
                 if not bool((weights == weights[0]).all()):
                     raise ValueError("pairs of different weights need their per-pair batches (PreferenceCollator)")
                 return super().compute_loss(model, inputs, False, num_items_in_batch) * weights[0]
-            # weights differ: TRL's loss is a mean over pairs, so each pair runs alone and is weighted
+            # the data's weights differ: TRL's loss is a mean over pairs, so each pair runs alone and is weighted
+            # (in every batch on every rank alike, so the ranks' metric gathers stay in step)
             bookkeeping = {k: v for k, v in inputs.items() if k in ("sample_ids", "image_errors")}
             losses = [super(MedLlavaDPOTrainer, self).compute_loss(model, {**sub, **bookkeeping}, False,
                                                                    num_items_in_batch) * w
@@ -156,10 +157,9 @@ def prepare_dpo(cfg: StageConfig) -> StageRun:
     model = apply_trainable(model, cfg.trainable, cfg.lora, gradient_checkpointing=cfg.run.gradient_checkpointing)
     cast_trainable_to_fp32(model, precision, cfg.run.deepspeed)
     window = Window.parse(cfg.data.window) if cfg.data.window else None
-    collator = PreferenceCollator(SFTDataset(sides, renderer.images, window=window), weights,
-                                  processor.tokenizer.pad_token_id, per_pair=cfg.dpo.pair_weights)
-    if not cfg.dpo.pair_weights:
-        collator.weights = [1.0] * len(weights)
+    collator = PreferenceCollator(SFTDataset(sides, renderer.images, window=window),
+                                  weights if cfg.dpo.pair_weights else [1.0] * len(weights),
+                                  processor.tokenizer.pad_token_id)
     trainer = _dpo_trainer_class()(
         model=model,
         ref_model=reference,
