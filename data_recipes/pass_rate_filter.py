@@ -36,11 +36,11 @@ from medllava.imaging import ImageError, Window, decode_each
 from medllava.model import load_for_inference
 
 
-def pass_rates(model, processor, rows: list[dict], *, n: int, temperature: float, max_new_tokens: int,
-               batch_size: int, progress: bool = True, window: Window | None = None) -> list[float | None]:
-    """The share of n sampled answers that grade correct, per row; None for a row whose image does not decode
+def sample_answers(model, processor, rows: list[dict], *, n: int, temperature: float, max_new_tokens: int,
+                   batch_size: int, progress: bool = True, window: Window | None = None) -> list[list[str] | None]:
+    """n sampled answers per row (RL rows: prompt messages and image); None for a row whose image does not decode
     (images are decoded batch by batch, never all at once)."""
-    rates: list[float | None] = []
+    out: list[list[str] | None] = []
     for start in tqdm(range(0, len(rows), batch_size), desc="sampling", disable=not progress):
         batch = rows[start:start + batch_size]
         decoded = decode_each([row["image"] for row in batch], window)
@@ -55,13 +55,19 @@ def pass_rates(model, processor, rows: list[dict], *, n: int, temperature: float
         answers = iter(generate_batch(model, processor, prompts, images, max_new_tokens, num_samples=n,
                                       temperature=temperature) if chunk else [])
         del images, decoded
-        for row, ok in zip(batch, usable):
-            if not ok:
-                rates.append(None)
-                continue
-            samples = [next(answers) for _ in range(n)]  # answers come prompt by prompt, n each
-            rates.append(sum(grade(a, row["answer"], row["qtype"], row["options"]).correct for a in samples) / n)
-    return rates
+        for ok in usable:
+            out.append([next(answers) for _ in range(n)] if ok else None)  # n answers per prompt, in order
+    return out
+
+
+def pass_rates(model, processor, rows: list[dict], *, n: int, temperature: float, max_new_tokens: int,
+               batch_size: int, progress: bool = True, window: Window | None = None) -> list[float | None]:
+    """The share of n sampled answers that grade correct, per row; None for a row whose image does not decode."""
+    samples = sample_answers(model, processor, rows, n=n, temperature=temperature, max_new_tokens=max_new_tokens,
+                             batch_size=batch_size, progress=progress, window=window)
+    return [None if answers is None else
+            sum(grade(a, row["answer"], row["qtype"], row["options"]).correct for a in answers) / n
+            for row, answers in zip(rows, samples)]
 
 
 def filter_settings(args: argparse.Namespace, overrides: list[str]) -> argparse.Namespace:

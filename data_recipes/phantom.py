@@ -18,7 +18,7 @@ Writes to OUT/:
   images/{train,test}/*.png
   align.jsonl     LLaVA form, one caption per train image (alignment stage)
   instruct.jsonl  LLaVA form, multi-turn conversations about train images (instruction stage)
-  rl.jsonl        closed questions with gold answers on train images (GRPO stage)
+  rl.jsonl        closed questions with gold answers on train images (GRPO stage); lesions' `bbox` in pixels
   test.jsonl      closed questions with gold answers on held-out images (evaluation)
   corpus.txt      every text, for training the tiny tokenizer
   meta.json       counts and chance level
@@ -57,8 +57,10 @@ def _ellipse(draw: ImageDraw.ImageDraw, cx: float, cy: float, rx: float, ry: flo
     draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=fill)
 
 
-def draw_phantom(rng: np.random.Generator, modality: str, side: str | None, count: int, size: int) -> Image.Image:
-    """Draw one phantom on a 128px canvas, blur, add noise, downsample to `size`."""
+def draw_phantom(rng: np.random.Generator, modality: str, side: str | None, count: int, size: int,
+                 boxes: list[list[float]] | None = None) -> Image.Image:
+    """Draw one phantom on a 128px canvas, blur, add noise, downsample to `size`; `boxes` receives each lesion's
+    bounding box [x0, y0, x1, y1] in the output image's pixels (blur margin included)."""
     img = Image.new("L", (CANVAS, CANVAS), 0)
     d = ImageDraw.Draw(img)
     c = CANVAS / 2 + rng.uniform(-4, 4)
@@ -96,6 +98,12 @@ def draw_phantom(rng: np.random.Generator, modality: str, side: str | None, coun
         for x, y in centres:
             r = rng.uniform(6.5, 8.5)
             _ellipse(d, x * CANVAS, y * CANVAS, r, r, 255)
+            if boxes is not None:
+                scale, margin = size / CANVAS, r + 3  # 3 canvas pixels of blur
+                boxes.append([round(max(0.0, (x * CANVAS - margin) * scale), 2),
+                              round(max(0.0, (y * CANVAS - margin) * scale), 2),
+                              round(min(size, (x * CANVAS + margin) * scale), 2),
+                              round(min(size, (y * CANVAS + margin) * scale), 2)])
     img = img.filter(ImageFilter.GaussianBlur(1.2))
     arr = np.asarray(img, dtype=np.float32) + rng.normal(0, 6, (CANVAS, CANVAS))
     img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
@@ -171,7 +179,8 @@ def generate(out: Path, *, seed: int, n_train: int, n_test: int, size: int) -> d
         for i in range(n):
             modality, side, count = sample_truth(rng)
             rel = f"{split}/{split}_{i:05d}.png"
-            draw_phantom(rng, modality, side, count, size).save(out / "images" / rel)
+            boxes: list[list[float]] = []
+            draw_phantom(rng, modality, side, count, size, boxes).save(out / "images" / rel)
             truth = {"modality": MODALITIES[modality], "lesion": side is not None, "side": side, "count": count}
             questions = closed_questions(modality, side, count, rng)
             caption = describe(modality, side, count, rng)
@@ -193,7 +202,8 @@ def generate(out: Path, *, seed: int, n_train: int, n_test: int, size: int) -> d
                 turns += [{"from": "human", "value": DESCRIBE_QUESTIONS[int(rng.integers(3))]}, {"from": "gpt", "value": caption}]
             instruct.append({"id": f"instruct_{i:05d}", "image": rel, "conversations": turns})
             for k, q in enumerate(questions):
-                rl.append({"id": f"rl_{i:05d}_{k}", "image": rel, **q, "modality": MODALITIES[modality]})
+                rl.append({"id": f"rl_{i:05d}_{k}", "image": rel, **q, "modality": MODALITIES[modality],
+                           **({"bbox": boxes} if boxes else {})})
             corpus.append(caption)
             corpus.extend(t["value"].replace("<image>\n", "") for t in turns)
 

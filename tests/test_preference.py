@@ -131,3 +131,74 @@ def test_a_json_array_file_and_a_datasets_folder_are_read_too(tmp_path: Path, im
     row = {"id": "a", "prompt": QUESTION, "chosen": "Yes.", "rejected": "No.", "images": ["ct.png"]}
     (tmp_path / "pairs.json").write_text(json.dumps([row, {**row, "id": "b"}]))
     assert [p.id for p in read(tmp_path / "pairs.json", images)] == ["a", "b"]
+
+
+# -- data_recipes/preference_pairs.py: pairs built from VQA records and a model --------------------------------
+
+
+def test_corruptions_blank_noise_and_lesion_only_noise(phantom: Path) -> None:
+    import numpy as np
+
+    from data_recipes.preference_pairs import corrupt, lesion_mask
+
+    row = next(r for r in map(json.loads, (phantom / "rl.jsonl").read_text().splitlines()) if r.get("bbox"))
+    image = Image.open(phantom / "images" / row["image"]).convert("RGB")
+    pixels = np.asarray(image, dtype=np.int16)
+    region = lesion_mask(row, image.size, phantom / "images")
+    assert region is not None and 0 < region.mean() < 0.5
+    # the phantom's boxes hold its lesions: the brightest pixels lie inside them
+    brightest = pixels.mean(axis=2) >= np.percentile(pixels.mean(axis=2), 99.5)
+    assert region[brightest].all()
+    rng = np.random.default_rng(0)
+    blank = np.asarray(corrupt(image, "blank", rng))
+    assert (blank == blank[0, 0]).all()
+    lesion = np.asarray(corrupt(image, "noise", rng, region=region), dtype=np.int16)
+    assert (lesion[~region] == pixels[~region]).all() and (lesion[region] != pixels[region]).any()
+    noised = np.asarray(corrupt(image, "noise", rng), dtype=np.int16)
+    assert (noised != pixels).mean() > 0.9
+    assert lesion_mask({"id": "x"}, image.size, phantom / "images") is None
+
+
+def test_preference_pairs_recipe_makes_every_kind_and_resumes(tmp_path: Path, phantom: Path,
+                                                              base_models: dict) -> None:
+    from data_recipes import preference_pairs
+
+    data = tmp_path / "rl.jsonl"
+    rows = [json.loads(line) for line in (phantom / "rl.jsonl").read_text().splitlines()][:12]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "pairs.jsonl"
+    args = ["--model", str(base_models[("clip", "llama")]), "--data", str(data), "--image-folder",
+            str(phantom / "images"), "--out", str(out), "--n", "3", "--max-new-tokens", "4", "--batch-size", "5",
+            "--rejects", "text", "image:blank", "image:lesion", "image:swap", "--weight", "difficulty"]
+    assert preference_pairs.main(args) == 0
+    report = json.loads(out.with_name("pairs.report.json").read_text())
+    pairs = list(read_pairs(out, phantom / "images"))
+    assert all(isinstance(p, PreferencePair) for p in pairs), [p for p in pairs if not isinstance(p, PreferencePair)]
+    assert report["pairs"] == len(pairs) and report["questions"] == 12
+    kinds = report["made"]
+    with_lesion = sum(1 for r in rows if r.get("bbox"))
+    assert kinds["image:blank"] == 12 and kinds["image:lesion"] == with_lesion
+    assert report["skipped_counts"].get("image:lesion: no lesion region (bbox or mask) in the record", 0) == 12 - with_lesion
+    assert kinds.get("text", 0) + report["skipped_counts"].get("text: the model's samples were all right", 0) == 12
+    assert kinds.get("image:swap", 0) + sum(v for k, v in report["skipped_counts"].items() if k.startswith("image:swap")) == 12
+    by_id = {p.id: p for p in pairs}
+    blank = by_id[f"{rows[0]['id']}:image:blank"]
+    assert blank.own_rejected_images and blank.chosen == blank.rejected  # same answer, another image
+    assert blank.rejected_images[0].is_file() and (phantom / "images") in blank.rejected_images[0].parents
+    assert all(1.0 <= p.weight <= 2.0 for p in pairs)
+    for p in pairs:
+        if p.id.endswith(":text"):
+            assert p.rejected != p.chosen and not p.own_rejected_images
+    # interrupted after the first batch: the rerun resumes from the partial file and ends with the same pairs
+    first = out.read_text()
+    entries = [json.loads(line) for line in
+               (json.dumps({"id": r["id"], "pairs": [json.loads(x) for x in first.splitlines()
+                                                     if json.loads(x)["id"].startswith(r["id"] + ":")],
+                            "skipped": []}) for r in rows[:5])]
+    out.unlink()
+    out.with_name("pairs.jsonl.partial.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    assert preference_pairs.main(args) == 0
+    again = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [p["id"] for p in again][:len([x for e in entries for x in e["pairs"]])] == \
+        [x["id"] for e in entries for x in e["pairs"]]
+    assert not out.with_name("pairs.jsonl.partial.jsonl").exists()
