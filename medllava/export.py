@@ -139,7 +139,7 @@ def _reproduction(stage: StageInfo) -> list[str]:
     else:
         batch = f"{o.get('per_device_batch_size')} per device x {o.get('grad_accum')} accumulation per rank"
     lines.append(f"- global batch: {batch}" + (f" (stated: {o['global_batch_size']})" if o.get("global_batch_size") else ""))
-    if c.get("kind") != "grpo":
+    if f.get("packing") is not None or (not f and c.get("kind") == "sft"):
         packing = f.get("packing")
         lines.append(f"- packing: {'on (one row per micro-batch, samples isolated)' if packing else 'off' if packing is False else d.get('packing')}"
                      f"; max_length {d.get('max_length')}, rendering {d.get('format')}")
@@ -164,6 +164,20 @@ def _reproduction(stage: StageInfo) -> list[str]:
                      f"{g.get('max_completion_length')}, temperature {g.get('temperature')}, top-p {g.get('top_p')}, "
                      f"beta (KL) {g.get('beta')}, epsilon {g.get('epsilon')}, prompt {g.get('prompt')}, rewards "
                      f"{rewards}" + (" (accuracy gated on format)" if g.get("gate_accuracy_on_format") else ""))
+    if c.get("kind") == "dpo":
+        dpo = c.get("dpo", {})
+        losses = dpo.get("loss_type")
+        lines.append(f"- DPO: beta {dpo.get('beta')}, loss {', '.join(losses) if isinstance(losses, list) else losses}"
+                     + (f" (weights {dpo['loss_weights']})" if dpo.get("loss_weights") else "")
+                     + (f", SFT term (RPO) weight {dpo['sft_weight']}" if dpo.get("sft_weight") else "")
+                     + f", per-pair weights {'on' if dpo.get('pair_weights', True) else 'off'}"
+                     + ("" if dpo.get("f_divergence_type", "reverse_kl") == "reverse_kl" else
+                        f", f-divergence {dpo['f_divergence_type']}"))
+        for file, recipe in (f.get("pair_recipes") or {}).items():
+            made = ", ".join(f"{k} {v}" for k, v in (recipe.get("made") or {}).items())
+            lines.append(f"- pairs `{Path(file).name}`: made by data_recipes/preference_pairs.py from "
+                         f"`{recipe.get('model')}` ({recipe.get('n')} samples per question, temperature "
+                         f"{recipe.get('temperature')}): {made}; {recipe.get('skipped', 0)} skipped")
     lines.append(f"- precision {r.get('precision')}, seed {r.get('seed')}, DeepSpeed {r.get('deepspeed') or 'none'}, "
                  f"gradient checkpointing {r.get('gradient_checkpointing')}"
                  + (f", DICOM window {d['window']}" if d.get("window") else ""))

@@ -52,6 +52,9 @@ def write_pairs(folder: Path, phantom: Path) -> dict[str, Path]:
         factory.append({"id": r["id"], "conversations": [{"from": "human", "value": question}],
                         "chosen": {"from": "gpt", "value": answer}, "rejected": {"from": "gpt", "value": wrong},
                         "images": [r["image"]]})
+    (folder / "trl.report.json").write_text(json.dumps({  # as data_recipes/preference_pairs.py writes it
+        "model": "runs/x/instruct", "n": 4, "temperature": 1.0, "made": {"image:blank": 4, "text": 4}, "skipped": 0,
+        "skipped_ids": []}))
     return {"trl": write_jsonl(folder / "trl.jsonl", trl), "ms-swift": write_jsonl(folder / "swift.jsonl", swift),
             "llama-factory": write_jsonl(folder / "factory.jsonl", factory)}
 
@@ -169,3 +172,9 @@ def test_medllava_train_runs_dpo_on_each_layout(layout: str, tmp_path: Path, pha
     assert (out / "adapter_config.json").is_file() and not (out / "ref").exists()
     report = json.loads((out / "data_report.json").read_text())
     assert report["valid"] == 8 and report["invalid"] == 0
+    if layout == "trl":  # the model card says how the pairs were made (the recipe's report beside the pairs file)
+        from medllava.export import _reproduction, stage_lineage
+
+        card = "\n".join(_reproduction(stage_lineage(out).stages[-1]))
+        assert f"- DPO: beta {BETA}, loss sigmoid, per-pair weights on" in card
+        assert "made by data_recipes/preference_pairs.py from `runs/x/instruct`" in card and "image:blank 4" in card

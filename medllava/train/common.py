@@ -455,10 +455,16 @@ def run_facts(cfg: StageConfig, trainer: Any, out: Path) -> dict[str, Any]:
             entry.update(bytes=path.stat().st_size, sha256=file_sha256(path))
         files.append(entry)
     collator = type(getattr(trainer, "data_collator", None)).__name__
+    recipes = {}  # how DPO pairs were made: data_recipes/preference_pairs.py's report beside the pairs file
+    for spec in cfg.data.train_files if cfg.kind == "dpo" else []:
+        made_by = Path(spec).with_name(Path(spec).stem + ".report.json")
+        if made_by.is_file():
+            recipe = json.loads(made_by.read_text(encoding="utf-8"))
+            recipes[spec] = {k: v for k, v in recipe.items() if k not in ("skipped_ids", "invalid_records")}
     return {"world_size": world, "accumulation": cfg.accumulation(world), "global_batch": cfg.global_batch(world),
             "batch_unit": STAGE_KINDS[cfg.kind].batch_unit,
             "packing": collator == "SamplePackingCollator" if STAGE_KINDS[cfg.kind].packs else None,
-            "valid_records": report.get("valid"), "data_files": files}
+            "valid_records": report.get("valid"), "data_files": files, **({"pair_recipes": recipes} if recipes else {})}
 
 
 def resolve_precision(precision: str, use_cpu: bool = False) -> str:
