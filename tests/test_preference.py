@@ -202,3 +202,44 @@ def test_preference_pairs_recipe_makes_every_kind_and_resumes(tmp_path: Path, ph
     assert [p["id"] for p in again][:len([x for e in entries for x in e["pairs"]])] == \
         [x["id"] for e in entries for x in e["pairs"]]
     assert not out.with_name("pairs.jsonl.partial.jsonl").exists()
+
+
+def test_implicit_prompt_alpaca_and_rlaif_v_layouts(tmp_path: Path, images: Path) -> None:
+    """TRL's implicit prompt (two whole conversations), LLaMA-Factory's alpaca rows and RLAIF-V's question rows
+    read into the same pair; a question without a placeholder gets one per image."""
+    rows = [
+        {"id": "implicit", "images": ["ct.png"],
+         "chosen": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "Yes, on the right."}],
+         "rejected": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "No."}]},
+        {"id": "alpaca", "instruction": "Is there a pneumothorax?", "input": "", "chosen": "Yes, on the right.",
+         "rejected": "No.", "images": ["ct.png"]},
+        {"id": "rlaif", "question": "Is there a pneumothorax?", "chosen": "Yes, on the right.", "rejected": "No.",
+         "image": "ct.png"},
+        {"id": "implicit-other-prompt", "images": ["ct.png"],
+         "chosen": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "Yes, on the right."}],
+         "rejected": [{"role": "user", "content": QUESTION + " Be brief."}, {"role": "assistant", "content": "No."}]},
+    ]
+    pairs = read(write_jsonl(tmp_path / "pairs.jsonl", rows), images)
+    assert all(isinstance(p, PreferencePair) for p in pairs), pairs
+    assert [p.layout for p in pairs] == ["trl-implicit", "alpaca", "rlaif-v", "trl-implicit"]
+    for pair in pairs:
+        assert [(t.role, t.text.replace("\n", " ").strip()) for t in pair.prompt] == \
+            [("user", "<image> Is there a pneumothorax?")], pair.id
+        assert (pair.chosen, pair.rejected, pair.images) == ("Yes, on the right.", "No.", [images / "ct.png"])
+    assert pairs[0].rejected_prompt is None
+    assert pairs[3].side("rejected")[0][0].text.endswith("Be brief.")
+
+
+def test_rlaif_v_style_dataset_source_with_embedded_images(tmp_path: Path, images: Path) -> None:
+    """An `hf:` / saved-dataset source in RLAIF-V's columns, images embedded: both sides see the embedded image."""
+    import datasets
+
+    ds = datasets.Dataset.from_list([{"idx": i, "question": "Is there a pneumothorax?", "chosen": "Yes.",
+                                      "rejected": "No.",
+                                      "image": {"bytes": (images / "ct.png").read_bytes(), "path": "ct.png"}}
+                                     for i in range(3)]).cast_column("image", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "rlaif"))
+    pairs = read(tmp_path / "rlaif", images)
+    assert len(pairs) == 3 and all(isinstance(p, PreferencePair) and p.layout == "rlaif-v" for p in pairs), pairs
+    kept, errors = check_pair_images(pairs)
+    assert len(kept) == 3 and not errors

@@ -9,9 +9,13 @@ Layouts, detected per record, from JSON, JSONL or any `datasets` source (as SFT 
   "same answer, another image"), `rejected_messages` its whole conversation (with its own `rejected_images`);
 - LLaMA-Factory (sharegpt): {"conversations": [{"from", "value"}, ...], "chosen": {"from", "value"},
   "rejected": {...}, "images", "system"};
+- TRL's implicit prompt: {"chosen": messages, "rejected": messages, "images"} -- two whole conversations; the
+  prompt is everything before each one's last (assistant) turn;
+- LLaMA-Factory (alpaca): {"instruction", "input"?, "chosen", "rejected", "images", "system"?};
+- RLAIF-V style (`hf:openbmb/RLAIF-V-Dataset`): {"question", "chosen", "rejected", "image"}; a question without an
+  `<image>` placeholder gets one per image in front;
 - medllava's own (what `data_recipes/preference_pairs.py` writes): TRL's keys plus "rejected_images" and "weight".
-An optional "weight" (MMedPO's per-pair clinical-relevance weight) is a finite number >= 0 (null: 1). Not read yet:
-TRL's implicit-prompt records (chosen/rejected conversations without `prompt`) and LLaMA-Factory's alpaca layout.
+An optional "weight" (MMedPO's per-pair clinical-relevance weight) is a finite number >= 0 (null: 1).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from medllava.data.records import RawRecord, Record, RecordError, Turn, as_list, iter_raw, normalize
-from medllava.data.render import IGNORE_INDEX, Rendered, Renderer
+from medllava.data.render import IGNORE_INDEX, IMAGE_TOKEN, Rendered, Renderer
 from medllava.data.validate import (
     ValidationReport,
     check_images,
@@ -79,10 +83,18 @@ def detect_layout(data: dict[str, Any]) -> str:
         return "ms-swift"
     if "conversations" in data and "chosen" in data and "rejected" in data:
         return "llama-factory"
-    if "prompt" in data and "chosen" in data and "rejected" in data:
-        return "trl"
-    raise KeyError(f"no preference layout fits the keys {sorted(data)} (TRL: prompt/chosen/rejected; ms-swift: "
-                   "messages/rejected_response; LLaMA-Factory: conversations/chosen/rejected)")
+    if "chosen" in data and "rejected" in data:
+        if "prompt" in data:
+            return "trl"
+        if "instruction" in data:
+            return "alpaca"
+        if "question" in data:
+            return "rlaif-v"
+        if isinstance(data["chosen"], list) and isinstance(data["rejected"], list):
+            return "trl-implicit"
+    raise KeyError(f"no preference layout fits the keys {sorted(data)} (TRL: prompt/chosen/rejected, or chosen/rejected "
+                   "conversations; ms-swift: messages/rejected_response; LLaMA-Factory: conversations/chosen/rejected "
+                   "or instruction/chosen/rejected; RLAIF-V: question/chosen/rejected)")
 
 
 def _turns(value: Any, raw: RawRecord, what: str, key: str = "messages") -> tuple[list[Turn], list[Any]]:
@@ -136,6 +148,30 @@ def _parse(data: dict[str, Any], raw: RawRecord, rid: str) -> PreferencePair:
     if layout == "trl":
         prompt, part_images = _turns(data["prompt"], raw, "prompt")
         images = images or part_images
+        chosen, rejected = _answer(data["chosen"], raw, "chosen"), _answer(data["rejected"], raw, "rejected")
+    elif layout == "trl-implicit":
+        chosen_turns, part_images = _turns(data["chosen"], raw, "chosen")
+        rejected_turns, _ = _turns(data["rejected"], raw, "rejected")
+        images = images or part_images
+        for what, turns in (("chosen", chosen_turns), ("rejected", rejected_turns)):
+            if turns[-1].role != "assistant":
+                raise RecordError("bad_roles", f"'{what}' must end with an assistant turn")
+        prompt, chosen = chosen_turns[:-1], chosen_turns[-1].text
+        rejected = rejected_turns[-1].text
+        if rejected_turns[:-1] != prompt:
+            rejected_prompt = rejected_turns[:-1]
+    elif layout in ("alpaca", "rlaif-v"):
+        if layout == "alpaca":
+            text = "\n".join(str(data[k]) for k in ("instruction", "input") if isinstance(data.get(k), str) and data[k])
+        else:
+            text = data["question"] if isinstance(data["question"], str) else ""
+        if not text.strip():
+            raise RecordError("missing_field", f"'{'instruction' if layout == 'alpaca' else 'question'}' is empty")
+        if IMAGE_TOKEN not in text and images:
+            text = f"{IMAGE_TOKEN}\n" * len(images) + text
+        prompt = [Turn("user", text)]
+        if isinstance(data.get("system"), str) and data["system"].strip():
+            prompt = [Turn("system", data["system"]), *prompt]
         chosen, rejected = _answer(data["chosen"], raw, "chosen"), _answer(data["rejected"], raw, "rejected")
     elif layout == "llama-factory":
         prompt, _ = _turns(data["conversations"], raw, "conversations", key="conversations")
