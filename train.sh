@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The curriculum, stage after stage.
 #
-#   ./train.sh                    the tiny CPU demo: phantom data -> align -> instruct -> grpo, each evaluated
-#                                 on held-out closed questions; summary in runs/demo/summary.json
-#                                 (SEED=1 DEMO_RUNS=runs/demo-1 DEMO_DATA=data/phantom-1 for another seed)
-#   ./train.sh stages/<family>    a real recipe family: align -> instruct -> [pass-rate filter] -> grpo -> export
+#   ./train.sh                    the tiny CPU demo: phantom data -> align -> instruct -> preference pairs -> dpo
+#                                 -> grpo, each evaluated on held-out closed questions; summary in
+#                                 runs/demo/summary.json (SEED=1 DEMO_RUNS=runs/demo-1 DEMO_DATA=data/phantom-1 for
+#                                 another seed; GRPO_FROM=instruct starts GRPO from instruct instead of dpo)
+#   ./train.sh stages/<family>    a real recipe family: align -> instruct -> [pairs] -> dpo -> [pass-rate filter]
+#                                 -> grpo -> export
 #
 # Environment for real recipes:
 #   NPROC=8                 processes (GPUs) per node; default: every visible GPU
@@ -18,6 +20,7 @@
 #                           DeepSpeed starts the listed nodes over ssh
 #   NODE_WAIT=14400         seconds a node waits for node 0's filter or evaluation before giving up
 #   INSTRUCT=instruct_lora  which instruction recipe to run (instruct | instruct_lora | instruct_qlora)
+#   DPO=dpo_lora            which preference recipe to run (dpo | dpo_lora)
 #   GRPO=grpo_lora          which RL recipe to run (grpo | grpo_lora)
 #   STAGES="align instruct" which stages to run, in order
 #   EVAL_DATA=FILE EVAL_IMAGES=DIR   evaluate every stage output on a VQA set (with the stage's own prompt)
@@ -49,11 +52,17 @@ demo() {
   echo "== tiny vision tower + LLM (random init, tokenizer trained on the demo texts)"
   medllava tiny "$runs/base" --corpus "$data/corpus.txt" --vision clip --llm llama \
     --vision-hidden 64 --llm-hidden 128 --llm-layers 4 --seed "$seed"
-  local paths=(--data.image_folder="$data/images" --run.seed="$seed")
-  for stage in align instruct grpo; do
+  local paths=(--data.image_folder="$data/images" --run.seed="$seed") grpo_from=${GRPO_FROM:-dpo}
+  for stage in align instruct dpo grpo; do
+    if [ "$stage" = dpo ]; then
+      echo "== preference pairs: the instruct model's right answers, rejected with the image blanked or the lesion noised"
+      python -m data_recipes.preference_pairs --model "$runs/instruct" --data "$data/rl.jsonl" \
+        --image-folder "$data/images" --out "$runs/pairs.jsonl" --rejects image:blank image:lesion \
+        --max-records 500 --n 4 --max-new-tokens 8 --seed "$seed" >/dev/null
+    fi
     if [ "$stage" = grpo ]; then
-      echo "== pass-rate filter: keep RL questions the instruct model sometimes gets right"
-      python -m data_recipes.pass_rate_filter --model "$runs/instruct" --data "$data/rl.jsonl" \
+      echo "== pass-rate filter: keep RL questions the $grpo_from model sometimes gets right"
+      python -m data_recipes.pass_rate_filter --model "$runs/$grpo_from" --data "$data/rl.jsonl" \
         --image-folder "$data/images" --out "$runs/rl_filtered.jsonl" --n 4 --max-new-tokens 8 --seed "$seed"
     fi
     echo "== stage: $stage"
@@ -63,8 +72,10 @@ demo() {
                   --data.train_files="[$data/align.jsonl]" ;;
       instruct) medllava train "$repo"/stages/demo/instruct.yaml "${paths[@]}" --run.output_dir="$runs/instruct" \
                   --model.init_from="$runs/align" --data.train_files="[$data/instruct.jsonl]" ;;
+      dpo)      medllava train "$repo"/stages/demo/dpo.yaml "${paths[@]}" --run.output_dir="$runs/dpo" \
+                  --model.init_from="$runs/instruct" --data.train_files="[$runs/pairs.jsonl]" ;;
       grpo)     medllava train "$repo"/stages/demo/grpo.yaml "${paths[@]}" --run.output_dir="$runs/grpo" \
-                  --model.init_from="$runs/instruct" --data.train_files="[$runs/rl_filtered.jsonl]" ;;
+                  --model.init_from="$runs/$grpo_from" --data.train_files="[$runs/rl_filtered.jsonl]" ;;
     esac
     medllava eval "$runs/$stage" --data "$data/test.jsonl" --image-folder "$data/images" --blind \
       --prior-from "$data/instruct.jsonl" "$data/rl.jsonl" \
@@ -114,17 +125,17 @@ PY
 }
 
 family() {
-  local dir=$1 stage recipe out prev="" args filtered layout
+  local dir=$1 stage recipe out prev="" args maker made layout
   [ -d "$dir" ] || { echo "no such recipe folder: $dir" >&2; exit 2; }
   layout=$(python -m medllava.launch --layout) || exit 2
   eval "export $layout"
   [ "$NNODES" -eq 1 ] || echo "== node $NODE_RANK of $NNODES ($NPROC processes each), rendezvous at $MASTER_ADDR:$MASTER_PORT"
   # shellcheck disable=SC2206
   local extra=(${TRAIN_ARGS:-})
-  # The default chain: align, instruct, grpo (INSTRUCT/GRPO pick variants); a recipe folder that ships only the
-  # LoRA variant of a stage (stages/medgemma) runs that one.
+  # The default chain: align, instruct, dpo, grpo (INSTRUCT/DPO/GRPO pick variants; a folder without a stage skips
+  # it); a recipe folder that ships only the LoRA variant of a stage (stages/medgemma) runs that one.
   local defaults=() s
-  for s in align "${INSTRUCT:-instruct}" "${GRPO:-grpo}"; do
+  for s in align "${INSTRUCT:-instruct}" "${DPO:-dpo}" "${GRPO:-grpo}"; do
     if [ ! -f "$dir/$s.yaml" ] && [ -f "$dir/${s}_lora.yaml" ]; then defaults+=("${s}_lora"); else defaults+=("$s"); fi
   done
   for stage in ${STAGES:-${defaults[*]}}; do
@@ -144,15 +155,19 @@ family() {
     if [ -f "$out/medllava_stage.yaml" ]; then
       echo "== stage: $recipe (complete in $out; skipped)"
     else
-      if [ "$(stage_field "$recipe" "cfg.kind == 'grpo' and bool(cfg.grpo.pass_rate_filter.source)" "${args[@]}")" = True ]; then
-        filtered=$(stage_field "$recipe" "cfg.data.train_files[0]" "${args[@]}")
+      # Some stages' data is made from the previous stage's model first (node 0 makes it, the others wait):
+      # GRPO's questions by the pass-rate filter, DPO's pairs by data_recipes/preference_pairs.py.
+      maker=$(stage_field "$recipe" "{'grpo': 'pass_rate_filter' if cfg.grpo.pass_rate_filter.source else '',
+        'dpo': 'preference_pairs' if cfg.dpo.pairs.source else ''}.get(cfg.kind, '')" "${args[@]}")
+      if [ -n "$maker" ]; then
+        made=$(stage_field "$recipe" "cfg.data.train_files[0]" "${args[@]}")
         if [ "$NODE_RANK" != 0 ]; then
-          wait_for_node0 "$filtered" "$prev/medllava_stage.yaml" "pass-rate filter"
-        elif [ -f "$filtered" ] && [ "$filtered" -nt "$prev/medllava_stage.yaml" ]; then
-          echo "== pass-rate filter: $filtered is newer than $prev (kept)"
+          wait_for_node0 "$made" "$prev/medllava_stage.yaml" "$maker"
+        elif [ -f "$made" ] && [ "$made" -nt "$prev/medllava_stage.yaml" ]; then
+          echo "== $maker: $made is newer than $prev (kept)"
         else
-          echo "== pass-rate filter: questions $prev sometimes gets right -> $filtered"
-          python -m data_recipes.pass_rate_filter --stage "$recipe" --model "$prev" "${extra[@]}"
+          echo "== $maker: from $prev -> $made"
+          python -m "data_recipes.$maker" --stage "$recipe" --model "$prev" "${extra[@]}"
         fi
       fi
       echo "== stage: $recipe -> $out"

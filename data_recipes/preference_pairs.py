@@ -12,8 +12,8 @@ data writes it). Each reject kind asked for makes one pair:
 - image:noise  the same answer with the image replaced by noise of its own mean and spread (--noise-strength < 1
                mixes the noise into the image instead);
 - image:lesion the same answer with noise only inside the lesion region: the record's `bbox` ([x0, y0, x1, y1] in
-               pixels, or a list of them) or `mask` (an image beside the others, non-zero inside); records without
-               either are skipped and counted;
+               pixels, or a list of them) or `mask` (an image under the image folder, non-zero inside: SLAKE's
+               segmentation); records without a usable one are skipped and counted;
 - image:swap   the same answer with another record's image whose gold answer to the same question differs.
 
 An image reject is the conditional preference of mDPO / MMedPO: the answer is right for the image and not for its
@@ -27,6 +27,10 @@ where it stopped. A report (what was made per kind, what was skipped and why, wi
 
     python -m data_recipes.preference_pairs --model runs/demo/instruct --data data/phantom/rl.jsonl \\
         --image-folder data/phantom/images --out runs/demo/pairs.jsonl --rejects image:blank text --n 4
+    python -m data_recipes.preference_pairs --stage stages/medgemma/dpo_lora.yaml --model runs/medgemma/instruct_lora
+
+With --stage, everything but the model comes from the DPO stage (its dpo.pairs section; what `./train.sh
+stages/<family>` runs before the stage).
 """
 
 from __future__ import annotations
@@ -45,14 +49,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from data_recipes.pass_rate_filter import original_rows, sample_answers
+from medllava.config import REJECT_KINDS
 from medllava.data.records import write_records
 from medllava.data.rl import build_rl_rows
 from medllava.data.vqa import LETTERS
 from medllava.grading import grade
 from medllava.imaging import ImageError, Window, load_image
 from medllava.model import load_for_inference
-
-REJECTS = ("text", "image:blank", "image:noise", "image:lesion", "image:swap")
 
 
 def gold_text(row: dict[str, Any]) -> str:
@@ -80,7 +83,10 @@ def lesion_mask(record: dict[str, Any], size: tuple[int, int], image_folder: Pat
             mask[max(0, int(y0)):min(height, int(np.ceil(y1))), max(0, int(x0)):min(width, int(np.ceil(x1)))] = True
         return mask if mask.any() else None
     if record.get("mask"):
-        region = Image.open(image_folder / record["mask"]).convert("L").resize((width, height), Image.NEAREST)
+        try:
+            region = Image.open(image_folder / record["mask"]).convert("L").resize((width, height), Image.NEAREST)
+        except OSError:  # no such file, or not an image: the record has no usable region
+            return None
         mask = np.asarray(region) > 0
         return mask if mask.any() else None
     return None
@@ -172,7 +178,7 @@ class PairMaker:
                 record = self.originals.get((row["source"], row["line"]), {})
                 region = lesion_mask(record, image.size, self.image_folder)
                 if region is None:
-                    skips.append(skip(kind, "no lesion region (bbox or mask) in the record"))
+                    skips.append(skip(kind, "no lesion region (bbox, or a readable non-empty mask) in the record"))
                     continue
             out = self.rejects_folder / f"{row['id']}_{corruption}.png".replace("/", "_")
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -181,6 +187,32 @@ class PairMaker:
             pairs.append({"id": pair_id, **base, "rejected": chosen, "rejected_images": [self.relative(out)],
                           "reject": kind})
         return pairs, skips
+
+
+def stage_settings(args: argparse.Namespace, overrides: list[str], parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """With --stage: the data, output, image folder, window and the pair settings come from the DPO stage config
+    (its dpo.pairs section), so `./train.sh` makes exactly the file the stage reads."""
+    if args.stage is None:
+        if overrides:
+            parser.error(f"config overrides need --stage: {overrides}")
+        missing = [name for name in ("data", "out") if not getattr(args, name)]
+        if missing:
+            parser.error(f"--{' and --'.join(missing)} required (or --stage DPO_STAGE.yaml)")
+        return args
+    from medllava.config import load_config
+
+    cfg = load_config(args.stage, overrides)
+    if cfg.kind != "dpo":
+        parser.error(f"--stage {args.stage}: not a DPO stage (kind: {cfg.kind})")
+    pairs = cfg.dpo.pairs
+    if not pairs.source:
+        parser.error(f"--stage {args.stage}: dpo.pairs.source is empty (which questions to build pairs from?)")
+    args.data, args.out = args.data or pairs.source, args.out or Path(cfg.data.train_files[0])
+    args.image_folder, args.window, args.seed = cfg.data.image_folder, args.window or cfg.data.window, cfg.run.seed
+    args.rejects, args.n, args.temperature = pairs.rejects, pairs.n, pairs.temperature
+    args.max_new_tokens, args.max_records, args.weight = pairs.max_new_tokens, pairs.max_records, pairs.weight
+    args.batch_size = pairs.batch_size
+    return args
 
 
 def read_partial(path: Path) -> dict[str, dict]:
@@ -199,11 +231,11 @@ def read_partial(path: Path) -> dict[str, dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="stage output that answers the questions (e.g. instruct)")
-    parser.add_argument("--data", nargs="+", required=True, help="VQA files: id, image, question, answer, qtype, "
+    parser.add_argument("--data", nargs="+", default=None, help="VQA files: id, image, question, answer, qtype, "
                         "options?, bbox? / mask?")
     parser.add_argument("--image-folder", default=".")
-    parser.add_argument("--out", type=Path, required=True, help="pairs JSONL to write")
-    parser.add_argument("--rejects", nargs="+", choices=REJECTS, default=["image:blank", "text"])
+    parser.add_argument("--out", type=Path, default=None, help="pairs JSONL to write")
+    parser.add_argument("--rejects", nargs="+", choices=REJECT_KINDS, default=["image:blank", "text"])
     parser.add_argument("--n", type=int, default=4, help="samples per question")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -216,7 +248,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="where corrupted images go, inside the image folder (default: preference_rejects/OUT)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--window", default=None, help="DICOM window: preset (lung, bone, ...) or CENTER,WIDTH")
-    args = parser.parse_args(argv)
+    parser.add_argument("--stage", default=None,
+                        help="DPO stage YAML: take data (dpo.pairs.source), output (data.train_files[0]), image folder, "
+                             "window and the dpo.pairs settings from it; --section.key=value overrides apply to it")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a for a in argv if a.startswith("--") and "." in a.split("=", 1)[0]]
+    args = stage_settings(parser.parse_args([a for a in argv if a not in overrides]), overrides, parser)
     if not 0.0 < args.noise_strength <= 1.0:
         raise SystemExit(f"--noise-strength {args.noise_strength}: between 0 (exclusive) and 1")
     args.rejects_subfolder = args.rejects_subfolder or f"preference_rejects/{args.out.stem}"

@@ -3,7 +3,8 @@
 
 Input: the published split files (train.json / validate.json / test.json: qid, img_name, question, answer,
 q_lang, modality, location, answer_type; images under imgs/). Chinese questions (q_lang zh) are skipped and
-counted. modality (CT / MRI / X-Ray) and location (organ) are kept for per-slice metrics.
+counted. modality (CT / MRI / X-Ray) and location (organ) are kept for per-slice metrics; `mask` names the image's
+segmentation (imgs/xmlabN/mask.png: organs and lesions), the region data_recipes/preference_pairs.py noises.
 
     python -m data_recipes.slake --in Slake1.0/test.json --image-folder Slake1.0/imgs --out data/slake/test.jsonl
 """

@@ -238,6 +238,30 @@ class GRPOSection:
     pass_rate_filter: PassRateFilterSection = field(default_factory=PassRateFilterSection)
 
 
+REJECT_KINDS = ("text", "image:blank", "image:noise", "image:lesion", "image:swap")
+"""What the rejected side of a pair made by data_recipes/preference_pairs.py is (see that module)."""
+
+
+@dataclass
+class PreferencePairsSection:
+    """How `python -m data_recipes.preference_pairs --stage` makes a DPO stage's data.train_files[0] from VQA records
+    and the starting model; `./train.sh stages/<family>` runs it before the stage."""
+
+    source: list[str] = field(default_factory=list)
+    """The VQA files (JSON / JSONL / datasets sources); images relative to data.image_folder."""
+    rejects: list[str] = field(default_factory=lambda: ["image:blank", "image:lesion", "text"])
+    """Reject kinds, each making one pair per question where it can (see REJECT_KINDS)."""
+    n: int = 4
+    """Answers sampled per question (the chosen side is a right one; text rejects are wrong ones)."""
+    temperature: float = 1.0
+    max_new_tokens: int = 64
+    max_records: int | None = None
+    """Only the first N questions of the source."""
+    weight: Literal["none", "difficulty"] = "none"
+    """difficulty: each pair weighs 1 + the share of wrong samples."""
+    batch_size: int = 32
+
+
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 """TRL's DPO loss types (trl.DPOConfig.loss_type); a test keeps this list equal to the ones TRL's trainer accepts."""
@@ -263,6 +287,7 @@ class DPOSection:
     """LD-DPO: weight of the tokens past the shorter answer's length (None: plain sums)."""
     use_weighting: bool = False
     """WPO: weight each pair by the policy's probability of both answers."""
+    pairs: PreferencePairsSection = field(default_factory=PreferencePairsSection)
     pair_weights: bool = True
     """Multiply each pair's loss by its record's `weight` (MMedPO's clinical-relevance weighting; 1 when absent).
     When the data's weights differ, each pair of a micro-batch runs its own forward pass (TRL's loss is a mean
@@ -292,6 +317,11 @@ class DPOSection:
             raise ConfigError(f"dpo.sft_weight: {self.sft_weight} must be >= 0")
         if self.sft_weight > 0 and "sft" in given:
             raise ConfigError("dpo.sft_weight: the loss types already hold 'sft'; give its weight in loss_weights")
+        unknown = [k for k in self.pairs.rejects if k not in REJECT_KINDS]
+        if unknown or not self.pairs.rejects:
+            raise ConfigError(f"dpo.pairs.rejects: unknown {unknown or 'empty list'}; known: {list(REJECT_KINDS)}")
+        if self.pairs.n < 1:
+            raise ConfigError("dpo.pairs.n must be at least 1")
         if self.pair_weights and any(t.startswith("aot") for t in given):
             raise ConfigError("dpo.loss_type aot sorts the batch's pairs, so per-pair weights cannot follow them; "
                               "set dpo.pair_weights: false")

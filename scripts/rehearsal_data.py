@@ -108,6 +108,9 @@ def slake(pub: Path, rng: random.Random, n: int) -> None:
         rel = f"xmlab{i // 2}/source.jpg"
         if not (root / "imgs" / rel).exists():
             save(image(rng), root / "imgs" / rel)
+            region = Image.new("L", (64, 64), 0)  # SLAKE's segmentation beside each image (organs, lesions)
+            region.paste(255, (16, 16, 40, 48))
+            region.save(root / "imgs" / Path(rel).parent / "mask.png")
         q, a = yes_no_question(rng)
         rows.append({"img_id": i // 2, "img_name": rel, "question": q, "answer": a, "q_lang": "en",
                      "location": rng.choice(["Lung", "Abdomen", "Brain"]), "modality": rng.choice(MODALITIES),

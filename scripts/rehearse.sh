@@ -13,8 +13,9 @@
 #     PMC-VQA CSV, PathVQA parquet), converted by data_recipes/ into the paths the recipes name (WORKDIR).
 # Two overrides go to every stage (TRAIN_ARGS): the pass-rate filter keeps every question
 # (--grpo.pass_rate_filter.min_rate=-1), since a random-init model never answers right and would leave GRPO
-# nothing to train on; and completions stop at 32 tokens (--grpo.max_completion_length=32): a random-init model
-# rarely ends a completion, and 512 tokens x 256 completions per step is most of an hour on 2 CPU cores.
+# nothing to train on; and completions stop at 32 tokens (--grpo.max_completion_length=32; the DPO pairs' samples at 16,
+# --dpo.pairs.max_new_tokens=16): a random-init model rarely ends a completion, and 512 tokens x 256 completions per
+# step is most of an hour on 2 CPU cores.
 # Everything else -- batch sizes, learning rates, precision, DeepSpeed files, LoRA and QLoRA settings, prompts,
 # rewards, generations per question -- is the recipe's own.
 #
@@ -22,7 +23,8 @@
 # NNODES (default 1; more: that many loopback "nodes" on this machine, each its own train.sh with its NODE_RANK and
 # its own node-local data cache, as on nodes without a shared scratch disk; node i's log in WORKDIR/node<i>.log),
 # STAGES (default: the pair families every variant, chained: align instruct instruct_lora instruct_qlora grpo grpo_lora;
-# the model-family recipes train.sh's own chain: qwen25vl_medvlthinker instruct grpo, medgemma instruct_lora grpo_lora).
+# the model-family recipes train.sh's own chain: qwen25vl_medvlthinker instruct dpo grpo, medgemma instruct_lora
+# dpo_lora grpo_lora).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 family=${1:?usage: scripts/rehearse.sh FAMILY [WORKDIR]}
@@ -60,7 +62,7 @@ export WORKDIR=$work
 export NPROC=${NPROC:-2} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
 export EVAL_DATA=data/vqa/vqa_rad_test.jsonl EVAL_IMAGES=data/vqa/images
 [ -z "${STAGES:-$default_stages}" ] || export STAGES=${STAGES:-$default_stages}
-export TRAIN_ARGS="--grpo.pass_rate_filter.min_rate=-1 --grpo.max_completion_length=32 ${TRAIN_ARGS:-}"
+export TRAIN_ARGS="--grpo.pass_rate_filter.min_rate=-1 --grpo.max_completion_length=32 --dpo.pairs.max_new_tokens=16 ${TRAIN_ARGS:-}"
 nodes=${NNODES:-1}
 echo "== rehearsal of stages/$family on $nodes x $NPROC CPU processes (${LAUNCHER:-torchrun}) in $work: ${STAGES:-the chain of train.sh}"
 if [ "$nodes" -gt 1 ]; then

@@ -83,6 +83,12 @@ def check_family(work: Path, family: str, stages: list[str], log: str) -> None:
     assert "global batch: 128 samples per optimizer step = 16 per device x 2 rank(s) x 4 accumulation" in log
     if "grpo" in stages:
         assert "global batch: 256 completions per optimizer step = 8 per device x 2 rank(s) x 16 accumulation" in log
+        assert "global batch: 64 pairs per optimizer step = 8 per device x 2 rank(s) x 4 accumulation" in log
+        dpo_stage = [s for s in stages if s.startswith("dpo")][0]
+        pairs = json.loads((jobs[family][1] / "data" / "vqa" / f"dpo_pairs_{family}.report.json").read_text())
+        assert pairs["made"].get("image:blank", 0) > 0 and pairs["made"].get("image:lesion", 0) > 0  # SLAKE's masks
+        facts = json.loads((runs / dpo_stage / "medllava_run.json").read_text())
+        assert facts["batch_unit"] == "pairs" and facts["pair_recipes"]
         filtered = work / "data" / "vqa" / "rl_train_filtered.jsonl"
         report = json.loads(filtered.with_suffix(".report.json").read_text())
         assert report["prompt"] == "think" and report["n"] == 8 and report["kept"] > 0
@@ -130,8 +136,8 @@ def test_rehearsal_of_the_recipe_families(tmp_path: Path, published_fixtures: Pa
         assert "medllava.train" not in result.stderr
 
 
-MODEL_FAMILIES = {"qwen25vl_medvlthinker": ("deepspeed", ["instruct", "grpo"]),
-                  "medgemma": ("torchrun", ["instruct_lora", "grpo_lora"])}
+MODEL_FAMILIES = {"qwen25vl_medvlthinker": ("deepspeed", ["instruct", "dpo", "grpo"]),
+                  "medgemma": ("torchrun", ["instruct_lora", "dpo_lora", "grpo_lora"])}
 
 
 @pytest.mark.slow
@@ -161,6 +167,12 @@ def test_rehearsal_of_the_model_family_recipes(tmp_path: Path, published_fixture
             assert metrics["prompt"]["mode"] == ("think" if resolved["kind"] == "grpo" else "plain")
         assert "global batch: 128 samples per optimizer step = 16 per device x 2 rank(s) x 4 accumulation" in log
         assert "global batch: 256 completions per optimizer step = 8 per device x 2 rank(s) x 16 accumulation" in log
+        assert "global batch: 64 pairs per optimizer step = 8 per device x 2 rank(s) x 4 accumulation" in log
+        dpo_stage = [s for s in stages if s.startswith("dpo")][0]
+        pairs = json.loads((jobs[family][1] / "data" / "vqa" / f"dpo_pairs_{family}.report.json").read_text())
+        assert pairs["made"].get("image:blank", 0) > 0 and pairs["made"].get("image:lesion", 0) > 0  # SLAKE's masks
+        facts = json.loads((runs / dpo_stage / "medllava_run.json").read_text())
+        assert facts["batch_unit"] == "pairs" and facts["pair_recipes"]
         exported = json.loads((runs / "export" / "config.json").read_text())
         assert exported["model_type"] == {"qwen25vl_medvlthinker": "qwen2_5_vl", "medgemma": "gemma3"}[family]
         assert "verified with plain transformers" in log
@@ -171,7 +183,9 @@ def test_rehearsal_of_the_model_family_recipes(tmp_path: Path, published_fixture
     assert "== node 0 of 2 (1 processes each)" in logs["medgemma"]
     node1 = (work / "node1.log").read_text()
     assert "grpo_lora.yaml -> runs/medgemma/grpo_lora" in node1 and "== export" not in node1
-    assert "== pass-rate filter: questions" not in node1  # node 0 filtered; node 1 waited for it (or found it)
+    assert "== pass_rate_filter: from" not in node1  # node 0 filtered; node 1 waited for it (or found it)
+    assert "== preference_pairs: from" not in node1 and "== preference_pairs: from" in logs["medgemma"]
     assert "16 per device x 2 rank(s) x 4 accumulation" in node1
     for node in (0, 1):
-        assert sorted(p.name.split("-")[0] for p in (work / f"node{node}-cache").iterdir() if p.is_dir()) == ["rl", "sft"]
+        assert sorted(p.name.split("-")[0] for p in (work / f"node{node}-cache").iterdir() if p.is_dir()) == \
+            ["dpo", "rl", "sft"]

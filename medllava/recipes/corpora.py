@@ -180,7 +180,9 @@ def slake_row(line: int, r: dict[str, Any]) -> dict[str, Any] | str:
         return "missing_field"
     answer = str(r["answer"]).strip()
     row = {"id": f"slake_{r.get('qid', line)}", "image": r["img_name"], "question": str(r["question"]).strip(),
-           "answer": answer, "qtype": closed_or_open(answer)}
+           "answer": answer, "qtype": closed_or_open(answer),
+           # SLAKE ships each image's segmentation (organs and lesions) beside it: the region DPO pairs noise
+           "mask": str(Path(r["img_name"]).parent / "mask.png")}
     for key, name in (("modality", "modality"), ("location", "organ"), ("answer_type", "answer_type"),
                       ("content_type", "content_type")):
         if r.get(key):
