@@ -178,3 +178,30 @@ def test_medllava_train_runs_dpo_on_each_layout(layout: str, tmp_path: Path, pha
         card = "\n".join(_reproduction(stage_lineage(out).stages[-1]))
         assert f"- DPO: beta {BETA}, loss sigmoid, per-pair weights on" in card
         assert "made by data_recipes/preference_pairs.py from `runs/x/instruct`" in card and "image:blank 4" in card
+
+
+def test_a_rejected_image_that_fails_in_the_loader_skips_its_pair_and_is_reported(
+        tmp_path: Path, phantom: Path, base_models: dict, pairs: dict[str, Path]) -> None:
+    """The rejected side's images obey SFT's loader rule: an image whose header reads but whose pixels do not (it
+    passes data.image_check: header) leaves its whole pair unsupervised in the batch (never one side alone) and is
+    named in data_report.json."""
+    from medllava.train.dpo import prepare_dpo
+    from medllava.train.stage import run_stage
+    from tests.test_data_scale import truncated_jpeg
+
+    rows = [json.loads(line) for line in pairs["trl"].read_text().splitlines()]
+    images = phantom / "images"
+    broken = f"blank/cut_{tmp_path.name}.png"
+    truncated_jpeg(images / broken)
+    rows[0]["rejected_images"] = [broken]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    cfg = dpo_stage(tmp_path, phantom, base_models[("clip", "llama")], data)
+    run = prepare_dpo(config_from_dict(cfg))
+    batch = run.trainer.data_collator([{"pair": 0}, {"pair": 1}])
+    mask = batch["completion_mask"]
+    assert mask[0].sum() == 0 and mask[2].sum() == 0  # pair 0: both sides unsupervised
+    assert mask[1].sum() > 0 and mask[3].sum() > 0
+    assert [e["id"] for e in batch["image_errors"]] == [rows[0]["id"]]
+    out = run_stage(config_from_dict({**cfg, "run": {**cfg["run"], "resume": "never"}}))
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["loader_skipped"] == 1 and report["loader_errors"][0]["id"] == rows[0]["id"]
