@@ -205,3 +205,23 @@ def test_a_rejected_image_that_fails_in_the_loader_skips_its_pair_and_is_reporte
     out = run_stage(config_from_dict({**cfg, "run": {**cfg["run"], "resume": "never"}}))
     report = json.loads((out / "data_report.json").read_text())
     assert report["loader_skipped"] == 1 and report["loader_errors"][0]["id"] == rows[0]["id"]
+
+
+def test_dpo_section_speaks_trls_names_and_loss_types() -> None:
+    """The dpo section's TRL knobs are DPOConfig fields of the same name, and the loss types it accepts are the
+    ones TRL's trainer knows (an unknown one is named by TRL's own error)."""
+    import dataclasses
+    import inspect
+
+    from trl import DPOConfig
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    from medllava.config import DPO_LOSS_TYPES, DPOSection
+
+    ours = {f.name for f in dataclasses.fields(DPOSection)} - {"sft_weight", "pair_weights", "pairs"}
+    assert ours <= {f.name for f in dataclasses.fields(DPOConfig)}
+    import re
+
+    source = inspect.getsource(DPOTrainer._compute_loss)
+    known = source[source.index("Should be one of"):].split("]")[0]
+    assert sorted(DPO_LOSS_TYPES) == sorted(re.findall(r"'(\w+)'", known))
