@@ -83,12 +83,6 @@ def check_family(work: Path, family: str, stages: list[str], log: str) -> None:
     assert "global batch: 128 samples per optimizer step = 16 per device x 2 rank(s) x 4 accumulation" in log
     if "grpo" in stages:
         assert "global batch: 256 completions per optimizer step = 8 per device x 2 rank(s) x 16 accumulation" in log
-        assert "global batch: 64 pairs per optimizer step = 8 per device x 2 rank(s) x 4 accumulation" in log
-        dpo_stage = [s for s in stages if s.startswith("dpo")][0]
-        pairs = json.loads((jobs[family][1] / "data" / "vqa" / f"dpo_pairs_{family}.report.json").read_text())
-        assert pairs["made"].get("image:blank", 0) > 0 and pairs["made"].get("image:lesion", 0) > 0  # SLAKE's masks
-        facts = json.loads((runs / dpo_stage / "medllava_run.json").read_text())
-        assert facts["batch_unit"] == "pairs" and facts["pair_recipes"]
         filtered = work / "data" / "vqa" / "rl_train_filtered.jsonl"
         report = json.loads(filtered.with_suffix(".report.json").read_text())
         assert report["prompt"] == "think" and report["n"] == 8 and report["kept"] > 0
