@@ -215,16 +215,47 @@ def stage_settings(args: argparse.Namespace, overrides: list[str], parser: argpa
     return args
 
 
-def read_partial(path: Path) -> dict[str, dict]:
-    """Questions already processed by an interrupted run: {id: {"pairs": [...], "skipped": [...]}}."""
+def row_key(row: dict[str, Any]) -> str:
+    """A question's place in its source (ids may repeat: VQA-RAD's name the image and the question)."""
+    return f"{row['source']}:{row['line']}"
+
+
+def settings_stamp(args: argparse.Namespace) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one: the model (and when it was written) and every
+    setting that changes the pairs."""
+    model = Path(args.model)
+    marker = next((model / name for name in ("medllava_stage.yaml", "config.json", "adapter_config.json")
+                   if (model / name).is_file()), None)
+    return {"model": str(model.resolve()) if model.exists() else args.model,
+            "model_written": marker.stat().st_mtime_ns if marker else None, "data": [str(d) for d in args.data],
+            "rejects": list(args.rejects), "n": args.n, "temperature": args.temperature,
+            "max_new_tokens": args.max_new_tokens, "max_records": args.max_records, "weight": args.weight,
+            "seed": args.seed, "noise_strength": args.noise_strength, "window": args.window}
+
+
+def read_partial(path: Path, stamp: dict[str, Any]) -> dict[str, dict]:
+    """Questions already processed by an interrupted run with the same model and settings: {source:line: {"pairs":
+    [...], "skipped": [...]}}. A partial file of another model or other settings is set aside (named)."""
     done: dict[str, dict] = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:  # the line being written when the run stopped
-                continue
-            done[entry["id"]] = entry
+    if not path.is_file():
+        return done
+    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        header = json.loads(lines[0]) if lines else {}
+    except json.JSONDecodeError:
+        header = {}
+    if header.get("settings") != json.loads(json.dumps(stamp)):
+        stale = path.with_name(path.name + ".stale")
+        path.replace(stale)
+        print(f"preference_pairs: {path} was made by another model or with other settings; set aside as {stale}",
+              file=sys.stderr)
+        return done
+    for line in lines[1:]:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:  # the line being written when the run stopped
+            continue
+        done[entry["key"]] = entry
     return done
 
 
@@ -262,13 +293,20 @@ def main(argv: list[str] | None = None) -> int:
     model, processor = load_for_inference(args.model)  # bf16 on a GPU that has it
     rows, report = build_rl_rows(args.data, processor, image_folder=args.image_folder, mode="plain", skip_invalid=True,
                                  max_samples=args.max_records, max_prompt_length=10**9, with_location=True)
+    repeated = {i for i, count in Counter(row["id"] for row in rows).items() if count > 1}
+    for row in rows:  # a repeated id is qualified by its place, so pairs and corrupted images stay apart
+        if row["id"] in repeated:
+            row["id"] = f"{row['id']}@{Path(row['source']).name}:{row['line']}"
     maker = PairMaker(args, original_rows(args.data), rows)
     partial = args.out.with_name(args.out.name + ".partial.jsonl")
     partial.parent.mkdir(parents=True, exist_ok=True)
-    done = read_partial(partial)
-    todo = [row for row in rows if row["id"] not in done]
+    stamp = settings_stamp(args)
+    done = read_partial(partial, stamp)
+    todo = [row for row in rows if row_key(row) not in done]
     if done:
         print(f"preference_pairs: resuming, {len(done)} question(s) already done in {partial}", file=sys.stderr)
+    if not partial.is_file():
+        partial.write_text(json.dumps({"settings": stamp}) + "\n", encoding="utf-8")
     with partial.open("a", encoding="utf-8") as fh:
         for start in tqdm(range(0, len(todo), args.batch_size), desc="questions", unit="batch"):
             batch = todo[start:start + args.batch_size]
@@ -277,12 +315,12 @@ def main(argv: list[str] | None = None) -> int:
                                      window=maker.window)
             for row, answers in zip(batch, samples):
                 pairs, skipped = maker.make(row, answers)
-                entry = {"id": row["id"], "pairs": pairs, "skipped": skipped}
-                done[row["id"]] = entry
+                entry = {"key": row_key(row), "pairs": pairs, "skipped": skipped}
+                done[row_key(row)] = entry
                 fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
             fh.flush()
-    pairs = [p for row in rows for p in done[row["id"]]["pairs"]]
-    skipped = [s for row in rows for s in done[row["id"]]["skipped"]]
+    pairs = [p for row in rows for p in done[row_key(row)]["pairs"]]
+    skipped = [s for row in rows for s in done[row_key(row)]["skipped"]]
     made = Counter(p["reject"] for p in pairs)
     summary = {
         "model": args.model, "data": args.data, "rejects": args.rejects, "n": args.n,

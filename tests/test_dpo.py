@@ -76,7 +76,11 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tenso
 
 
 def hand_dpo_loss(policy: torch.nn.Module, reference: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """-log sigmoid(beta ((pi_c - ref_c) - (pi_r - ref_r))), per pair, weighted, averaged over the pairs."""
+    """-log sigmoid(beta ((pi_c - ref_c) - (pi_r - ref_r))), per pair, weighted, averaged over the pairs (the joint
+    rows, or each pair's own sub-batch)."""
+    if PAIR_BATCHES in batch:
+        return torch.stack([hand_dpo_loss(policy, reference, {**sub, PAIR_WEIGHTS: w[None]})
+                            for sub, w in zip(batch[PAIR_BATCHES], batch[PAIR_WEIGHTS], strict=True)]).mean()
     pi = sequence_logps(policy, batch)
     with torch.no_grad():
         ref = sequence_logps(reference, batch)
@@ -90,7 +94,8 @@ def test_rejected_images_reach_the_model_not_the_chosen_ones(tmp_path: Path, pha
                                                               pairs: dict[str, Path]) -> None:
     from medllava.train.dpo import prepare_dpo
 
-    run = prepare_dpo(config_from_dict(dpo_stage(tmp_path, phantom, base_models[("clip", "llama")], pairs["trl"])))
+    cfg = dpo_stage(tmp_path, phantom, base_models[("clip", "llama")], pairs["trl"], pair_weights=False)
+    run = prepare_dpo(config_from_dict(cfg))
     collator = run.trainer.data_collator
     batch = collator([{"pair": 0}, {"pair": 1}])  # pair 0: a blank image of its own; pair 1: the same image
     pixels = batch["pixel_values"]
@@ -109,11 +114,16 @@ def test_rejected_images_reach_the_model_not_the_chosen_ones(tmp_path: Path, pha
         (kwargs.get("pixel_values") if kwargs.get("pixel_values") is not None else args[0]).detach().clone()),
         with_kwargs=True)
     try:
-        run.trainer.compute_loss(run.trainer.model, batch)  # weights 1 and 2: each pair runs alone
+        run.trainer.compute_loss(run.trainer.model, dict(batch))
     finally:
         handle.remove()
-    assert [s.shape[0] for s in seen] == [2, 2]  # the policy on pair 0, then on pair 1 (the reference is a copy)
-    assert torch.equal(seen[0][1], blank0) and torch.equal(seen[0][0], chosen0)
+    assert [s.shape[0] for s in seen] == [4]  # the policy's forward (the reference is a copy with its own tower)
+    assert torch.equal(seen[0][2], blank0) and torch.equal(seen[0][0], chosen0)
+    # weighted pairs: each pair's own sub-batch, its rejected rows with their own pixels too
+    weighted = prepare_dpo(config_from_dict({**cfg, "dpo": {"beta": BETA}})).trainer.data_collator
+    subs = weighted([{"pair": 0}, {"pair": 1}])[PAIR_BATCHES]
+    torch.testing.assert_close(subs[0]["pixel_values"][1], blank0)
+    torch.testing.assert_close(subs[1]["pixel_values"][1], pixels[1])
 
 
 @pytest.mark.parametrize("llm", ["full", "lora"])
@@ -144,8 +154,7 @@ def test_dpo_loss_and_gradients_equal_the_hand_computed_loss(llm: str, tmp_path:
     params = [p for p in model.parameters() if p.requires_grad]
     ours = trainer.compute_loss(model, dict(batch))
     ours_grads = torch.autograd.grad(ours, params)
-    plain = {k: v for k, v in batch.items() if k != PAIR_BATCHES}
-    hand = hand_dpo_loss(model, reference, plain)
+    hand = hand_dpo_loss(model, reference, batch)
     hand_grads = torch.autograd.grad(hand, params)
     assert math.isfinite(float(ours)) and abs(float(ours) - math.log(2) * 2) > 1e-3  # it moved
     torch.testing.assert_close(ours, hand, atol=1e-5, rtol=1e-5)
@@ -197,10 +206,11 @@ def test_a_rejected_image_that_fails_in_the_loader_skips_its_pair_and_is_reporte
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     cfg = dpo_stage(tmp_path, phantom, base_models[("clip", "llama")], data)
     run = prepare_dpo(config_from_dict(cfg))
-    batch = run.trainer.data_collator([{"pair": 0}, {"pair": 1}])
-    mask = batch["completion_mask"]
-    assert mask[0].sum() == 0 and mask[2].sum() == 0  # pair 0: both sides unsupervised
-    assert mask[1].sum() > 0 and mask[3].sum() > 0
+    batch = run.trainer.data_collator([{"pair": 0}, {"pair": 2}])
+    # pair 0 is replaced by the next pair that decodes (pair 1, weight 2): never one side alone, the same batch size
+    assert [b["input_ids"].shape[0] for b in batch[PAIR_BATCHES]] == [2, 2]
+    assert batch["sample_ids"] == [rows[1]["id"], rows[2]["id"]] and batch[PAIR_WEIGHTS].tolist() == [2.0, 3.0]
+    assert all(b["completion_mask"].sum(dim=1).min() > 0 for b in batch[PAIR_BATCHES])
     assert [e["id"] for e in batch["image_errors"]] == [rows[0]["id"]]
     out = run_stage(config_from_dict({**cfg, "run": {**cfg["run"], "resume": "never"}}))
     report = json.loads((out / "data_report.json").read_text())

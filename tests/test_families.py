@@ -576,7 +576,7 @@ def test_dpo_on_each_family_equals_the_hand_computed_loss_and_trains(tiny: dict[
     batch = run.trainer.data_collator([{"pair": 0}, {"pair": 2}])  # rejected sides with their own images
     assert batch["pair_weights"].tolist() == [1.0, 3.0]
     ours = run.trainer.compute_loss(model, dict(batch))
-    hand = hand_dpo_loss(model, reference, {k: v for k, v in batch.items() if k != "pair_batches"})
+    hand = hand_dpo_loss(model, reference, batch)
     torch.testing.assert_close(ours, hand, atol=1e-4, rtol=1e-4)
     run.trainer.train()
     assert all(math.isfinite(h["loss"]) for h in run.trainer.state.log_history if "loss" in h)

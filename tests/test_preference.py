@@ -161,6 +161,8 @@ def test_corruptions_blank_noise_and_lesion_only_noise(phantom: Path) -> None:
 
 def test_preference_pairs_recipe_makes_every_kind_and_resumes(tmp_path: Path, phantom: Path,
                                                               base_models: dict) -> None:
+    import argparse
+
     from data_recipes import preference_pairs
 
     data = tmp_path / "rl.jsonl"
@@ -178,7 +180,8 @@ def test_preference_pairs_recipe_makes_every_kind_and_resumes(tmp_path: Path, ph
     kinds = report["made"]
     with_lesion = sum(1 for r in rows if r.get("bbox"))
     assert kinds["image:blank"] == 12 and kinds["image:lesion"] == with_lesion
-    assert report["skipped_counts"].get("image:lesion: no lesion region (bbox or mask) in the record", 0) == 12 - with_lesion
+    assert sum(v for k, v in report["skipped_counts"].items() if k.startswith("image:lesion: no lesion region")) == \
+        12 - with_lesion
     assert kinds.get("text", 0) + report["skipped_counts"].get("text: the model's samples were all right", 0) == 12
     assert kinds.get("image:swap", 0) + sum(v for k, v in report["skipped_counts"].items() if k.startswith("image:swap")) == 12
     by_id = {p.id: p for p in pairs}
@@ -189,19 +192,28 @@ def test_preference_pairs_recipe_makes_every_kind_and_resumes(tmp_path: Path, ph
     for p in pairs:
         if p.id.endswith(":text"):
             assert p.rejected != p.chosen and not p.own_rejected_images
-    # interrupted after the first batch: the rerun resumes from the partial file and ends with the same pairs
-    first = out.read_text()
-    entries = [json.loads(line) for line in
-               (json.dumps({"id": r["id"], "pairs": [json.loads(x) for x in first.splitlines()
-                                                     if json.loads(x)["id"].startswith(r["id"] + ":")],
-                            "skipped": []}) for r in rows[:5])]
+    # interrupted after the first questions: the rerun keeps what the partial file holds and makes the rest
+    first = [json.loads(x) for x in out.read_text().splitlines()]
+    kept = [{**p, "chosen": "kept from the interrupted run"} for p in first if p["id"].startswith(rows[0]["id"] + ":")]
+    stamp = preference_pairs.settings_stamp(argparse.Namespace(
+        model=args[1], data=[str(data)], rejects=args[args.index("--rejects") + 1:args.index("--weight")], n=3,
+        temperature=1.0, max_new_tokens=4, max_records=None, weight="difficulty", seed=0, noise_strength=1.0,
+        window=None))
+    partial = out.with_name("pairs.jsonl.partial.jsonl")
+    partial.write_text(json.dumps({"settings": stamp}) + "\n" +
+                       json.dumps({"key": f"{data}:1", "pairs": kept, "skipped": []}) + "\n")
     out.unlink()
-    out.with_name("pairs.jsonl.partial.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
     assert preference_pairs.main(args) == 0
     again = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [p["id"] for p in again][:len([x for e in entries for x in e["pairs"]])] == \
-        [x["id"] for e in entries for x in e["pairs"]]
-    assert not out.with_name("pairs.jsonl.partial.jsonl").exists()
+    assert [p["id"] for p in again] == [p["id"] for p in first]
+    assert [p["chosen"] for p in again[:len(kept)]] == ["kept from the interrupted run"] * len(kept)
+    assert not partial.exists()
+    # a partial file of other settings is set aside, never mixed in
+    partial.write_text(json.dumps({"settings": {**stamp, "n": 9}}) + "\n" +
+                       json.dumps({"key": f"{data}:1", "pairs": kept, "skipped": []}) + "\n")
+    assert preference_pairs.main(args) == 0
+    assert [json.loads(x)["chosen"] for x in out.read_text().splitlines()][0] != "kept from the interrupted run"
+    assert partial.with_name(partial.name + ".stale").is_file()
 
 
 def test_implicit_prompt_alpaca_and_rlaif_v_layouts(tmp_path: Path, images: Path) -> None:
@@ -228,6 +240,16 @@ def test_implicit_prompt_alpaca_and_rlaif_v_layouts(tmp_path: Path, images: Path
         assert (pair.chosen, pair.rejected, pair.images) == ("Yes, on the right.", "No.", [images / "ct.png"])
     assert pairs[0].rejected_prompt is None
     assert pairs[3].side("rejected")[0][0].text.endswith("Be brief.")
+    # a rejected conversation with image parts of its own sees those images, not the chosen ones
+    own = {"id": "implicit-own-image",
+           "chosen": [{"role": "user", "content": [{"type": "image", "image": "ct.png"}, {"type": "text", "text": "Q?"}]},
+                      {"role": "assistant", "content": "Yes."}],
+           "rejected": [{"role": "user", "content": [{"type": "image", "image": "ct_noised.png"},
+                                                     {"type": "text", "text": "Q?"}]},
+                        {"role": "assistant", "content": "Yes."}]}
+    (pair,) = read(write_jsonl(tmp_path / "own.jsonl", [own]), images)
+    assert isinstance(pair, PreferencePair), pair
+    assert pair.images == [images / "ct.png"] and pair.side("rejected")[2] == [images / "ct_noised.png"]
 
 
 def test_rlaif_v_style_dataset_source_with_embedded_images(tmp_path: Path, images: Path) -> None:

@@ -202,8 +202,10 @@ class PreferenceCollator:
     A rejected side with images of its own (a corrupted image, another study) sees those pixels, never the chosen
     side's (TRL's vision collator repeats the chosen images for both halves). The sides come from an SFTDataset
     over the pairs' sides (pair i = items 2i, 2i+1), so every family's image expansion and token types are SFT's.
-    A side whose image fails to decode in the loader leaves its whole pair unsupervised (the error is reported like
-    SFT's); a pair is never trained on one side."""
+    A pair whose image (either side's) fails to decode in the loader is replaced by the next pair that decodes and
+    reported like SFT's loader skips: a pair is never trained on one side, and the batch keeps its size on every
+    rank (TRL gathers per-pair metrics across ranks). When the data's weights differ, the batch holds one
+    sub-batch per pair instead of the joint rows (PAIR_BATCHES)."""
 
     def __init__(self, sides: SFTDataset, weights: Sequence[float], pad_token_id: int):
         self.sides = sides
@@ -217,18 +219,31 @@ class PreferenceCollator:
         batch["completion_mask"] = (batch.pop("labels") != IGNORE_INDEX).long()
         return batch
 
+    def pair(self, index: int, errors: list[dict[str, Any]]) -> tuple[int, dict[str, Any], dict[str, Any]]:
+        """Pair `index`'s two sides, or the next pair's whose images decode (the failures go to `errors`)."""
+        n = len(self.weights)
+        for k in range(n):
+            i = (index + k) % n
+            chosen, rejected = self.sides[2 * i], self.sides[2 * i + 1]
+            failed = [side["image_error"] for side in (chosen, rejected) if "image_error" in side]
+            if not failed:
+                return i, chosen, rejected
+            errors.extend(failed)
+        raise RuntimeError(f"no preference pair's images decode ({errors[0]['source']}:{errors[0]['line']}: "
+                           f"{errors[0]['reason']}, ...)")
+
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        index = [int(f["pair"]) for f in features]
-        pairs = [(self.sides[2 * i], self.sides[2 * i + 1]) for i in index]
-        for chosen, rejected in pairs:
-            if "image_error" in chosen or "image_error" in rejected:
-                chosen["labels"] = torch.full_like(chosen["labels"], IGNORE_INDEX)
-                rejected["labels"] = torch.full_like(rejected["labels"], IGNORE_INDEX)
-        batch = self.rows(self.pad([c for c, _ in pairs] + [r for _, r in pairs]))
-        weights = [self.weights[i] for i in index]
-        batch[PAIR_WEIGHTS] = torch.tensor(weights, dtype=torch.float32)
+        errors: list[dict[str, Any]] = []
+        pairs = [self.pair(int(f["pair"]), errors) for f in features]
+        index = [i for i, _, _ in pairs]
+        weights = torch.tensor([self.weights[i] for i in index], dtype=torch.float32)
         if self.per_pair:
-            batch[PAIR_BATCHES] = [
-                {k: v for k, v in self.rows(self.pad([c, r])).items() if k not in ("sample_ids", IMAGE_ERRORS)}
-                for c, r in pairs]
+            batch: dict[str, Any] = {PAIR_BATCHES: [
+                {k: v for k, v in self.rows(self.pad([c, r])).items() if k != "sample_ids"} for _, c, r in pairs]}
+            batch["sample_ids"] = [c["sample_id"] for _, c, _ in pairs]
+        else:
+            batch = self.rows(self.pad([c for _, c, _ in pairs] + [r for _, _, r in pairs]))
+        batch[PAIR_WEIGHTS] = weights
+        if errors:
+            batch[IMAGE_ERRORS] = errors
         return batch

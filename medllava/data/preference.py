@@ -151,8 +151,10 @@ def _parse(data: dict[str, Any], raw: RawRecord, rid: str) -> PreferencePair:
         chosen, rejected = _answer(data["chosen"], raw, "chosen"), _answer(data["rejected"], raw, "rejected")
     elif layout == "trl-implicit":
         chosen_turns, part_images = _turns(data["chosen"], raw, "chosen")
-        rejected_turns, _ = _turns(data["rejected"], raw, "rejected")
+        rejected_turns, rejected_part_images = _turns(data["rejected"], raw, "rejected")
         images = images or part_images
+        if rejected_part_images and rejected_part_images != images:  # the rejected conversation's own images
+            rejected_images = rejected_part_images
         for what, turns in (("chosen", chosen_turns), ("rejected", rejected_turns)):
             if turns[-1].role != "assistant":
                 raise RecordError("bad_roles", f"'{what}' must end with an assistant turn")

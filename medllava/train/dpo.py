@@ -50,27 +50,30 @@ WEIGHTS_FILE = "weights.json"
 def _dpo_trainer_class() -> type:
     from trl import DPOTrainer
 
-    class MedLlavaDPOTrainer(MedLlavaTrainerMixin, DPOTrainer):
-        """TRL's DPOTrainer with medllava's optimizer groups, guard, atomic checkpoints and strict resume; each pair's
-        loss weighted by its record's weight."""
+    class WeightedDPOTrainer(DPOTrainer):
+        """TRL's DPO loss with each pair's loss multiplied by its record's weight."""
 
         def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: torch.Tensor | int | None = None) -> Any:
             weights = inputs.pop(PAIR_WEIGHTS, None)
             per_pair = inputs.pop(PAIR_BATCHES, None)
+            if per_pair is not None:
+                # the data's weights differ and TRL's loss is a mean over a batch's pairs: each pair runs alone
+                # and is weighted (in every batch on every rank alike, so the ranks' metric gathers stay in step)
+                losses = [super(WeightedDPOTrainer, self).compute_loss(model, sub, False, num_items_in_batch) * w
+                          for sub, w in zip(per_pair, weights, strict=True)]
+                return torch.stack(losses).mean()
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if weights is None:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            if per_pair is None:  # every pair of the data has this weight: the batch's mean loss times it
-                if not bool((weights == weights[0]).all()):
-                    raise ValueError("pairs of different weights need their per-pair batches (PreferenceCollator)")
-                return super().compute_loss(model, inputs, False, num_items_in_batch) * weights[0]
-            # the data's weights differ: TRL's loss is a mean over pairs, so each pair runs alone and is weighted
-            # (in every batch on every rank alike, so the ranks' metric gathers stay in step)
-            bookkeeping = {k: v for k, v in inputs.items() if k in ("sample_ids", "image_errors")}
-            losses = [super(MedLlavaDPOTrainer, self).compute_loss(model, {**sub, **bookkeeping}, False,
-                                                                   num_items_in_batch) * w
-                      for sub, w in zip(per_pair, weights, strict=True)]
-            return torch.stack(losses).mean()
+                return loss
+            if not bool((weights == weights[0]).all()):
+                raise ValueError("pairs of different weights need their per-pair batches (PreferenceCollator)")
+            # every pair of the data has this weight: the batch's mean loss times it
+            return (loss[0] * weights[0], loss[1]) if return_outputs else loss * weights[0]
+
+    class MedLlavaDPOTrainer(MedLlavaTrainerMixin, WeightedDPOTrainer):
+        """TRL's DPOTrainer with medllava's optimizer groups, guard (once per micro-batch, on its weighted loss),
+        atomic checkpoints and strict resume."""
 
         def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
             unwrapped = self.accelerator.unwrap_model(self.model)
