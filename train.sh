@@ -125,7 +125,7 @@ PY
 }
 
 family() {
-  local dir=$1 stage recipe out prev="" args maker made layout
+  local dir=$1 stage recipe out prev="" args maker made from layout
   [ -d "$dir" ] || { echo "no such recipe folder: $dir" >&2; exit 2; }
   layout=$(python -m medllava.launch --layout) || exit 2
   eval "export $layout"
@@ -161,13 +161,14 @@ family() {
         'dpo': 'preference_pairs' if cfg.dpo.pairs.source else ''}.get(cfg.kind, '')" "${args[@]}")
       if [ -n "$maker" ]; then
         made=$(stage_field "$recipe" "cfg.data.train_files[0]" "${args[@]}")
+        from=$(stage_field "$recipe" "cfg.model.init_from" "${args[@]}")  # the previous stage's, or INIT_FROM's
         if [ "$NODE_RANK" != 0 ]; then
-          wait_for_node0 "$made" "$prev/medllava_stage.yaml" "$maker"
-        elif [ -f "$made" ] && [ "$made" -nt "$prev/medllava_stage.yaml" ]; then
-          echo "== $maker: $made is newer than $prev (kept)"
+          wait_for_node0 "$made" "$from/medllava_stage.yaml" "$maker"
+        elif [ -f "$made" ] && [ -f "$from/medllava_stage.yaml" ] && [ "$made" -nt "$from/medllava_stage.yaml" ]; then
+          echo "== $maker: $made is newer than $from (kept)"
         else
-          echo "== $maker: from $prev -> $made"
-          python -m "data_recipes.$maker" --stage "$recipe" --model "$prev" "${extra[@]}"
+          echo "== $maker: from $from -> $made"
+          python -m "data_recipes.$maker" --stage "$recipe" --model "$from" "${extra[@]}"
         fi
       fi
       echo "== stage: $recipe -> $out"

@@ -283,6 +283,8 @@ class DPOSection:
     label_smoothing: float = 0.0
     """Robust / EXO / cDPO: the assumed share of flipped preferences."""
     f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    """alpha of the alpha-divergence (f_divergence_type: alpha_divergence)."""
     ld_alpha: float | None = None
     """LD-DPO: weight of the tokens past the shorter answer's length (None: plain sums)."""
     use_weighting: bool = False
@@ -322,6 +324,18 @@ class DPOSection:
             raise ConfigError(f"dpo.pairs.rejects: unknown {unknown or 'empty list'}; known: {list(REJECT_KINDS)}")
         if self.pairs.n < 1:
             raise ConfigError("dpo.pairs.n must be at least 1")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing: {self.label_smoothing} must lie in [0, 0.5)")
+        if "exo_pair" in given and self.label_smoothing == 0.0:
+            raise ConfigError("dpo.loss_type exo_pair needs dpo.label_smoothing > 0 (EXO's epsilon, e.g. 1e-3)")
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            raise ConfigError(f"dpo.ld_alpha: {self.ld_alpha} must lie in [0, 1]")
+        f_div_losses = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
+        if self.f_divergence_type != "reverse_kl" and not set(self.loss_types()) <= f_div_losses:
+            raise ConfigError(f"dpo.f_divergence_type {self.f_divergence_type} works with the loss types "
+                              f"{sorted(f_div_losses)} only, not {sorted(set(self.loss_types()) - f_div_losses)}")
+        if self.use_weighting and any(t.startswith("aot") for t in given):
+            raise ConfigError("dpo.use_weighting (WPO) cannot follow aot's sorted pairs; drop one of them")
         if self.pair_weights and any(t.startswith("aot") for t in given):
             raise ConfigError("dpo.loss_type aot sorts the batch's pairs, so per-pair weights cannot follow them; "
                               "set dpo.pair_weights: false")
@@ -379,6 +393,9 @@ class StageConfig:
                 raise ConfigError("grpo.gate_accuracy_on_format needs prompt 'answer' or 'think' (a format to gate on)")
         if self.kind == "dpo":
             self.dpo.validate()
+            if self.data.packing is True:
+                raise ConfigError("data.packing: a DPO batch holds each pair's two sides as rows of their own; "
+                                  "packing applies to SFT stages (set it to auto or false)")
         if self.data.max_length <= 0:
             raise ConfigError("data.max_length must be positive")
         if self.data.window is not None:

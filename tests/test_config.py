@@ -138,6 +138,14 @@ def _minimal(**extra: object) -> dict:
     ({"kind": "dpo", "dpo": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}}, "dpo.loss_weights"),
     ({"kind": "dpo", "dpo": {"loss_type": "aot"}}, "pair_weights"),
     ({"kind": "dpo", "dpo": {"sft_weight": -1}}, "dpo.sft_weight"),
+    ({"kind": "dpo", "dpo": {"loss_type": ["sigmoid", "bco_pair", "sft"], "f_divergence_type": "js_divergence"}},
+     "bco_pair"),
+    ({"kind": "dpo", "dpo": {"loss_type": "exo_pair"}}, "label_smoothing > 0"),
+    ({"kind": "dpo", "dpo": {"label_smoothing": 0.5}}, "dpo.label_smoothing"),
+    ({"kind": "dpo", "dpo": {"ld_alpha": 2.0}}, "dpo.ld_alpha"),
+    ({"kind": "dpo", "dpo": {"loss_type": "aot", "use_weighting": True, "pair_weights": False}}, "use_weighting"),
+    ({"kind": "dpo", "data": {"train_files": ["a.jsonl"], "packing": True}}, "data.packing"),
+    ({"kind": "dpo", "dpo": {"pairs": {"rejects": ["image:blur"]}}}, "dpo.pairs.rejects"),
     ({"kind": "ppo"}, "kind"),
 ])
 def test_every_stage_check_fails_before_a_model_loads(section: dict, message: str) -> None:

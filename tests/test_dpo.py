@@ -235,3 +235,23 @@ def test_dpo_section_speaks_trls_names_and_loss_types() -> None:
     source = inspect.getsource(DPOTrainer._compute_loss)
     known = source[source.index("Should be one of"):].split("]")[0]
     assert sorted(DPO_LOSS_TYPES) == sorted(re.findall(r"'(\w+)'", known))
+
+
+def test_text_only_pairs_are_refused_on_several_ranks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A side without an image would leave the tower and projector out of a rank's step (DDP: a missing gradient;
+    ZeRO-3: ranks' gathers part ways); on several ranks such pairs are named and refused, on one they train."""
+    import numpy as np
+
+    from medllava.config import ConfigError
+    from medllava.data.cache import CachedSamples, save_samples
+    from medllava.data.render import Rendered
+    from medllava.train.dpo import check_images_on_every_side
+
+    ids = np.arange(4, dtype=np.int64)
+    sides = [Rendered("a", ids, ids, ["x.png"], 4, "pairs.jsonl", 1), Rendered("a", ids, ids, ["y.png"], 4, "pairs.jsonl", 1),
+             Rendered("b", ids, ids, [], 4, "pairs.jsonl", 2), Rendered("b", ids, ids, [], 4, "pairs.jsonl", 2)]
+    cached = CachedSamples(save_samples(sides, tmp_path / "cache"))
+    check_images_on_every_side(cached)  # one rank
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"2 pair side\(s\) without an image \(pairs.jsonl:2 \(b\)"):
+        check_images_on_every_side(cached)

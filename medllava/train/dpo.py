@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from medllava import dist as ranks
-from medllava.config import StageConfig
+from medllava.config import ConfigError, StageConfig
 from medllava.data.cache import CachedSamples, build_once, cache_key, tokenizer_fingerprint, write_samples
 from medllava.data.collate import PAIR_BATCHES, PAIR_WEIGHTS, PreferenceCollator, SFTDataset
 from medllava.data.preference import prepare_pairs
@@ -97,6 +97,7 @@ def dpo_arguments(cfg: StageConfig, precision: str) -> Any:
         loss_weights=d.weights(),
         label_smoothing=d.label_smoothing,
         f_divergence_type=d.f_divergence_type,
+        f_alpha_divergence_coef=d.f_alpha_divergence_coef,
         ld_alpha=d.ld_alpha,
         use_weighting=d.use_weighting,
         max_length=None,  # over-long pairs are invalid records (data.max_length), never truncated
@@ -136,6 +137,21 @@ def prepared_pairs(cfg: StageConfig, renderer: Renderer, out: Path) -> tuple[Cac
     return CachedSamples(folder), weights
 
 
+def check_images_on_every_side(sides: CachedSamples) -> None:
+    """With several ranks every side needs an image: a micro-batch without one would leave the vision tower and
+    projector out of its step (under DDP the projector's gradient is then missing; under ZeRO-3 the ranks'
+    parameter gathers part ways). SFT adds a blank-image filler row there; a DPO batch's rows come in chosen /
+    rejected halves, so text-only pairs are refused instead (one rank trains them)."""
+    if ranks.world_size() == 1:
+        return
+    text_only = [m for m in (sides.meta(i) for i in range(len(sides))) if not m["images"]]
+    if text_only:
+        named = ", ".join(f"{m['source']}:{m['line']} ({m['id']})" for m in text_only[:5])
+        raise ConfigError(f"data.train_files: {len(text_only)} pair side(s) without an image ({named}"
+                          f"{', ...' if len(text_only) > 5 else ''}); DPO on several ranks needs an image on every "
+                          "side (train text-only pairs on one rank, or give them their images)")
+
+
 def pair_index(sides: CachedSamples, n: int) -> Any:
     """The `datasets` table TRL's trainer iterates: one row per pair (its index, and the chosen side's images,
     which mark the set as a vision one for TRL: it then leaves the rows to the collator)."""
@@ -153,6 +169,7 @@ def prepare_dpo(cfg: StageConfig) -> StageRun:
         ranks.on_writer(lambda: shutil.rmtree(out / LOADER_SKIPS, ignore_errors=True), "clearing old loader skips")
     renderer = Renderer(processor, cfg.data.format, cfg.data.max_length, cfg.data.system_prompt)
     sides, weights = prepared_pairs(cfg, renderer, out)
+    check_images_on_every_side(sides)
     base_ref = save_base_if_needed(cfg, model, processor, base_ref)
     # Full or projector-only training keeps a frozen copy of the starting model as the reference; LoRA needs none
     # (TRL switches the adapter off, or to its copy of the starting adapter).
