@@ -56,6 +56,7 @@ from medllava.data.vqa import LETTERS
 from medllava.grading import grade
 from medllava.imaging import ImageError, Window, load_image
 from medllava.model import load_for_inference
+from medllava.processor import IMAGE_TOKEN
 
 
 def gold_text(row: dict[str, Any]) -> str:
@@ -123,6 +124,7 @@ class PairMaker:
         self.image_folder = Path(args.image_folder).resolve()
         self.rejects_folder = self.image_folder / args.rejects_subfolder
         self.window = Window.parse(args.window) if args.window else None
+        self.placeholder_samples = 0
         # image:swap: for each question text, the images by gold answer
         self.by_question: dict[str, dict[str, list[str]]] = {}
         for row in rows:
@@ -137,14 +139,18 @@ class PairMaker:
         skip = lambda kind, reason: {"id": row["id"], "kind": kind, "reason": reason}  # noqa: E731
         if samples is None:
             return [], [skip("all", "image does not decode")]
-        graded = [(s, grade(s, row["answer"], row["qtype"], row["options"]).correct) for s in samples]
+        # an answer holding the image placeholder cannot be a pair's answer (a side would have more placeholders
+        # than images): such samples are left out and counted in the report
+        usable = [s for s in samples if IMAGE_TOKEN not in s]
+        self.placeholder_samples += len(samples) - len(usable)
+        graded = [(s, grade(s, row["answer"], row["qtype"], row["options"]).correct) for s in usable]
         right = [s for s, ok in graded if ok and s.strip()]
         wrong = [s for s, ok in graded if not ok and s.strip()]
         chosen = right[0] if right else gold_text(row)
         base = {"prompt": pair_prompt(row), "chosen": chosen, "images": [self.relative(row["image"])],
                 "chosen_from": "model" if right else "gold"}
         if self.args.weight == "difficulty":
-            base["weight"] = round(1.0 + len(wrong) / len(samples), 4)
+            base["weight"] = round(1.0 + len(wrong) / max(1, len(usable)), 4)
         rng = np.random.default_rng([self.args.seed, zlib.crc32(row["id"].encode("utf-8"))])
         pairs, skips = [], []
         for kind in self.args.rejects:
@@ -314,8 +320,10 @@ def main(argv: list[str] | None = None) -> int:
                                      max_new_tokens=args.max_new_tokens, batch_size=len(batch), progress=False,
                                      window=maker.window)
             for row, answers in zip(batch, samples):
+                before = maker.placeholder_samples
                 pairs, skipped = maker.make(row, answers)
-                entry = {"key": row_key(row), "pairs": pairs, "skipped": skipped}
+                entry = {"key": row_key(row), "pairs": pairs, "skipped": skipped,
+                         "placeholder_samples": maker.placeholder_samples - before}
                 done[row_key(row)] = entry
                 fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
             fh.flush()
@@ -328,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         "invalid": len(report.errors), "invalid_counts": report.counts(), "questions": len(rows),
         "pairs": len(pairs), "made": dict(made),
         "chosen_from_gold": sum(1 for p in pairs if p["chosen_from"] == "gold"),
+        "samples_with_image_placeholder": sum(done[row_key(row)].get("placeholder_samples", 0) for row in rows),
         "skipped": len(skipped), "skipped_counts": dict(Counter(f"{s['kind']}: {s['reason']}" for s in skipped)),
         "skipped_ids": skipped, "invalid_records": [e.to_dict() for e in report.errors],
     }

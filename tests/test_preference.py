@@ -265,3 +265,21 @@ def test_rlaif_v_style_dataset_source_with_embedded_images(tmp_path: Path, image
     assert len(pairs) == 3 and all(isinstance(p, PreferencePair) and p.layout == "rlaif-v" for p in pairs), pairs
     kept, errors = check_pair_images(pairs)
     assert len(kept) == 3 and not errors
+
+
+def test_sampled_answers_holding_the_image_placeholder_are_left_out_and_counted(tmp_path: Path, images: Path) -> None:
+    """A sampled answer with `<image>` in it would give its side more placeholders than images (an invalid pair
+    the DPO stage would refuse): the recipe leaves such samples out and counts them."""
+    import argparse
+
+    from data_recipes.preference_pairs import PairMaker
+
+    args = argparse.Namespace(image_folder=str(images), rejects_subfolder="rejects", window=None, weight="none",
+                              rejects=["text"], seed=0, noise_strength=1.0)
+    row = {"id": "q1", "prompt": [{"role": "user", "content": "Is there a pneumothorax?"}],
+           "image": str(images / "ct.png"), "answer": "yes", "qtype": "yes_no", "options": None,
+           "source": "rl.jsonl", "line": 1}
+    maker = PairMaker(args, {}, [row])
+    pairs, skipped = maker.make(row, ["<image> yes", "No.", "<image>"])
+    assert maker.placeholder_samples == 2 and not skipped
+    assert [(p["chosen"], p["rejected"], p["chosen_from"]) for p in pairs] == [("Yes.", "No.", "gold")]
