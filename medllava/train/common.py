@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from medllava import dist as ranks
 from medllava.config import ConfigError, StageConfig, save_config
-from medllava.data.cache import file_sha256
+from medllava.data.cache import CachedSamples, build_once, cache_key, file_sha256, tokenizer_fingerprint, write_samples
 from medllava.data.collate import IMAGE_ERRORS
+from medllava.data.render import Renderer
+from medllava.data.validate import REPORT_NAME
 from medllava.families import LLAVA, family_of
 from medllava.model import (
     ADAPTER_CONFIG,
@@ -288,6 +291,31 @@ def begin_stage(cfg: StageConfig) -> tuple[Path, str, Any, ProcessorMixin, str |
     return out, precision, model, processor, base_ref
 
 
+@dataclass
+class RenderingStart:
+    """What a stage that renders conversations (SFT, DPO) starts from: begin_stage's model, the checkpoint it
+    resumes from and the renderer."""
+
+    out: Path
+    precision: str
+    model: Any
+    processor: ProcessorMixin
+    base_ref: str | None
+    checkpoint: str | None
+    renderer: Renderer
+
+
+def begin_rendering_stage(cfg: StageConfig) -> RenderingStart:
+    """begin_stage, then the checkpoint to resume (a fresh run reports only its own loader-time skips: older ones
+    are cleared) and the renderer of the stage's records."""
+    out, precision, model, processor, base_ref = begin_stage(cfg)
+    checkpoint = resume_checkpoint(cfg)
+    if checkpoint is None:
+        ranks.on_writer(lambda: shutil.rmtree(out / LOADER_SKIPS, ignore_errors=True), "clearing old loader skips")
+    renderer = Renderer(processor, cfg.data.format, cfg.data.max_length, cfg.data.system_prompt)
+    return RenderingStart(out, precision, model, processor, base_ref, checkpoint, renderer)
+
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -465,6 +493,40 @@ def run_facts(cfg: StageConfig, trainer: Any, out: Path) -> dict[str, Any]:
             "batch_unit": STAGE_KINDS[cfg.kind].batch_unit,
             "packing": collator == "SamplePackingCollator" if STAGE_KINDS[cfg.kind].packs else None,
             "valid_records": report.get("valid"), "data_files": files, **({"pair_recipes": recipes} if recipes else {})}
+
+
+def cached_rendering(cfg: StageConfig, renderer: Any, out: Path, kind: str, what: str,
+                     make: Callable[[Path | None], tuple[Sequence[Any], dict[str, Any], dict[str, str]]]) -> Path:
+    """The cache folder of a stage's checked and rendered samples, made once per data version by each node's writer
+    and read by every rank. The key (medllava.data.cache) holds the data files' identity and everything the
+    rendering reads. `make(report_dir)` returns the samples, the data report and extra files for the folder; the
+    report goes beside the run (also when bad records stop it; written by the job's writer only) and into the
+    cache."""
+    d = cfg.data
+    key = cache_key(d.train_files, image_folder=str(Path(d.image_folder).resolve()), format=d.format,
+                    max_length=d.max_length, system_prompt=d.system_prompt, skip_invalid=d.skip_invalid,
+                    allow_absolute_paths=d.allow_absolute_paths, max_samples=d.max_samples, image_check=d.image_check,
+                    tokenizer=tokenizer_fingerprint(renderer.tokenizer), chat_template=str(renderer.template),
+                    image_tokens=renderer.images.fingerprint(), **({} if kind == "sft" else {"kind": kind}))
+    folder = Path(d.cache_dir or out / ".data_cache") / f"{kind}-{key}"
+
+    def build() -> None:
+        def write(staging: Path) -> None:
+            samples, report, extra = make(out if ranks.is_writer() else None)
+            write_samples(samples, staging, folder, report)
+            for name, text in extra.items():
+                (staging / name).write_text(text, encoding="utf-8")
+
+        # another job (or node) on the same cache_dir may be making it: build_once waits for it and reuses it
+        if not build_once(folder, write):
+            logger.info("data: reusing the checked and rendered %s in %s", what, folder)
+            if ranks.is_writer():
+                (out / REPORT_NAME).write_text(json.dumps(CachedSamples(folder).report(), indent=2,
+                                                          ensure_ascii=False), encoding="utf-8")
+
+    # once per node: the cache may be on each node's own disk (data.cache_dir on local scratch)
+    ranks.on_node_writer(build, f"checking and rendering the {what}")
+    return folder
 
 
 def resolve_precision(precision: str, use_cpu: bool = False) -> str:

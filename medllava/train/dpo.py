@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +20,20 @@ import torch
 
 from medllava import dist as ranks
 from medllava.config import ConfigError, StageConfig
-from medllava.data.cache import CachedSamples, build_once, cache_key, tokenizer_fingerprint, write_samples
+from medllava.data.cache import CachedSamples
 from medllava.data.collate import PAIR_BATCHES, PAIR_WEIGHTS, PreferenceCollator, SFTDataset
 from medllava.data.preference import prepare_pairs
 from medllava.data.render import Renderer
-from medllava.data.validate import REPORT_NAME
 from medllava.imaging import Window
 from medllava.model import apply_trainable
 from medllava.train.common import (
-    LOADER_SKIPS,
     MedLlavaTrainerMixin,
     StageRun,
-    begin_stage,
+    begin_rendering_stage,
+    cached_rendering,
     cast_trainable,
     cast_trainable_to_fp32,
     guard_kwargs,
-    resume_checkpoint,
     save_base_if_needed,
     trainer_kwargs,
     uses_lora,
@@ -107,31 +104,17 @@ def dpo_arguments(cfg: StageConfig, precision: str) -> Any:
 
 def prepared_pairs(cfg: StageConfig, renderer: Renderer, out: Path) -> tuple[CachedSamples, list[float]]:
     """Both sides of every checked and rendered pair (pair i = sides 2i, 2i+1) and the pairs' weights, prepared
-    once per data version by each node's writer and read by every rank."""
+    once per data version (train/common.cached_rendering) and read by every rank."""
     d = cfg.data
-    key = cache_key(d.train_files, kind="dpo", image_folder=str(Path(d.image_folder).resolve()), format=d.format,
-                    max_length=d.max_length, system_prompt=d.system_prompt, skip_invalid=d.skip_invalid,
-                    allow_absolute_paths=d.allow_absolute_paths, max_samples=d.max_samples, image_check=d.image_check,
-                    tokenizer=tokenizer_fingerprint(renderer.tokenizer), chat_template=str(renderer.template),
-                    image_tokens=renderer.images.fingerprint())
-    folder = Path(d.cache_dir or out / ".data_cache") / f"dpo-{key}"
 
-    def build() -> None:
-        def write(staging: Path) -> None:
-            samples, weights, report = prepare_pairs(
-                d.train_files, renderer, image_folder=d.image_folder, allow_absolute_paths=d.allow_absolute_paths,
-                skip_invalid=d.skip_invalid, report_dir=out if ranks.is_writer() else None,
-                max_samples=d.max_samples, image_check=d.image_check, workers=d.preprocess_workers)
-            write_samples(samples, staging, folder, report.to_dict())
-            (staging / WEIGHTS_FILE).write_text(json.dumps(weights), encoding="utf-8")
+    def make(report_dir: Path | None) -> tuple[list[Any], dict[str, Any], dict[str, str]]:
+        samples, weights, report = prepare_pairs(
+            d.train_files, renderer, image_folder=d.image_folder, allow_absolute_paths=d.allow_absolute_paths,
+            skip_invalid=d.skip_invalid, report_dir=report_dir, max_samples=d.max_samples,
+            image_check=d.image_check, workers=d.preprocess_workers)
+        return samples, report.to_dict(), {WEIGHTS_FILE: json.dumps(weights)}
 
-        if not build_once(folder, write):
-            logger.info("data: reusing the checked and rendered pairs in %s", folder)
-            if ranks.is_writer():
-                (out / REPORT_NAME).write_text(json.dumps(CachedSamples(folder).report(), indent=2,
-                                                          ensure_ascii=False), encoding="utf-8")
-
-    ranks.on_node_writer(build, "checking and rendering the preference pairs")
+    folder = cached_rendering(cfg, renderer, out, "dpo", "preference pairs", make)
     weights = json.loads((folder / WEIGHTS_FILE).read_text(encoding="utf-8"))
     logger.info("data: %d preference pairs (rendered once, cached in %s)", len(weights), folder)
     return CachedSamples(folder), weights
@@ -163,21 +146,18 @@ def pair_index(sides: CachedSamples, n: int) -> Any:
 
 def prepare_dpo(cfg: StageConfig) -> StageRun:
     """Load the model, check and render the pairs, keep the reference, apply the trainable spec, build the trainer."""
-    out, precision, model, processor, base_ref = begin_stage(cfg)
-    checkpoint = resume_checkpoint(cfg)
-    if checkpoint is None:  # a fresh run reports only its own loader-time skips
-        ranks.on_writer(lambda: shutil.rmtree(out / LOADER_SKIPS, ignore_errors=True), "clearing old loader skips")
-    renderer = Renderer(processor, cfg.data.format, cfg.data.max_length, cfg.data.system_prompt)
-    sides, weights = prepared_pairs(cfg, renderer, out)
+    start = begin_rendering_stage(cfg)
+    processor, precision = start.processor, start.precision
+    sides, weights = prepared_pairs(cfg, start.renderer, start.out)
     check_images_on_every_side(sides)
-    base_ref = save_base_if_needed(cfg, model, processor, base_ref)
+    base_ref = save_base_if_needed(cfg, start.model, processor, start.base_ref)
     # Full or projector-only training keeps a frozen copy of the starting model as the reference; LoRA needs none
-    # (TRL switches the adapter off, or to its copy of the starting adapter).
-    reference = None if uses_lora(cfg) else copy.deepcopy(model).eval().requires_grad_(False)
-    model = apply_trainable(model, cfg.trainable, cfg.lora, gradient_checkpointing=cfg.run.gradient_checkpointing)
+    # (TRL adds a frozen copy of the starting adapter).
+    reference = None if uses_lora(cfg) else copy.deepcopy(start.model).eval().requires_grad_(False)
+    model = apply_trainable(start.model, cfg.trainable, cfg.lora, gradient_checkpointing=cfg.run.gradient_checkpointing)
     cast_trainable_to_fp32(model, precision, cfg.run.deepspeed)
     window = Window.parse(cfg.data.window) if cfg.data.window else None
-    collator = PreferenceCollator(SFTDataset(sides, renderer.images, window=window),
+    collator = PreferenceCollator(SFTDataset(sides, start.renderer.images, window=window),
                                   weights if cfg.dpo.pair_weights else [1.0] * len(weights),
                                   processor.tokenizer.pad_token_id)
     trainer = _dpo_trainer_class()(
@@ -191,4 +171,4 @@ def prepare_dpo(cfg: StageConfig) -> StageRun:
     )
     if precision == "fp32":  # TRL casts a quantized model's trainable weights to bf16 (see grpo.py)
         cast_trainable(trainer.model, torch.float32)
-    return StageRun(cfg, trainer, processor, base_ref, checkpoint)
+    return StageRun(cfg, trainer, processor, base_ref, start.checkpoint)

@@ -7,9 +7,7 @@ The Trainer customisations (projector learning rate, strict resume) live in trai
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,24 +15,22 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainingArguments
 
-from medllava import dist as ranks
 from medllava.attention import llm_attention, packed_implementation, set_llm_attention
 from medllava.config import ConfigError, StageConfig
-from medllava.data.cache import CachedSamples, build_once, cache_key, tokenizer_fingerprint, write_samples
+from medllava.data.cache import CachedSamples
 from medllava.data.collate import SFTCollator, SFTDataset
 from medllava.data.packing import SamplePackingCollator, packing_isolates, with_packed_positions
 from medllava.data.render import Rendered, Renderer
-from medllava.data.validate import REPORT_NAME, prepare_samples
+from medllava.data.validate import prepare_samples
 from medllava.imaging import Window
 from medllava.model import apply_trainable, default_attn_implementation
 from medllava.train.common import (
-    LOADER_SKIPS,
     MedLlavaTrainerMixin,
     StageRun,
-    begin_stage,
+    begin_rendering_stage,
+    cached_rendering,
     cast_trainable_to_fp32,
     guard_kwargs,
-    resume_checkpoint,
     save_base_if_needed,
     trainer_kwargs,
 )
@@ -112,39 +108,18 @@ def check_packing(cfg: StageConfig, trainer: Any, processor: Any) -> None:
 
 
 def prepared_samples(cfg: StageConfig, renderer: Renderer, out: Path) -> Sequence[Rendered]:
-    """Checked and rendered samples, prepared once per data version by the writer and read by every rank.
-
-    The cache (medllava.data.cache) is keyed by the data files' identity and everything the rendering reads;
-    the data report of the preparation is copied into the output folder.
-    """
+    """Checked and rendered samples, prepared once per data version (train/common.cached_rendering) and read by
+    every rank; the data report of the preparation is copied into the output folder."""
     d = cfg.data
-    key = cache_key(d.train_files, image_folder=str(Path(d.image_folder).resolve()), format=d.format,
-                    max_length=d.max_length, system_prompt=d.system_prompt, skip_invalid=d.skip_invalid,
-                    allow_absolute_paths=d.allow_absolute_paths, max_samples=d.max_samples, image_check=d.image_check,
-                    tokenizer=tokenizer_fingerprint(renderer.tokenizer), chat_template=str(renderer.template),
-                    image_tokens=renderer.images.fingerprint())
-    folder = Path(d.cache_dir or out / ".data_cache") / f"sft-{key}"
 
-    def build() -> None:
-        def write(staging: Path) -> None:
-            # The report goes beside the run (also when bad records stop it; written by the job's writer only),
-            # and into the cache with the samples.
-            samples, report = prepare_samples(d.train_files, renderer, image_folder=d.image_folder,
-                                              allow_absolute_paths=d.allow_absolute_paths, skip_invalid=d.skip_invalid,
-                                              report_dir=out if ranks.is_writer() else None,
-                                              max_samples=d.max_samples, image_check=d.image_check,
-                                              workers=d.preprocess_workers)
-            write_samples(samples, staging, folder, report.to_dict())
+    def make(report_dir: Path | None) -> tuple[Sequence[Rendered], dict[str, Any], dict[str, str]]:
+        samples, report = prepare_samples(d.train_files, renderer, image_folder=d.image_folder,
+                                          allow_absolute_paths=d.allow_absolute_paths, skip_invalid=d.skip_invalid,
+                                          report_dir=report_dir, max_samples=d.max_samples,
+                                          image_check=d.image_check, workers=d.preprocess_workers)
+        return samples, report.to_dict(), {}
 
-        # another job (or node) on the same cache_dir may be making it: build_once waits for it and reuses it
-        if not build_once(folder, write):
-            logger.info("data: reusing the checked and rendered samples in %s", folder)
-            if ranks.is_writer():
-                (out / REPORT_NAME).write_text(json.dumps(CachedSamples(folder).report(), indent=2,
-                                                          ensure_ascii=False), encoding="utf-8")
-
-    # once per node: the cache may be on each node's own disk (data.cache_dir on local scratch)
-    ranks.on_node_writer(build, "checking and rendering the data")
+    folder = cached_rendering(cfg, renderer, out, "sft", "samples", make)
     samples = CachedSamples(folder)
     logger.info("data: %d samples (rendered once, cached in %s)", len(samples), folder)
     return samples
@@ -152,27 +127,24 @@ def prepared_samples(cfg: StageConfig, renderer: Renderer, out: Path) -> Sequenc
 
 def prepare_sft(cfg: StageConfig) -> StageRun:
     """Load the model, check and render the data, apply the trainable spec, and build the trainer."""
-    out, precision, model, processor, base_ref = begin_stage(cfg)
-    checkpoint = resume_checkpoint(cfg)
-    if checkpoint is None:  # a fresh run reports only its own loader-time skips
-        ranks.on_writer(lambda: shutil.rmtree(out / LOADER_SKIPS, ignore_errors=True), "clearing old loader skips")
-    renderer = Renderer(processor, cfg.data.format, cfg.data.max_length, cfg.data.system_prompt)
-    samples = prepared_samples(cfg, renderer, out)
-    base_ref = save_base_if_needed(cfg, model, processor, base_ref)
-    model = apply_trainable(model, cfg.trainable, cfg.lora, gradient_checkpointing=cfg.run.gradient_checkpointing)
-    cast_trainable_to_fp32(model, precision, cfg.run.deepspeed)
+    start = begin_rendering_stage(cfg)
+    processor = start.processor
+    samples = prepared_samples(cfg, start.renderer, start.out)
+    base_ref = save_base_if_needed(cfg, start.model, processor, start.base_ref)
+    model = apply_trainable(start.model, cfg.trainable, cfg.lora, gradient_checkpointing=cfg.run.gradient_checkpointing)
+    cast_trainable_to_fp32(model, start.precision, cfg.run.deepspeed)
 
     window = Window.parse(cfg.data.window) if cfg.data.window else None
-    dataset = SFTDataset(samples, renderer.images, window=window)
+    dataset = SFTDataset(samples, start.renderer.images, window=window)
     collator = batching(cfg, model, processor, dataset)
     trainer = MedLlavaTrainer(
         model=model,
-        args=training_arguments(cfg, precision),
+        args=training_arguments(cfg, start.precision),
         train_dataset=dataset,
         data_collator=collator,
         processing_class=processor,
         **guard_kwargs(cfg),
     )
     check_packing(cfg, trainer, processor)
-    return StageRun(cfg, trainer, processor, base_ref, checkpoint)
+    return StageRun(cfg, trainer, processor, base_ref, start.checkpoint)
 
