@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     from medllava.bench import build_bench_model
     from medllava.config import config_from_dict
     from medllava.model import save_model
-    from medllava.train.grpo import run_grpo
+    from medllava.train.stage import run_stage
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="clip-qwen2.5-1.5b")
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.cpu:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        out = run_grpo(config_from_dict(cfg))
+        out = run_stage(config_from_dict(cfg))
         seconds = time.perf_counter() - start
         history = json.loads((out / "train_log.json").read_text())
     steps = [h for h in history if "timing/generation_s" in h]
