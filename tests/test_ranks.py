@@ -109,7 +109,7 @@ def test_recipes_state_the_published_global_batch(family: str) -> None:
 
     for path in sorted((REPO / "stages" / family).glob("*.yaml")):
         cfg = load_config(path)
-        expected = 256 if cfg.kind == "grpo" else 128  # GRPO: 32 questions x 8 completions
+        expected = {"grpo": 256, "dpo": 64}.get(cfg.kind, 128)  # GRPO: 32 questions x 8 completions; DPO: pairs
         assert cfg.optim.global_batch_size == expected, path.name
         assert {cfg.global_batch(w) for w in (1, 2, 8)} == {expected}, path.name
 
