@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,10 @@ def pairs(tmp_path_factory: pytest.TempPathFactory, phantom: Path) -> dict[str, 
 
 def write_pairs(folder: Path, phantom: Path) -> dict[str, Path]:
     """The phantom's yes/no questions as pairs: chosen = (image, gold answer), rejected = (a blank image of its own,
-    the same answer) for half of them and (the image, the wrong answer) for the others; in the three layouts."""
-    images = phantom / "images"
+    the same answer) for half of them and (the image, the wrong answer) for the others; in the three layouts. The
+    images go to FOLDER/images (a copy: the session's phantom folder is read by every test and stays as made)."""
+    images = folder / "images"
+    shutil.copytree(phantom / "images", images)
     (images / "blank").mkdir(exist_ok=True)
     rows = [json.loads(line) for line in (phantom / "rl.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["qtype"] == "yes_no"][:8]
@@ -60,7 +63,10 @@ def write_pairs(folder: Path, phantom: Path) -> dict[str, Path]:
 
 
 def dpo_stage(tmp: Path, phantom: Path, base: Path, data: Path, llm: str = "full", **dpo: Any) -> dict[str, Any]:
-    return stage_dict(tmp, phantom, init_from=base, data={"train_files": [str(data)], "max_length": 256},
+    """A two-step DPO stage on the pairs in DATA, images in the folder beside it (see write_pairs)."""
+    images = data.parent / "images"
+    return stage_dict(tmp, phantom, init_from=base, data={"train_files": [str(data)], "max_length": 256,
+                                                          "image_folder": str(images)},
                       trainable={"vision": "frozen", "projector": "full", "llm": llm},
                       optim={"lr": 1e-3, "max_steps": 2, "per_device_batch_size": 2}, dpo={"beta": BETA, **dpo}) \
         | {"kind": "dpo", "name": "dpo"}
@@ -199,10 +205,9 @@ def test_a_rejected_image_that_fails_in_the_loader_skips_its_pair_and_is_reporte
     from tests.test_data_scale import truncated_jpeg
 
     rows = [json.loads(line) for line in pairs["trl"].read_text().splitlines()]
-    images = phantom / "images"
-    broken = f"blank/cut_{tmp_path.name}.png"
-    truncated_jpeg(images / broken)
-    rows[0]["rejected_images"] = [broken]
+    shutil.copytree(pairs["trl"].parent / "images", tmp_path / "images")
+    truncated_jpeg(tmp_path / "images" / "blank" / "cut.png")
+    rows[0]["rejected_images"] = ["blank/cut.png"]
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     cfg = dpo_stage(tmp_path, phantom, base_models[("clip", "llama")], data)
     run = prepare_dpo(config_from_dict(cfg))

@@ -162,19 +162,21 @@ def test_corruptions_blank_noise_and_lesion_only_noise(phantom: Path) -> None:
 def test_preference_pairs_recipe_makes_every_kind_and_resumes(tmp_path: Path, phantom: Path,
                                                               base_models: dict) -> None:
     import argparse
+    import shutil
 
     from data_recipes import preference_pairs
 
     data = tmp_path / "rl.jsonl"
     rows = [json.loads(line) for line in (phantom / "rl.jsonl").read_text().splitlines()][:12]
+    images = shutil.copytree(phantom / "images", tmp_path / "images")  # corrupted images are written in there
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "pairs.jsonl"
     args = ["--model", str(base_models[("clip", "llama")]), "--data", str(data), "--image-folder",
-            str(phantom / "images"), "--out", str(out), "--n", "3", "--max-new-tokens", "4", "--batch-size", "5",
+            str(images), "--out", str(out), "--n", "3", "--max-new-tokens", "4", "--batch-size", "5",
             "--rejects", "text", "image:blank", "image:lesion", "image:swap", "--weight", "difficulty"]
     assert preference_pairs.main(args) == 0
     report = json.loads(out.with_name("pairs.report.json").read_text())
-    pairs = list(read_pairs(out, phantom / "images"))
+    pairs = list(read_pairs(out, images))
     assert all(isinstance(p, PreferencePair) for p in pairs), [p for p in pairs if not isinstance(p, PreferencePair)]
     assert report["pairs"] == len(pairs) and report["questions"] == 12
     kinds = report["made"]
@@ -187,7 +189,7 @@ def test_preference_pairs_recipe_makes_every_kind_and_resumes(tmp_path: Path, ph
     by_id = {p.id: p for p in pairs}
     blank = by_id[f"{rows[0]['id']}:image:blank"]
     assert blank.own_rejected_images and blank.chosen == blank.rejected  # same answer, another image
-    assert blank.rejected_images[0].is_file() and (phantom / "images") in blank.rejected_images[0].parents
+    assert blank.rejected_images[0].is_file() and images in blank.rejected_images[0].parents
     assert all(1.0 <= p.weight <= 2.0 for p in pairs)
     for p in pairs:
         if p.id.endswith(":text"):
