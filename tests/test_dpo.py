@@ -18,7 +18,7 @@ from PIL import Image
 from medllava.config import config_from_dict
 from medllava.data.collate import PAIR_BATCHES, PAIR_WEIGHTS
 
-from .conftest import stage_dict, write_jsonl
+from .conftest import REPO, stage_dict, write_jsonl
 
 BETA = 0.5
 
@@ -171,15 +171,15 @@ def test_dpo_loss_and_gradients_equal_the_hand_computed_loss(llm: str, tmp_path:
 @pytest.mark.parametrize("layout", ["trl", "ms-swift", "llama-factory"])
 def test_medllava_train_runs_dpo_on_each_layout(layout: str, tmp_path: Path, phantom: Path, base_models: dict,
                                                pairs: dict[str, Path]) -> None:
-    import yaml
-
+    """The shipped stages/demo/dpo.yaml through `medllava train`, on LoRA, with the pairs' own data."""
     from medllava.cli import main
 
-    cfg = dpo_stage(tmp_path, phantom, base_models[("siglip", "qwen2")], pairs[layout], llm="lora")
-    path = tmp_path / "dpo.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    assert main(["train", str(path)]) == 0
-    out = Path(cfg["run"]["output_dir"])
+    out = tmp_path / "out"
+    assert main(["train", str(REPO / "stages/demo/dpo.yaml"), f"--model.init_from={base_models[('siglip', 'qwen2')]}",
+                 f"--data.train_files=[{pairs[layout]}]", f"--data.image_folder={pairs[layout].parent / 'images'}",
+                 f"--run.output_dir={out}", "--optim.max_steps=2", "--optim.per_device_batch_size=2",
+                 "--run.logging_steps=1", "--run.use_cpu=true", "--trainable.llm=lora", "--lora.r=4", "--lora.alpha=8",
+                 f"--dpo.beta={BETA}"]) == 0
     log = json.loads((out / "train_log.json").read_text())
     steps = [h for h in log if "loss" in h]
     assert len(steps) == 2 and all(math.isfinite(h["loss"]) for h in steps)
@@ -191,7 +191,7 @@ def test_medllava_train_runs_dpo_on_each_layout(layout: str, tmp_path: Path, pha
         from medllava.export import _reproduction, stage_lineage
 
         card = "\n".join(_reproduction(stage_lineage(out).stages[-1]))
-        assert f"- DPO: beta {BETA}, loss sigmoid, per-pair weights on" in card
+        assert f"- DPO: beta {BETA}, loss sigmoid, SFT term (RPO) weight 1.0, per-pair weights on" in card
         assert "made by data_recipes/preference_pairs.py from `runs/x/instruct`" in card and "image:blank 4" in card
 
 
