@@ -22,7 +22,8 @@
 # Environment: NPROC (default 2 processes; per node), LAUNCHER (torchrun | accelerate | deepspeed; default torchrun),
 # NNODES (default 1; more: that many loopback "nodes" on this machine, each its own train.sh with its NODE_RANK and
 # its own node-local data cache, as on nodes without a shared scratch disk; node i's log in WORKDIR/node<i>.log),
-# STAGES (default: the pair families every variant, chained: align instruct instruct_lora instruct_qlora grpo grpo_lora;
+# STAGES (default: the pair families every variant, chained: align instruct instruct_lora instruct_qlora dpo_lora grpo
+# grpo_lora;
 # the model-family recipes train.sh's own chain: qwen25vl_medvlthinker instruct dpo grpo, medgemma instruct_lora
 # dpo_lora grpo_lora).
 set -euo pipefail
@@ -50,12 +51,12 @@ if [ -n "$model_family" ]; then
   [ -f "$work/base/config.json" ] || medllava tiny "$work/base" --family "$model_family" \
     --corpus "$work/data/corpus.txt" >/dev/null
   export INIT_FROM=$work/base
-  default_stages=""  # train.sh's chain for the folder (medgemma ships LoRA stages only: instruct_lora grpo_lora)
+  default_stages=""  # train.sh's chain for the folder (medgemma ships LoRA stages only: instruct_lora dpo_lora grpo_lora)
 else
   [ -f "$work/base/llm/config.json" ] || medllava tiny "$work/base" --corpus "$work/data/corpus.txt" --vision "$vision" \
     --llm "$llm" --vision-hidden 32 --llm-hidden 64 --llm-layers 2 >/dev/null
   export VISION_TOWER=$work/base/vision LLM=$work/base/llm
-  default_stages="align instruct instruct_lora instruct_qlora grpo grpo_lora"
+  default_stages="align instruct instruct_lora instruct_qlora dpo_lora grpo grpo_lora"
 fi
 
 export WORKDIR=$work

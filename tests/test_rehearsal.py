@@ -21,7 +21,7 @@ import yaml
 from .conftest import REPO
 from .test_ranks import free_port
 
-ALL_STAGES = ["align", "instruct", "instruct_lora", "instruct_qlora", "grpo", "grpo_lora"]
+ALL_STAGES = ["align", "instruct", "instruct_lora", "instruct_qlora", "dpo_lora", "grpo", "grpo_lora"]
 
 
 @pytest.fixture(scope="session")
@@ -78,9 +78,14 @@ def check_family(work: Path, family: str, stages: list[str], log: str) -> None:
             assert metrics["prompt"] == {"mode": "think", "max_new_tokens": 32, "decoding": "greedy"}
             assert resolved["grpo"]["num_generations"] == 8 and resolved["optim"]["global_batch_size"] == 256
         else:
-            assert metrics["prompt"]["mode"] == "plain" and resolved["optim"]["global_batch_size"] == 128
+            assert metrics["prompt"]["mode"] == "plain"
+            assert resolved["optim"]["global_batch_size"] == (64 if resolved["kind"] == "dpo" else 128)
         assert (out / "adapter_config.json").is_file() == ("lora" in stage)
     assert "global batch: 128 samples per optimizer step = 16 per device x 2 rank(s) x 4 accumulation" in log
+    if "dpo_lora" in stages:  # pairs made from the QLoRA stage's model, then LoRA DPO on its merged weights
+        assert "global batch: 64 pairs per optimizer step = 8 per device x 2 rank(s) x 4 accumulation" in log
+        pairs = json.loads((work / "data" / "vqa" / f"dpo_pairs_{family}.report.json").read_text())
+        assert pairs["made"].get("image:blank", 0) > 0 and pairs["made"].get("image:lesion", 0) > 0
     if "grpo" in stages:
         assert "global batch: 256 completions per optimizer step = 8 per device x 2 rank(s) x 16 accumulation" in log
         filtered = work / "data" / "vqa" / "rl_train_filtered.jsonl"
