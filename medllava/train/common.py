@@ -495,7 +495,7 @@ def run_facts(cfg: StageConfig, trainer: Any, out: Path) -> dict[str, Any]:
             "valid_records": report.get("valid"), "data_files": files, **({"pair_recipes": recipes} if recipes else {})}
 
 
-def cached_rendering(cfg: StageConfig, renderer: Any, out: Path, kind: str, what: str,
+def cached_rendering(cfg: StageConfig, renderer: Renderer, out: Path, kind: str, what: str,
                      make: Callable[[Path | None], tuple[Sequence[Any], dict[str, Any], dict[str, str]]]) -> Path:
     """The cache folder of a stage's checked and rendered samples, made once per data version by each node's writer
     and read by every rank. The key (medllava.data.cache) holds the data files' identity and everything the

@@ -1,8 +1,8 @@
 """The DPO stage runner (preference optimisation on image-grounded pairs), on TRL's DPOTrainer.
 
 Reads top to bottom: load the previous stage's model -> read, check and render both sides of every pair (SFT's
-rules; cached per data version) -> keep a frozen reference (a copy of the starting model; with LoRA none: the
-adapter switched off or TRL's copy of the starting adapter) -> apply the trainable spec -> TRL's DPO losses on
+rules; cached per data version) -> keep a frozen reference (a copy of the starting model; with LoRA no second
+model: TRL keeps a frozen copy of the starting adapter) -> apply the trainable spec -> TRL's DPO losses on
 batches in which each side carries its own images (medllava.data.collate.PreferenceCollator) -> save like every
 stage. Each pair's loss is multiplied by its record's weight (MMedPO's clinical-relevance weighting).
 TRL logs rewards/chosen, rewards/rejected, rewards/accuracies and rewards/margins per logging step.
