@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from medllava.config import slices_option
 from medllava.data.records import check_writable, write_records
 from medllava.data.rl import build_rl_rows
 from medllava.evaluate import generate_batch
@@ -38,19 +39,20 @@ from medllava.model import load_for_inference
 
 def sample_answers(model, processor, rows: list[dict], *, n: int, temperature: float, max_new_tokens: int,
                    batch_size: int, progress: bool = True, window: Window | None = None) -> list[list[str] | None]:
-    """n sampled answers per row (RL rows: prompt messages and image); None for a row whose image does not decode
-    (images are decoded batch by batch, never all at once)."""
+    """n sampled answers per row (RL rows: prompt messages and images, put in front of the text as GRPO puts them);
+    None for a row one of whose images does not decode (images are decoded batch by batch, never all at once)."""
     out: list[list[str] | None] = []
     for start in tqdm(range(0, len(rows), batch_size), desc="sampling", disable=not progress):
         batch = rows[start:start + batch_size]
-        decoded = decode_each([row["image"] for row in batch], window)
-        usable = [not isinstance(image, ImageError) for image in decoded]
+        decoded = [decode_each(row["images"], window) for row in batch]
+        usable = [not any(isinstance(image, ImageError) for image in row_images) for row_images in decoded]
         chunk = [row for row, ok in zip(batch, usable) if ok]
-        images = [image for image, ok in zip(decoded, usable) if ok]
+        images = [row_images for row_images, ok in zip(decoded, usable) if ok]
         prompts = []
         for row in chunk:
             messages = [dict(m) for m in row["prompt"]]
-            messages[-1] = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": messages[-1]["content"]}]}
+            messages[-1] = {"role": "user", "content": [{"type": "image"} for _ in row["images"]]
+                            + [{"type": "text", "text": messages[-1]["content"]}]}
             prompts.append(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
         answers = iter(generate_batch(model, processor, prompts, images, max_new_tokens, num_samples=n,
                                       temperature=temperature) if chunk else [])
@@ -95,6 +97,7 @@ def filter_settings(args: argparse.Namespace, overrides: list[str]) -> argparse.
     args.n, args.temperature, args.max_new_tokens = g.num_generations, g.temperature, g.max_completion_length
     args.min_rate, args.max_rate, args.batch_size, args.seed = f.min_rate, f.max_rate, f.batch_size, cfg.run.seed
     args.window = args.window or cfg.data.window
+    args.slices = args.slices or f"{cfg.data.slices.count},{cfg.data.slices.spacing}"
     return args
 
 
@@ -124,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-records", type=int, default=None, help="only the first N questions")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--window", default=None, help="DICOM window: preset (lung, bone, ...) or CENTER,WIDTH")
+    parser.add_argument("--slices", default=None, help="series/volume images: COUNT or COUNT,SPACING (default 8,uniform)")
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides = [a for a in argv if a.startswith("--") and "." in a.split("=", 1)[0]]
     args = parser.parse_args([a for a in argv if a not in overrides])
@@ -139,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     model, processor = load_for_inference(args.model)  # bf16 on a GPU that has it
     rows, report = build_rl_rows(args.data, processor, image_folder=args.image_folder, mode=args.prompt,
                                  instruction=args.instruction, system_prompt=args.system_prompt, skip_invalid=True,
-                                 max_samples=args.max_records, max_prompt_length=10**9, with_location=True)
+                                 max_samples=args.max_records, max_prompt_length=10**9, with_location=True,
+                                 slices=slices_option(args.slices))
     rates = pass_rates(model, processor, rows, n=args.n, temperature=args.temperature,
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                        window=Window.parse(args.window) if args.window else None)

@@ -8,13 +8,17 @@ data writes it). Each reject kind asked for makes one pair:
 
 - text:        the same image with an answer the model itself gave that grades wrong (a plausible hallucination
                the model makes; none when all its samples are right, counted);
+Several images per question: blank and noise corrupt every image; lesion is read for one-image questions only.
+
 - image:blank  the same answer with the image replaced by a flat image of its mean colour;
 - image:noise  the same answer with the image replaced by noise of its own mean and spread (--noise-strength < 1
                mixes the noise into the image instead);
 - image:lesion the same answer with noise only inside the lesion region: the record's `bbox` ([x0, y0, x1, y1] in
                pixels, or a list of them) or `mask` (an image under the image folder, non-zero inside: SLAKE's
                segmentation); records without a usable one are skipped and counted;
-- image:swap   the same answer with another record's image whose gold answer to the same question differs.
+- image:swap   the same answer with another record's image whose gold answer to the same question differs;
+- image:order  (comparative questions, two or more images) the same answer with the images in reverse order
+               (prior and current exchanged): only a model that compares them in order can prefer it.
 
 An image reject is the conditional preference of mDPO / MMedPO: the answer is right for the image and not for its
 corruption, so only a model that reads the image can prefer it. Corrupted images are written under the image
@@ -49,7 +53,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from data_recipes.pass_rate_filter import original_rows, sample_answers
-from medllava.config import REJECT_KINDS
+from medllava.config import REJECT_KINDS, slices_option
 from medllava.data.records import write_records
 from medllava.data.rl import build_rl_rows
 from medllava.data.vqa import LETTERS
@@ -109,9 +113,10 @@ def corrupt(image: Image.Image, kind: str, rng: np.random.Generator, *, strength
 
 
 def pair_prompt(row: dict[str, Any]) -> list[dict[str, str]]:
-    """The question as the model was asked it (the RL row's messages), the image placeholder before the text."""
+    """The question as the model was asked it (the RL row's messages), one image placeholder per image before the
+    text."""
     messages = [dict(m) for m in row["prompt"]]
-    messages[-1] = {"role": "user", "content": "<image>\n" + messages[-1]["content"]}
+    messages[-1] = {"role": "user", "content": "<image>\n" * len(row["images"]) + messages[-1]["content"]}
     return messages
 
 
@@ -129,7 +134,7 @@ class PairMaker:
         self.by_question: dict[str, dict[str, list[str]]] = {}
         for row in rows:
             key = row["prompt"][-1]["content"]
-            self.by_question.setdefault(key, {}).setdefault(gold_text(row).lower(), []).append(row["image"])
+            self.by_question.setdefault(key, {}).setdefault(gold_text(row).lower(), []).append(row["images"])
 
     def relative(self, path: str | Path) -> str:
         return Path(path).resolve().relative_to(self.image_folder).as_posix()
@@ -147,7 +152,7 @@ class PairMaker:
         right = [s for s, ok in graded if ok and s.strip()]
         wrong = [s for s, ok in graded if not ok and s.strip()]
         chosen = right[0] if right else gold_text(row)
-        base = {"prompt": pair_prompt(row), "chosen": chosen, "images": [self.relative(row["image"])],
+        base = {"prompt": pair_prompt(row), "chosen": chosen, "images": [self.relative(ref) for ref in row["images"]],
                 "chosen_from": "model" if right else "gold"}
         if self.args.weight == "difficulty":
             base["weight"] = round(1.0 + len(wrong) / max(1, len(usable)), 4)
@@ -165,20 +170,32 @@ class PairMaker:
             corruption = kind.split(":", 1)[1]
             if corruption == "swap":
                 answers = self.by_question.get(row["prompt"][-1]["content"], {})
-                other = [img for answer, imgs in sorted(answers.items()) if answer != gold_text(row).lower()
-                         for img in imgs]
+                other = [refs for answer, lists in sorted(answers.items()) if answer != gold_text(row).lower()
+                         for refs in lists if len(refs) == len(row["images"])]
                 if not other:
                     skips.append(skip(kind, "no other image whose gold answer to this question differs"))
                     continue
                 rejected = other[int(rng.integers(len(other)))]
-                pairs.append({"id": pair_id, **base, "rejected": chosen, "rejected_images": [self.relative(rejected)],
+                pairs.append({"id": pair_id, **base, "rejected": chosen,
+                              "rejected_images": [self.relative(ref) for ref in rejected], "reject": kind})
+                continue
+            if corruption == "order":  # a comparative question asked with its images in reverse order
+                if len(row["images"]) < 2:
+                    skips.append(skip(kind, "one image: no order to reverse"))
+                    continue
+                pairs.append({"id": pair_id, **base, "rejected": chosen,
+                              "rejected_images": [self.relative(ref) for ref in reversed(row["images"])],
                               "reject": kind})
                 continue
+            if corruption == "lesion" and len(row["images"]) > 1:
+                skips.append(skip(kind, "lesion regions are read for one-image questions only"))
+                continue
             try:
-                image = load_image(row["image"], window=self.window)
+                images = [load_image(ref, window=self.window) for ref in row["images"]]
             except ImageError as err:
                 skips.append(skip(kind, f"image does not decode: {err.reason}"))
                 continue
+            image = images[0]
             region = None
             if corruption == "lesion":
                 record = self.originals.get((row["source"], row["line"]), {})
@@ -186,12 +203,15 @@ class PairMaker:
                 if region is None:
                     skips.append(skip(kind, "no lesion region (bbox, or a readable non-empty mask) in the record"))
                     continue
-            out = self.rejects_folder / f"{row['id']}_{corruption}.png".replace("/", "_")
-            out.parent.mkdir(parents=True, exist_ok=True)
-            corrupt(image, "blank" if corruption == "blank" else "noise", rng, strength=self.args.noise_strength,
-                    region=region).save(out)
-            pairs.append({"id": pair_id, **base, "rejected": chosen, "rejected_images": [self.relative(out)],
-                          "reject": kind})
+            outs = []  # every image of the question corrupted (blank, noise) or its lesion region (one image)
+            for k, img in enumerate(images):
+                suffix = f"_{k}" if len(images) > 1 else ""
+                out = self.rejects_folder / f"{row['id']}_{corruption}{suffix}.png".replace("/", "_")
+                out.parent.mkdir(parents=True, exist_ok=True)
+                corrupt(img, "blank" if corruption == "blank" else "noise", rng, strength=self.args.noise_strength,
+                        region=region).save(out)
+                outs.append(self.relative(out))
+            pairs.append({"id": pair_id, **base, "rejected": chosen, "rejected_images": outs, "reject": kind})
         return pairs, skips
 
 
@@ -215,6 +235,7 @@ def stage_settings(args: argparse.Namespace, overrides: list[str], parser: argpa
         parser.error(f"--stage {args.stage}: dpo.pairs.source is empty (which questions to build pairs from?)")
     args.data, args.out = args.data or pairs.source, args.out or Path(cfg.data.train_files[0])
     args.image_folder, args.window, args.seed = cfg.data.image_folder, args.window or cfg.data.window, cfg.run.seed
+    args.slices = args.slices or f"{cfg.data.slices.count},{cfg.data.slices.spacing}"
     args.rejects, args.n, args.temperature = pairs.rejects, pairs.n, pairs.temperature
     args.max_new_tokens, args.max_records, args.weight = pairs.max_new_tokens, pairs.max_records, pairs.weight
     args.batch_size = pairs.batch_size
@@ -285,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="where corrupted images go, inside the image folder (default: preference_rejects/OUT)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--window", default=None, help="DICOM window: preset (lung, bone, ...) or CENTER,WIDTH")
+    parser.add_argument("--slices", default=None, help="series/volume images: COUNT or COUNT,SPACING (default 8,uniform)")
     parser.add_argument("--stage", default=None,
                         help="DPO stage YAML: take data (dpo.pairs.source), output (data.train_files[0]), image folder, "
                              "window and the dpo.pairs settings from it; --section.key=value overrides apply to it")
@@ -298,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     model, processor = load_for_inference(args.model)  # bf16 on a GPU that has it
     rows, report = build_rl_rows(args.data, processor, image_folder=args.image_folder, mode="plain", skip_invalid=True,
-                                 max_samples=args.max_records, max_prompt_length=10**9, with_location=True)
+                                 max_samples=args.max_records, max_prompt_length=10**9, with_location=True,
+                                 slices=slices_option(args.slices))
     repeated = {i for i, count in Counter(row["id"] for row in rows).items() if count > 1}
     for row in rows:  # a repeated id is qualified by its place, so pairs and corrupted images stay apart
         if row["id"] in repeated:

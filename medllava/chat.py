@@ -2,8 +2,11 @@
 
     medllava chat MODEL [--image PATH ...] [--prompt TEXT] [--temperature T] [--max-new-tokens N]
                         [--load-in-4bit | --load-in-8bit] [--device auto|cuda|mps|cpu] [--window C,W] [--frame N]
+                        [--slices COUNT[,SPACING]]
 
-In a session: plain lines are questions; `/image PATH` attaches an image to the next question; `/reset`
+--image and /image take PNG/JPEG/TIFF/DICOM files, and a DICOM series folder or a NIfTI volume, which attach their
+slices (medllava.volumes). In a session: plain lines are questions; `/image PATH` attaches an image to the next
+question; `/reset`
 starts over; `/exit` (or end of input) leaves. MODEL is any stage output or exported folder, full model or
 LoRA adapter (merged into its base on load). Greedy decoding unless --temperature > 0.
 """
@@ -18,7 +21,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from PIL import Image
 
-from medllava.imaging import Window, load_image
+from medllava.imaging import Window
+from medllava.volumes import SliceSpec, load_images
 
 if TYPE_CHECKING:
     import torch
@@ -140,11 +144,13 @@ def _stop_when_set(event: threading.Event) -> Any:
     return StopWhenSet()
 
 
-def _read_image(path: str, window: Window | None, frame: int | None) -> Image.Image:
-    return load_image(path, window=window, frame=frame)
+def _read_image(path: str, window: Window | None, frame: int | None, slices: SliceSpec | None = None) -> list[Image.Image]:
+    """The images of one --image / /image path: a series folder or NIfTI volume gives its slices."""
+    return load_images(path, window=window, frame=frame, slices=slices)
 
 
-def interactive(session: ChatSession, stdin: TextIO, stdout: TextIO, window: Window | None, frame: int | None) -> int:
+def interactive(session: ChatSession, stdin: TextIO, stdout: TextIO, window: Window | None, frame: int | None,
+                slices: SliceSpec | None = None) -> int:
     """The read-answer loop. User errors inside the loop print one line and the session goes on."""
     from medllava.imaging import ImageError
 
@@ -172,8 +178,11 @@ def interactive(session: ChatSession, stdin: TextIO, stdout: TextIO, window: Win
         if line.startswith("/image"):
             path = line[len("/image"):].strip()
             try:
-                session.add_image(_read_image(path, window, frame))
-                print(f"(image attached: {path})", file=stdout, flush=True)
+                images = _read_image(path, window, frame, slices)
+                for image in images:
+                    session.add_image(image)
+                print(f"(image attached: {path})" if len(images) == 1 else
+                      f"({len(images)} slice images attached: {path})", file=stdout, flush=True)
             except ImageError as err:
                 print(f"error: {err}", file=stdout, flush=True)
             continue
@@ -190,10 +199,11 @@ def interactive(session: ChatSession, stdin: TextIO, stdout: TextIO, window: Win
 
 def run_chat(args: Any) -> int:
     """Entry point for `medllava chat` (arguments from the CLI parser)."""
-    from medllava.config import require_model_folder, window_option
+    from medllava.config import require_model_folder, slices_option, window_option
 
     window = window_option(args.window)
-    images = [_read_image(p, window, args.frame) for p in args.image or []]  # fail before loading the model
+    slices = slices_option(args.slices)
+    images = [im for p in args.image or [] for im in _read_image(p, window, args.frame, slices)]  # before the model
     require_model_folder(args.model)  # and before importing torch
     from medllava.model import load_for_inference
 
@@ -206,4 +216,4 @@ def run_chat(args: Any) -> int:
     if args.prompt is not None:
         print(session.ask(args.prompt))
         return 0
-    return interactive(session, sys.stdin, sys.stdout, window, args.frame)
+    return interactive(session, sys.stdin, sys.stdout, window, args.frame, slices)

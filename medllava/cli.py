@@ -40,10 +40,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from medllava.config import require_model_folder, window_option
+    from medllava.config import require_model_folder, slices_option, window_option
 
     # the user's mistakes first, before torch is imported
     require_model_folder(args.model)
+    slices_option(args.slices)
     if not Path(args.data).exists() and not str(args.data).startswith("hf:"):
         raise ConfigError(f"{args.data}: no such data file or dataset folder")
     window = window_option(args.window)
@@ -74,7 +75,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_new_tokens=max_new_tokens, blind=args.blind, limit=args.limit, title=title,
         system_prompt=prompt.system_prompt, mode=prompt.mode, instruction=prompt.instruction, window=window,
         prior=prior, model_path=args.model, window_name=args.window if args.window is not None else prompt.window,
-        overlap=overlap,
+        overlap=overlap, slices=slices_option(args.slices, prompt.slices),
     )
     print(markdown_table(metrics, title))
     if args.summary:
@@ -246,7 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", default=None,
                    help="DICOM window: preset (lung, mediastinum, bone, brain, abdomen, ...) or CENTER,WIDTH "
                         "(default: the stage's data.window, else the file's own)")
-    p.add_argument("--blind", action="store_true", help="also answer with blank images and report the gap")
+    p.add_argument("--blind", action="store_true",
+                   help="also answer with blank images and report the gap; questions with several images are also "
+                        "asked with their images in reverse order and with one image blanked at a time")
+    p.add_argument("--slices", default=None,
+                   help="series/volume images: COUNT or COUNT,SPACING (uniform or mm); default: the stage's data.slices")
     p.add_argument("--prior-from", nargs="+", default=None, metavar="TRAIN_DATA",
                    help="training file(s) (VQA records or conversations, any source the trainer reads): also "
                         "answer each question with the most common training answer to the same question (no "
@@ -268,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="chat about medical images with a trained model")
     add_loading_args(p)
-    p.add_argument("--image", action="append", help="image for the first question (repeatable): PNG/JPEG/TIFF/DICOM")
+    p.add_argument("--image", action="append", help="image for the first question (repeatable): PNG/JPEG/TIFF/DICOM, "
+                   "a DICOM series folder or a NIfTI volume (its slices)")
     p.add_argument("--prompt", default=None, help="one-shot: ask this, print the answer, exit")
     p.add_argument("--system", default=None, help="system prompt (if the chat template accepts one)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -277,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DICOM window: preset (lung, mediastinum, bone, brain, abdomen, ...) or CENTER,WIDTH "
                         "(default: the file's own)")
     p.add_argument("--frame", type=int, default=None, help="frame of a multi-frame DICOM (default: the middle one)")
+    p.add_argument("--slices", default=None, help="an --image that is a DICOM series folder or a NIfTI volume gives "
+                   "COUNT slices (COUNT or COUNT,SPACING: uniform or mm; default 8,uniform)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions)")
@@ -307,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest one answer may take; then it ends with finish_reason length")
     p.add_argument("--system", default=None, help="system prompt when a request has none")
     p.add_argument("--window", default=None, help="DICOM window: preset or CENTER,WIDTH (default: the file's own)")
+    p.add_argument("--slices", default=None, help="a local image path that is a DICOM series folder or a NIfTI "
+                   "volume gives COUNT slices (COUNT or COUNT,SPACING; default 8,uniform); each counts in --max-images")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("web", help="a browser chat for a model (Gradio; image and DICOM upload, streamed answers)")
@@ -322,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=8, help="images one conversation may hold")
     p.add_argument("--max-pixels", type=int, default=None,
                    help="largest image, width x height (default: the decoders' decompression-bomb limit)")
+    p.add_argument("--slices", default=None, help="an uploaded NIfTI volume gives COUNT slices (COUNT or "
+                   "COUNT,SPACING; default 8,uniform)")
     p.set_defaults(func=cmd_web)
 
     p = sub.add_parser("export", help="merge, verify and save a stage output as a standalone model (and push it)")

@@ -60,6 +60,17 @@ class ModelSection:
 
 
 @dataclass
+class SlicesSection:
+    """Which slices of a CT/MR series (a folder of DICOM files) or a NIfTI volume a record's image becomes
+    (medllava.volumes): each slice is then one image of the record."""
+
+    count: int = 8
+    """Slices taken (all of them when the volume has fewer)."""
+    spacing: Literal["uniform"] | float = "uniform"
+    """uniform: spread evenly from the first slice to the last; a number: millimetres apart around the middle."""
+
+
+@dataclass
 class DataSection:
     """Which records are read and how they are rendered."""
 
@@ -89,8 +100,12 @@ class DataSection:
     made_by: str | None = None
     """The command that produces train_files (named in the error when they are missing)."""
     window: str | None = None
-    """DICOM display window for every image: a preset (lung, mediastinum, bone, brain, abdomen, ...) or
-    'CENTER,WIDTH'. None: the file's own VOI LUT / window, else min-max (see medllava.imaging)."""
+    """DICOM/NIfTI display window for every image: a preset (lung, mediastinum, bone, brain, abdomen, wide, ...),
+    'CENTER,WIDTH', or three joined by '+' stacked as the R, G, B channels ('wide+mediastinum+brain';
+    medgemma_ct is MedGemma's CT mapping). None: the file's own VOI LUT / window, else min-max (see
+    medllava.imaging)."""
+    slices: SlicesSection = field(default_factory=SlicesSection)
+    """For images that are series or volumes (a DICOM folder, a .nii/.nii.gz file): how many slices, and which."""
     cache_dir: str | None = None
     """Where checked and rendered samples are cached, keyed by data version (default: OUTPUT/.data_cache)."""
     image_check: Literal["header", "full", "none"] = "header"
@@ -238,7 +253,7 @@ class GRPOSection:
     pass_rate_filter: PassRateFilterSection = field(default_factory=PassRateFilterSection)
 
 
-REJECT_KINDS = ("text", "image:blank", "image:noise", "image:lesion", "image:swap")
+REJECT_KINDS = ("text", "image:blank", "image:noise", "image:lesion", "image:swap", "image:order")
 """What the rejected side of a pair made by data_recipes/preference_pairs.py is (see that module)."""
 
 
@@ -358,6 +373,12 @@ class StageConfig:
     grpo: GRPOSection = field(default_factory=GRPOSection)
     dpo: DPOSection = field(default_factory=DPOSection)
 
+    def slice_spec(self) -> Any:
+        """data.slices as a medllava.volumes.SliceSpec (ValueError naming the field when it is not valid)."""
+        from medllava.volumes import SliceSpec
+
+        return SliceSpec(int(self.data.slices.count), self.data.slices.spacing)
+
     def validate(self) -> None:
         """Cross-field checks that types alone cannot express."""
         m = self.model
@@ -398,6 +419,10 @@ class StageConfig:
                                   "packing applies to SFT stages (set it to auto or false)")
         if self.data.max_length <= 0:
             raise ConfigError("data.max_length must be positive")
+        try:
+            self.slice_spec()
+        except ValueError as err:
+            raise ConfigError(f"data.{err}") from None
         if self.data.window is not None:
             from medllava.imaging import Window
 
@@ -617,3 +642,20 @@ def window_option(text: str | None, option: str = "--window") -> Window | None:
         return Window.parse(text)
     except ValueError as err:
         raise ConfigError(f"{option}: {err}") from None
+
+
+def slices_option(text: str | None, stage: dict[str, Any] | None = None, option: str = "--slices") -> Any:
+    """A command's slices option ('COUNT' or 'COUNT,SPACING' with SPACING 'uniform' or millimetres) as a
+    medllava.volumes.SliceSpec; unset: the stage's data.slices (`stage`), else the defaults. A bad value is a
+    ConfigError naming the option."""
+    from medllava.volumes import SliceSpec
+
+    try:
+        if text:
+            count, _, spacing = text.partition(",")
+            spacing = spacing.strip() or "uniform"
+            return SliceSpec(int(count), spacing if spacing == "uniform" else float(spacing))
+        stage = stage or {}
+        return SliceSpec(int(stage.get("count", 8)), stage.get("spacing", "uniform"))
+    except ValueError as err:
+        raise ConfigError(f"{option} {text or stage!r}: {err} (expected COUNT or COUNT,SPACING: 8, 8,uniform, 8,2.5)") from None

@@ -3,7 +3,10 @@
 Scoring uses `medllava.grading.grade`, the same extraction the GRPO rewards use: closed (yes/no) questions by
 word-boundary matching, multiple choice by letter or option text, numbers by value, open questions by
 normalised exact match, token F1 and recall of gold tokens (LLaVA-Med's headline open metric). With `blind`,
-every question is asked again with a blank image; the gap shows how much the answers depend on the image. With a
+every question is asked again with blank images; the gap shows how much the answers depend on the image. For
+questions with several images (prior and current study, views), `blind` also asks each with its images in reverse
+order (a model whose answer does not change is not comparing them; scored against the record's
+`answer_if_swapped` where it has one) and with one image blanked at a time (the single-image baselines). With a
 text prior (`medllava.prior`, `--prior-from TRAIN_DATA`), every question is also answered with the training set's
 most common answer to the same question, no image and no model: accuracy above chance that the prior also reaches
 was bought by the question's wording.
@@ -33,23 +36,29 @@ from tqdm.auto import tqdm
 
 from medllava.data.cache import file_sha256, source_sha256
 from medllava.data.records import RecordError
-from medllava.data.validate import resolve_image
+from medllava.data.rl import expand_record
 from medllava.data.vqa import VQARecord, format_question, read_vqa
 from medllava.grading import grade, normalize_text
 from medllava.imaging import ImageError, Window, blank_like, decode_each
 from medllava.model import adapter_base_path, decoding_config, is_adapter_dir
 from medllava.prior import TextPrior
+from medllava.volumes import SliceSpec
 
 logger = logging.getLogger(__name__)
 
 CLOSED_QTYPES = ("yes_no", "multiple_choice", "number")
 
 
+ABLATION_MAX_IMAGES = 4
+"""Per-image ablation (blank one image at a time) for questions with 2 to this many images; a series of slices is
+not ablated slice by slice."""
+
+
 @dataclass
 class EvalItem:
     record: VQARecord
-    image: Any
-    """The image reference (a resolved path, or an embedded image as read); decoded when its batch runs."""
+    images: list[Any]
+    """The image references (resolved paths, or embedded images as read); decoded when their batch runs."""
     prompt: str
 
 
@@ -77,6 +86,8 @@ class PromptSettings:
     max_new_tokens: int = 64
     window: str | None = None
     """The stage's DICOM display window (data.window), so a model is evaluated on the images it trained on."""
+    slices: dict[str, Any] | None = None
+    """The stage's data.slices (how a series or volume becomes slices); None: the defaults."""
 
 
 def stage_prompt_settings(model_dir: str | Path) -> PromptSettings:
@@ -93,12 +104,12 @@ def stage_prompt_settings(model_dir: str | Path) -> PromptSettings:
         return PromptSettings()
     stage = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     data = stage.get("data") or {}
-    system_prompt, window = data.get("system_prompt"), data.get("window")
+    system_prompt, window, slices = data.get("system_prompt"), data.get("window"), data.get("slices")
     if stage.get("kind") == "grpo":
         g = stage.get("grpo") or {}
         return PromptSettings(mode=g.get("prompt", "plain"), instruction=g.get("instruction"), system_prompt=system_prompt,
-                              max_new_tokens=int(g.get("max_completion_length", 64)), window=window)
-    return PromptSettings(system_prompt=system_prompt, window=window)
+                              max_new_tokens=int(g.get("max_completion_length", 64)), window=window, slices=slices)
+    return PromptSettings(system_prompt=system_prompt, window=window, slices=slices)
 
 
 def write_eval_settings(run_dir: str | Path, out_dir: str | Path) -> PromptSettings:
@@ -127,22 +138,26 @@ def build_prompt(processor: Any, record: VQARecord, system_prompt: str | None = 
     messages: list[dict[str, Any]] = []
     if system_prompt:
         messages.append({"role": "system", "content": system_prompt})
-    text = format_question(record.question, record.options) if mode == "plain" else f"<image>\n{prompt_text(record, mode, instruction)}"
+    n = len(record.images)  # GRPO's prompts put the images in front of the text, as TRL does in training
+    text = format_question(record.question, record.options, n_images=n) if mode == "plain" else \
+        "<image>\n" * n + prompt_text(record, mode, instruction)
     messages.append({"role": "user", "content": user_content(processor, text)})
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 @torch.no_grad()
-def generate_batch(model: Any, processor: Any, prompts: Sequence[str], images: Sequence[Image.Image],
-                   max_new_tokens: int = 64, *, num_samples: int = 1, temperature: float = 0.0) -> list[str]:
-    """Answers for a batch of prompts (left-padded): greedy by default, or `num_samples` sampled answers per
-    prompt at `temperature` (returned prompt by prompt)."""
+def generate_batch(model: Any, processor: Any, prompts: Sequence[str],
+                   images: Sequence[Image.Image | Sequence[Image.Image]], max_new_tokens: int = 64, *,
+                   num_samples: int = 1, temperature: float = 0.0) -> list[str]:
+    """Answers for a batch of prompts (left-padded), each with its image or list of images: greedy by default, or
+    `num_samples` sampled answers per prompt at `temperature` (returned prompt by prompt)."""
     tokenizer = processor.tokenizer
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
         # one image list per prompt (Gemma 3's processor needs the nesting; the others accept it)
-        inputs = processor(text=list(prompts), images=[[image] for image in images], padding=True, return_tensors="pt")
+        nested = [[image] if isinstance(image, Image.Image) else list(image) for image in images]
+        inputs = processor(text=list(prompts), images=nested, padding=True, return_tensors="pt")
     finally:
         tokenizer.padding_side = side
     device = next(model.parameters()).device
@@ -156,9 +171,10 @@ def generate_batch(model: Any, processor: Any, prompts: Sequence[str], images: S
 
 def load_items(data: str | Path, processor: Any, image_folder: str | Path, *, limit: int | None = None,
                system_prompt: str | None = None, mode: str = "plain", instruction: str | None = None,
-               ) -> tuple[list[EvalItem], list[Skipped]]:
+               slices: SliceSpec | None = None) -> tuple[list[EvalItem], list[Skipped]]:
     """Read the VQA set: records, resolved image references and prompts (no pixels: images are decoded batch by
-    batch). Bad records are returned as skipped, never dropped silently."""
+    batch; a series or volume as its slices, `slices`). Bad records are returned as skipped, never dropped
+    silently."""
     items: list[EvalItem] = []
     errors: list[Skipped] = []
     for rec in read_vqa(data):
@@ -168,27 +184,41 @@ def load_items(data: str | Path, processor: Any, image_folder: str | Path, *, li
             errors.append(Skipped(rec, None))
             continue
         try:
-            ref = resolve_image(rec.image, image_folder)
+            expand_record(rec, image_folder, slices=slices)
         except RecordError as err:
             errors.append(Skipped(err.located(rec.source, rec.line, rec.id), rec.qtype))
             continue
-        items.append(EvalItem(rec, ref, build_prompt(processor, rec, system_prompt, mode, instruction)))
+        items.append(EvalItem(rec, rec.images, build_prompt(processor, rec, system_prompt, mode, instruction)))
     return items, errors
 
 
 def decoded(chunk: Sequence[EvalItem], window: Window | None,
-            errors: list[Skipped]) -> tuple[list[EvalItem], list[Image.Image]]:
-    """A batch's items whose image decodes, with the images; the others become errors (skipped and counted)."""
+            errors: list[Skipped]) -> tuple[list[EvalItem], list[list[Image.Image]]]:
+    """A batch's items whose images all decode, with their images; the others become errors (skipped, counted)."""
     kept, images = [], []
-    for it, image in zip(chunk, decode_each([it.image for it in chunk], window)):
-        if isinstance(image, ImageError):
+    for it in chunk:
+        mine = decode_each(it.images, window)
+        bad = next((image for image in mine if isinstance(image, ImageError)), None)
+        if bad is not None:
             rec = it.record
-            errors.append(Skipped(RecordError(image.kind, image.reason, source=rec.source, line=rec.line,
+            errors.append(Skipped(RecordError(bad.kind, bad.reason, source=rec.source, line=rec.line,
                                               record_id=rec.id), rec.qtype))
         else:
             kept.append(it)
-            images.append(image)
+            images.append(mine)
     return kept, images
+
+
+def reliance_variants(images: list[Image.Image]) -> dict[str, list[Image.Image]]:
+    """The image-reliance checks' inputs for one question: `blind` (every image blank), and for 2 or more images
+    `order` (reversed) and, up to ABLATION_MAX_IMAGES, `without_image_<k>` (image k blank, the others kept)."""
+    out = {"blind": [blank_like(im) for im in images]}
+    if len(images) >= 2:
+        out["order"] = list(reversed(images))
+        if len(images) <= ABLATION_MAX_IMAGES:
+            for k in range(len(images)):
+                out[f"without_image_{k + 1}"] = [blank_like(im) if j == k else im for j, im in enumerate(images)]
+    return out
 
 
 def chance_level(record: VQARecord) -> float:
@@ -204,7 +234,7 @@ def _mean(values: list[float]) -> float:
 
 
 def score(rows: list[dict[str, Any]], key: str = "prediction",
-          skipped: Sequence[str | None] = ()) -> dict[str, Any]:
+          skipped: Sequence[str | None] = (), gold: str = "answer") -> dict[str, Any]:
     """Metrics over prediction rows: overall closed accuracy, per question type, per modality and topic.
 
     `skipped`: the question types of records that could not be asked (None: unreadable, counted as closed). They
@@ -212,7 +242,7 @@ def score(rows: list[dict[str, Any]], key: str = "prediction",
     modality, topic and organ are over the asked records."""
     graded = []
     for row in rows:
-        g = grade(row[key], row["answer"], row["qtype"], row.get("options"))
+        g = grade(row[key], row[gold], row["qtype"], row.get("options"))
         graded.append((row, g))
     closed = [(r, g) for r, g in graded if r["qtype"] in CLOSED_QTYPES]
     missed = [0.0] * sum(1 for q in skipped if q is None or q in CLOSED_QTYPES)
@@ -290,6 +320,13 @@ def markdown_table(metrics: dict[str, Any], title: str = "") -> str:
     lines.append(f"chance level (closed): {metrics.get('chance', 0.0):.3f}")
     if metrics.get("blind"):
         lines.append(f"image-reliance gap (accuracy - blind accuracy): {metrics['blind_gap']:+.3f}")
+    if metrics.get("order"):
+        o, m = metrics["order"], metrics["multi_image"]
+        lines.append(f"questions with several images: {o['n']}, accuracy {m['accuracy']:.3f}; images in reverse order: "
+                     f"accuracy {o['accuracy']:.3f} (gap {o['gap']:+.3f}), answers changed {o['changed']:.3f}"
+                     + (f", accuracy against the swapped gold {o['swapped_accuracy']:.3f}" if "swapped_accuracy" in o else ""))
+        for name, entry in (metrics.get("ablation") or {}).items():
+            lines.append(f"  {name.replace('_', ' ')} (blanked): accuracy {entry['accuracy']:.3f} (gap {entry['gap']:+.3f})")
     if metrics.get("prior"):
         p = metrics["prior"]
         lines.append(f"text prior (most common training answer to the same question; {p['matched']}/{metrics['n']} "
@@ -371,6 +408,7 @@ def evaluate(
     model_path: str | Path | None = None,
     window_name: str | None = None,
     overlap: dict[str, Any] | None = None,
+    slices: SliceSpec | None = None,
 ) -> dict[str, Any]:
     """Evaluate a loaded model on a VQA file; write outputs to out_dir when given; return the metrics.
 
@@ -382,23 +420,32 @@ def evaluate(
     metrics["overlap"], with the records that share nothing scored as metrics["clean"]."""
     model.eval()
     items, errors = load_items(data, processor, image_folder, limit=limit, system_prompt=system_prompt, mode=mode,
-                               instruction=instruction)
+                               instruction=instruction, slices=slices)
     rows: list[dict[str, Any]] = []
     scored: list[EvalItem] = []
     # Images are decoded batch by batch (memory stays at one batch of pixels whatever the set's size); the blind
-    # pass asks the same batch again with blank images of the same sizes.
+    # pass asks the same batch again with blank images of the same sizes, and questions with several images again
+    # with their order reversed and with each image blanked in turn (reliance_variants).
     for start in tqdm(range(0, len(items), batch_size), desc="eval", disable=not progress, leave=False):
         chunk, images = decoded(items[start:start + batch_size], window, errors)
         if not chunk:
             continue
         answers = generate_batch(model, processor, [it.prompt for it in chunk], images, max_new_tokens)
-        blind_answers = generate_batch(model, processor, [it.prompt for it in chunk], [blank_like(im) for im in images],
-                                       max_new_tokens) if blind else [None] * len(chunk)
-        for it, ans, blind_ans in zip(chunk, answers, blind_answers):
+        checks: list[dict[str, str]] = [{} for _ in chunk]
+        if blind:
+            variants = [reliance_variants(mine) for mine in images]
+            for name in dict.fromkeys(name for v in variants for name in v):
+                which = [i for i, v in enumerate(variants) if name in v]
+                got = generate_batch(model, processor, [chunk[i].prompt for i in which],
+                                     [variants[i][name] for i in which], max_new_tokens)
+                for i, ans in zip(which, got):
+                    checks[i][f"{name}_prediction"] = ans
+            del variants
+        for it, ans, check in zip(chunk, answers, checks):
             rec = it.record
             rows.append({"id": rec.id, "question": rec.question, "qtype": rec.qtype, "answer": rec.answer,
-                         **({"options": rec.options} if rec.options else {}), **rec.meta, "prediction": ans,
-                         **({"blind_prediction": blind_ans} if blind else {}),
+                         **({"options": rec.options} if rec.options else {}), **rec.meta,
+                         "n_images": len(it.images), "prediction": ans, **check,
                          **({"prior_prediction": prior.answer(rec.question) or ""} if prior else {})})
             scored.append(it)
         del images
@@ -423,6 +470,7 @@ def evaluate(
     if blind:
         metrics["blind"] = score(rows, key="blind_prediction", skipped=skipped)
         metrics["blind_gap"] = round(metrics["accuracy"] - metrics["blind"]["accuracy"], 4)
+        metrics.update(multi_image_checks(rows))
     if prior is not None:
         metrics["prior"] = {**score(rows, key="prior_prediction", skipped=skipped), "sources": prior.sources,
                             "matched": sum(1 for r in rows if r["prior_prediction"]), "training_pairs": prior.pairs}
@@ -460,6 +508,40 @@ def evaluate(
     return metrics
 
 
+def multi_image_checks(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The checks that the images of a question are used together, over the rows asked with 2 or more images:
+    `multi_image` (their accuracy as asked), `order` (asked with the images reversed: `changed`, the share of
+    answers that differ; `accuracy`, graded against the original gold, the order-swapped baseline a comparing model
+    beats; `swapped_accuracy`, graded against `answer_if_swapped` over the rows that have one) and `ablation`
+    (`without_image_<k>`: image k blanked; accuracy against the gold, and the gap to the accuracy as asked).
+    Empty when no row has several images."""
+    multi = [r for r in rows if "order_prediction" in r]
+    if not multi:
+        return {}
+    asked = score(multi)
+    out: dict[str, Any] = {"multi_image": asked}
+    swapped = score(multi, key="order_prediction")
+    changed = [float(normalize_text(r["order_prediction"]) != normalize_text(r["prediction"])) for r in multi]
+    order = {"n": len(multi), "accuracy": swapped["accuracy"], "changed": _mean(changed),
+             "gap": round(asked["accuracy"] - swapped["accuracy"], 4)}
+    with_swapped = [r for r in multi if r.get("answer_if_swapped") not in (None, "")]
+    if with_swapped:
+        order["swapped_accuracy"] = score(with_swapped, key="order_prediction", gold="answer_if_swapped")["accuracy"]
+        order["n_swapped_gold"] = len(with_swapped)
+    out["order"] = order
+    ablation = {}
+    for k in range(1, ABLATION_MAX_IMAGES + 1):
+        key = f"without_image_{k}_prediction"
+        sub = [r for r in multi if key in r]
+        if sub:
+            acc = score(sub, key=key)["accuracy"]
+            ablation[f"without_image_{k}"] = {"n": len(sub), "accuracy": acc,
+                                              "gap": round(score(sub)["accuracy"] - acc, 4)}
+    if ablation:
+        out["ablation"] = ablation
+    return out
+
+
 def weights_sha256(model_dir: str | Path) -> str | None:
     """One sha256 over a model folder's safetensors files, by name, and for a LoRA stage its base's (the saved
     `base/` folder, or the model its adapter names when that is a local folder; else the base's name)."""
@@ -488,6 +570,11 @@ def update_summary(path: str | Path, stage: str, metrics: dict[str, Any]) -> dic
     if "blind" in metrics:
         entry["blind_accuracy"] = metrics["blind"]["accuracy"]
         entry["blind_gap"] = metrics["blind_gap"]
+    if "order" in metrics:
+        entry["multi_image_accuracy"] = metrics["multi_image"]["accuracy"]
+        entry["order_accuracy"] = metrics["order"]["accuracy"]
+        entry["order_changed"] = metrics["order"]["changed"]
+        entry["ablation"] = {k: v["accuracy"] for k, v in (metrics.get("ablation") or {}).items()}
     if "prior" in metrics:
         entry["prior_accuracy"] = metrics["prior"]["accuracy"]
     if "overlap" in metrics:
@@ -523,6 +610,13 @@ def summary_table(summary: dict[str, Any], seconds: float | None = None) -> str:
             f"{fmt(entry.get('prior_accuracy')):>7} {entry.get('skipped', 0):>7} "
             f"{fmt(entry.get('own_option_rate')):>7}   {topics}"
         )
+    multi = {stage: entry for stage, entry in summary.items() if "order_accuracy" in entry}
+    if multi:  # the checks that several images are used together (questions with 2+ images only)
+        lines.append(f"{'several images':<14} {'accuracy':>9} {'order':>7} {'changed':>7}   one image blanked")
+        for stage, entry in multi.items():
+            blanked = ", ".join(f"{k.replace('without_', 'no ')} {v:.2f}" for k, v in (entry.get("ablation") or {}).items())
+            lines.append(f"{stage:<14} {entry['multi_image_accuracy']:>9.3f} {entry['order_accuracy']:>7.3f} "
+                         f"{entry['order_changed']:>7.3f}   {blanked}")
     if seconds is not None:
         lines.append(f"total time: {seconds / 60:.1f} min")
     return "\n".join(lines)

@@ -4,7 +4,8 @@ One loader for training, evaluation and chat. DICOM: rescale slope/intercept (mo
 caller's window (centre/width, or a named preset: lung, mediastinum, bone, brain, abdomen, ...), else the
 file's VOI LUT Sequence or non-linear VOILUTFunction applied by pydicom's `apply_voi_lut`, else the file's
 linear window, else min-max; MONOCHROME1 inversion; multi-frame volumes (middle frame by default, decoded alone
-where the transfer syntax allows). The pixel limit is checked from the header, before any pixel is decoded. High-bit-depth PNG/TIFF are mapped to 8 bits by min-max (or a window). Every failure is an
+where the transfer syntax allows). A window may stack three windows as the R, G, B channels (`wide+mediastinum+brain`,
+`medgemma_ct`). Slice references of series and volumes ('vol.nii.gz#slice=K') load through medllava.volumes. The pixel limit is checked from the header, before any pixel is decoded. High-bit-depth PNG/TIFF are mapped to 8 bits by min-max (or a window). Every failure is an
 `ImageError` whose `kind` names what went wrong, so callers can report and count it.
 """
 
@@ -48,19 +49,35 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
     "abdomen": (40, 400),
     "soft_tissue": (40, 400),
     "liver": (60, 160),
+    "wide": (0, 2048),  # -1024..1024 HU, MedGemma's first CT channel
+}
+# Several windows stacked as the R, G, B channels (`a+b+c` in a window option, or a name here).
+WINDOW_STACKS: dict[str, str] = {
+    # MedGemma's CT notebook: wide (-1024..1024), soft tissue / mediastinum (-135..215), brain (0..80) HU
+    "medgemma_ct": "0,2048+40,350+40,80",
 }
 
 
 @dataclass(frozen=True)
 class Window:
-    """A display window (DICOM VOI): values outside [center - width/2, center + width/2] saturate."""
+    """A display window (DICOM VOI): values outside [center - width/2, center + width/2] saturate. With
+    `channels`, several windows (center, width) make the R, G, B channels of one image (center and width are then
+    the first's)."""
 
     center: float
     width: float
+    channels: tuple[tuple[float, float], ...] = ()
 
     @classmethod
     def parse(cls, text: str) -> Window:
-        """Parse a preset name (lung, mediastinum, bone, brain, abdomen, ...) or 'CENTER,WIDTH' (e.g. '40,400')."""
+        """Parse a preset name (lung, mediastinum, bone, brain, abdomen, wide, ...), 'CENTER,WIDTH' (e.g. '40,400'),
+        or three of them joined by '+' for the three channels ('wide+mediastinum+brain', or medgemma_ct)."""
+        text = WINDOW_STACKS.get(text.strip().lower(), text)
+        if "+" in text:
+            parts = [cls.parse(part) for part in text.split("+")]
+            if len(parts) != 3:
+                raise ValueError(f"window {text!r}: stacked windows make the three channels: give three, joined by '+'")
+            return cls(parts[0].center, parts[0].width, tuple((w.center, w.width) for w in parts))
         preset = WINDOW_PRESETS.get(text.strip().lower())
         if preset is not None:
             return cls(*preset)
@@ -81,6 +98,13 @@ def apply_window(values: np.ndarray, window: Window) -> np.ndarray:
         return np.where(values > c - 0.5, 255, 0).astype(np.uint8)
     scaled = ((values - (c - 0.5)) / (w - 1) + 0.5) * 255.0
     return np.clip(scaled, 0, 255).astype(np.uint8)
+
+
+def windowed(values: np.ndarray, window: Window) -> np.ndarray:
+    """`values` through the window: 8-bit gray, or with stacked windows an 8-bit [H, W, 3] array, one per channel."""
+    if window.channels:
+        return np.stack([apply_window(values, Window(c, w)) for c, w in window.channels], axis=-1)
+    return apply_window(values, window)
 
 
 def minmax_to_uint8(values: np.ndarray) -> np.ndarray:
@@ -191,18 +215,18 @@ def load_dicom(path: Path, *, window: Window | None = None, frame: int | None = 
         return Image.fromarray(gray).convert("RGB")
     if window is None and "WindowCenter" in ds and "WindowWidth" in ds:
         window = Window(_first_value(ds.WindowCenter), _first_value(ds.WindowWidth))
-    gray = apply_window(values, window) if window is not None else minmax_to_uint8(values)
+    gray = windowed(values, window) if window is not None else minmax_to_uint8(values)
     if photometric == "MONOCHROME1":
         gray = 255 - gray  # MONOCHROME1: low values are displayed white
-    return Image.fromarray(gray).convert("RGB")
+    return Image.fromarray(np.ascontiguousarray(gray)).convert("RGB")
 
 
 def _to_rgb(img: Image.Image, window: Window | None) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB; high-bit-depth grayscale goes through min-max or the window."""
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         values = np.asarray(img).astype(np.float64)
-        gray = apply_window(values, window) if window is not None else minmax_to_uint8(values)
-        return Image.fromarray(gray).convert("RGB")
+        gray = windowed(values, window) if window is not None else minmax_to_uint8(values)
+        return Image.fromarray(np.ascontiguousarray(gray)).convert("RGB")
     if img.mode in ("RGBA", "LA", "P", "PA"):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))
@@ -224,6 +248,13 @@ def load_image(
     """
     if isinstance(source, Image.Image):
         return _to_rgb(source, window)
+    volume, index = _volume_source(source)
+    if volume is not None:
+        from medllava.volumes import load_nifti_slice
+
+        return load_nifti_slice(source, window=window, max_pixels=max_pixels)  # type: ignore[arg-type]
+    if index is not None:  # a frame of a multi-frame file: 'FILE#slice=K'
+        source, frame = volume_file(source), index  # type: ignore[arg-type]
     name, opener, dicom = _open_source(source)
     if dicom is not None:
         return load_dicom(dicom, window=window, frame=frame, max_pixels=max_pixels)
@@ -251,6 +282,23 @@ def decode_each(refs: Iterable[Any], window: Window | None = None) -> list[Image
     return out
 
 
+def _volume_source(source: Any) -> tuple[str | None, int | None]:
+    """(the NIfTI path or None, the slice index or None) of a slice reference 'PATH#slice=K' or a NIfTI path."""
+    if not isinstance(source, (str, Path)):
+        return None, None
+    from medllava.volumes import is_nifti, split_slice_ref
+
+    path, index = split_slice_ref(source)
+    return (path if is_nifti(path) else None), index
+
+
+def volume_file(source: str | Path) -> str:
+    """The file of a slice reference ('vol.nii.gz#slice=3' -> 'vol.nii.gz'; any other path as is)."""
+    from medllava.volumes import split_slice_ref
+
+    return split_slice_ref(source)[0]
+
+
 def _open_source(source: str | Path | bytes | dict) -> tuple[str, Callable[[], Any], Path | None]:
     """(name, opener, DICOM path or None) for a path, raw bytes or a `datasets` image dict; raises ImageError for
     a missing or empty one."""
@@ -267,6 +315,9 @@ def _open_source(source: str | Path | bytes | dict) -> tuple[str, Callable[[], A
         data = bytes(source)
         return "<bytes>", lambda: io.BytesIO(data), None
     path = Path(source)
+    if path.is_dir():
+        raise ImageError("unsupported_format", str(path), "a folder (a DICOM series?) where one image was expected: "
+                         "series are expanded to their slices first (medllava.volumes.expand_series)")
     if not path.is_file():
         raise ImageError("missing_image", str(path), "image file not found")
     if path.stat().st_size == 0:
@@ -298,6 +349,13 @@ def probe_image(source: str | Path | Image.Image | bytes | dict, *,
     if isinstance(source, Image.Image):
         _check_size(source.size, "<image>", max_pixels)
         return source.size
+    volume, index = _volume_source(source)
+    if volume is not None:
+        from medllava.volumes import nifti_slice_size
+
+        return nifti_slice_size(source, max_pixels)  # type: ignore[arg-type]
+    if index is not None:
+        source = volume_file(source)  # type: ignore[arg-type]
     name, opener, dicom = _open_source(source)
     if dicom is not None:
         return _probe_dicom(dicom, max_pixels)

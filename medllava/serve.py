@@ -1,7 +1,9 @@
 """An OpenAI-compatible HTTP server for a trained model: `medllava serve MODEL`.
 
     POST /v1/chat/completions   messages with text and image_url parts (data: URIs for PNG/JPEG/DICOM; local
-                                paths only under --image-root; remote URLs only with --allow-remote-images);
+                                paths only under --image-root, where a DICOM series folder or a NIfTI volume gives
+                                its slices; remote URLs only with --allow-remote-images); several image parts in a
+                                message are its images in order;
                                 `stream: true` answers as server-sent events
     GET  /v1/models             the one model served
     GET  /health                liveness and queue state
@@ -40,6 +42,7 @@ from starlette.requests import Request  # the serve extra (fastapi); an endpoint
 from medllava.chat import ChatSession
 from medllava.imaging import DEFAULT_MAX_PIXELS, ImageError, Window, load_image, probe_image
 from medllava.processor import IMAGE_TOKEN
+from medllava.volumes import SliceSpec, expand_series, is_series
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +112,8 @@ class ServeSettings:
     max_total_pixels: int = 64 * 10**6
     """Pixels all of a request's images may hold together, read from their headers before any is decoded."""
     window: Window | None = None
+    slices: SliceSpec | None = None
+    """How a local series folder or NIfTI volume becomes slices (default: medllava.volumes.SliceSpec())."""
     system_prompt: str | None = None
     max_connections: int = 32
     """Requests held at once (sending their body, waiting or generating); past it a 429 before the body is read.
@@ -151,14 +156,20 @@ def decode_data_uri(url: str, *, max_bytes: int) -> tuple[str, bytes]:
         raise RequestError(400, "image data is not valid base64", param="image_url") from None
 
 
-def read_images(urls: list[str], settings: ServeSettings) -> list[Image.Image]:
-    """A request's images (data: URIs, paths under the image root, or when allowed remote URLs): their count and
-    their pixels together are checked from the headers before any is decoded."""
+def read_images(urls: list[str], settings: ServeSettings) -> list[list[Image.Image]]:
+    """A request's images, a list per image part (data: URIs, paths under the image root, or when allowed remote
+    URLs; a local DICOM series folder or NIfTI volume gives its slices, per --slices): their count (slices
+    included) and their pixels together are checked from the headers before any is decoded."""
     if len(urls) > settings.max_images:
         raise RequestError(400, f"{len(urls)} images in one request; this server takes at most {settings.max_images}",
                            param="messages", code="too_many_images")
     with tempfile.TemporaryDirectory() as tmp:
-        sources = [image_source(url, settings, Path(tmp) / f"{i}.dcm") for i, url in enumerate(urls)]
+        per_part = [slice_sources(image_source(url, settings, Path(tmp) / f"{i}.dcm"), settings)
+                    for i, url in enumerate(urls)]
+        sources = [source for part in per_part for source in part]
+        if len(sources) > settings.max_images:
+            raise RequestError(400, f"the request's images make {len(sources)} images with their slices; this server "
+                               f"takes at most {settings.max_images}", param="messages", code="too_many_images")
         total = 0
         for source in sources:
             try:
@@ -170,12 +181,23 @@ def read_images(urls: list[str], settings: ServeSettings) -> list[Image.Image]:
                 raise RequestError(413, f"the request's images hold more than {settings.max_total_pixels} pixels "
                                    "together", param="image_url", code="too_many_pixels")
         images = []
-        for source in sources:
+        for part in per_part:
             try:
-                images.append(load_image(source, window=settings.window, max_pixels=settings.max_pixels))
+                images.append([load_image(source, window=settings.window, max_pixels=settings.max_pixels)
+                               for source in part])
             except ImageError as err:
                 raise RequestError(400, f"image: {err.kind}: {err.reason}", param="image_url", code=err.kind) from None
         return images
+
+
+def slice_sources(source: bytes | Path, settings: ServeSettings) -> list[bytes | Path | str]:
+    """One image part's sources: a series folder or NIfTI volume under the image root as its slices, else itself."""
+    if isinstance(source, bytes) or not is_series(source):
+        return [source]
+    try:
+        return list(expand_series(source, settings.slices, max_pixels=settings.max_pixels))
+    except ImageError as err:
+        raise RequestError(400, f"image: {err.kind}: {err.reason}", param="image_url", code=err.kind) from None
 
 
 def image_source(url: str, settings: ServeSettings, dicom_path: Path) -> bytes | Path:
@@ -250,7 +272,7 @@ def build_session(model: Any, processor: Any, request: ChatRequest, settings: Se
     session = ChatSession(model, processor, max_new_tokens=max_tokens, temperature=request.temperature or 0.0,
                           system_prompt=system)
     parts = [_content_parts(m.content) for m in messages]
-    images = iter(read_images([u for _, urls in parts for u in urls], settings))
+    images = iter(read_images([u for _, urls in parts for u in urls], settings))  # a list per image part
     expected = "user"
     for i, message in enumerate(messages):
         if message.role != expected:
@@ -266,7 +288,7 @@ def build_session(model: Any, processor: Any, request: ChatRequest, settings: Se
                 raise RequestError(400, f"messages[{i}]: assistant messages cannot hold images", param="messages")
             session.messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
         else:
-            mine = [next(images) for _ in urls]
+            mine = [image for _ in urls for image in next(images)]
             if i < len(messages) - 1:
                 session.messages.append({"role": "user", "content": [{"type": "image"} for _ in mine]
                                          + [{"type": "text", "text": text}]})
@@ -644,10 +666,11 @@ def run_server(args: Any) -> int:
 
     import uvicorn
 
-    from medllava.config import ConfigError, window_option
+    from medllava.config import ConfigError, slices_option, window_option
     from medllava.model import load_for_inference
 
     window = window_option(args.window)
+    slices = slices_option(args.slices)
     image_root = Path(args.image_root) if args.image_root else None
     if image_root is not None and not image_root.is_dir():
         raise ConfigError(f"--image-root {image_root}: no such folder")
@@ -660,7 +683,7 @@ def run_server(args: Any) -> int:
         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, max_tokens_limit=args.max_tokens_limit,
         default_max_tokens=min(args.max_new_tokens, args.max_tokens_limit), max_queue=args.max_queue,
         max_images=args.max_images, max_prompt_tokens=args.max_prompt_tokens, max_total_pixels=int(args.max_total_mpixels * 10**6),
-        window=window, system_prompt=args.system, max_connections=args.max_connections,
+        window=window, slices=slices, system_prompt=args.system, max_connections=args.max_connections,
         read_timeout_s=args.read_timeout, max_generation_s=args.max_generation_seconds)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s: reachable from other machines%s", args.host,

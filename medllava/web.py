@@ -1,6 +1,7 @@
 """A browser chat for a trained model: `medllava web MODEL` (Gradio, loopback by default).
 
-Upload a PNG/JPEG/DICOM image (CT window presets for DICOM), ask questions, read the answer as it streams, reset.
+Upload PNG/JPEG/DICOM images (several for one question: prior and current study, views; a NIfTI volume gives its
+slices; CT window presets for DICOM), ask questions, read the answer as it streams, reset.
 Answers come from the same code as `medllava chat` (`ChatSession`), greedy; the model card's medical disclaimer
 is shown above the chat. One answer is generated at a time (Gradio's queue holds the others).
 """
@@ -19,6 +20,7 @@ from PIL import Image
 from medllava.chat import ChatSession
 from medllava.config import ConfigError
 from medllava.imaging import WINDOW_PRESETS, ImageError, Window, load_image
+from medllava.volumes import SliceSpec, load_images
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,24 @@ def read_upload(path: str | None, window_name: str, max_pixels: int | None = Non
     return load_image(path, window=window, **({"max_pixels": max_pixels} if max_pixels else {}))
 
 
+def read_uploads(paths: str | list[str] | None, window_name: str, max_pixels: int | None = None,
+                 slices: SliceSpec | None = None, max_images: int = 8) -> list[Image.Image]:
+    """The files uploaded for one question, in order, as RGB images: a NIfTI volume gives its slices (`slices`), the
+    rest one image each (DICOM through the chosen window). At most `max_images` images; ImageError names what is
+    wrong."""
+    paths = [paths] if isinstance(paths, str) else [p for p in paths or [] if p]
+    if not paths:
+        raise ImageError("missing_image", "<upload>", "no file")
+    window = None if window_name in ("", FILE_WINDOW) else Window.parse(window_name)
+    images: list[Image.Image] = []
+    for path in paths:
+        images += load_images(path, window=window, slices=slices, max_images=max_images - len(images),
+                              **({"max_pixels": max_pixels} if max_pixels else {}))
+        if len(images) > max_images:
+            raise ImageError("image_too_large", "<upload>", f"{len(images)} images; the page takes at most {max_images}")
+    return images
+
+
 class WebLimitError(ValueError):
     """A question the page refuses before any generation (shown to the user as it is)."""
 
@@ -67,8 +87,9 @@ def answer_stream(model: Any, processor: Any, state: dict[str, Any], text: str,
     session = ChatSession(model, processor, max_new_tokens=max_new_tokens)
     session.messages = list(state.get("messages", []))
     session.images = list(state.get("images", []))
-    if state.get("pending") is not None:
-        session.pending = [state["pending"]]
+    pending = state.get("pending")
+    if pending is not None:  # the images uploaded for this question (a list; one image as is)
+        session.pending = list(pending) if isinstance(pending, (list, tuple)) else [pending]
     if len(session.images) + len(session.pending) > max_images:
         raise WebLimitError(f"this conversation would hold {len(session.images) + len(session.pending)} images; "
                             f"the page takes at most {max_images}: press Reset to start a new one")
@@ -111,8 +132,9 @@ def answer_stream(model: Any, processor: Any, state: dict[str, Any], text: str,
 
 
 def build_app(model: Any, processor: Any, *, title: str, disclaimer: str, max_new_tokens: int = 256,
-              max_pixels: int | None = None, max_images: int = 8) -> Any:
-    """The Gradio Blocks app."""
+              max_pixels: int | None = None, max_images: int = 8, slices: SliceSpec | None = None) -> Any:
+    """The Gradio Blocks app. Several files may be uploaded for one question (prior and current study, views),
+    in the order given; a NIfTI volume gives its slices."""
     import gradio as gr
 
     windows = [FILE_WINDOW, *WINDOW_PRESETS]
@@ -121,12 +143,12 @@ def build_app(model: Any, processor: Any, *, title: str, disclaimer: str, max_ne
         state = gr.State(value=None)
         with gr.Row():
             with gr.Column(scale=1):
-                upload = gr.File(label="Image (PNG, JPEG or DICOM)", file_types=[".png", ".jpg", ".jpeg", ".dcm",
-                                                                                 ".dicom", ".tif", ".tiff"],
-                                 elem_id="upload")
+                upload = gr.File(label="Images (PNG, JPEG, DICOM or a NIfTI volume; several for a comparison)",
+                                 file_types=[".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".nii", ".gz"],
+                                 file_count="multiple", elem_id="upload")
                 window = gr.Dropdown(windows, value=FILE_WINDOW, label="DICOM window (CT presets)", elem_id="window")
-                preview = gr.Image(label="Attached to the next question", type="pil", interactive=False,
-                                   height=240, elem_id="preview")
+                preview = gr.Gallery(label="Attached to the next question", type="pil", interactive=False,
+                                     height=240, columns=4, elem_id="preview")
             with gr.Column(scale=2):
                 chat = gr.Chatbot(label="Conversation", height=420, elem_id="chat")
                 question = gr.Textbox(label="Question", placeholder="Is there a pleural effusion?", elem_id="question")
@@ -134,18 +156,18 @@ def build_app(model: Any, processor: Any, *, title: str, disclaimer: str, max_ne
                     send = gr.Button("Ask", variant="primary", elem_id="ask")
                     reset = gr.Button("Reset", elem_id="reset")
 
-        def attach(path: str | None, window_name: str, current: dict | None) -> tuple[Any, dict]:
+        def attach(paths: list[str] | str | None, window_name: str, current: dict | None) -> tuple[Any, dict]:
             current = current or {"messages": [], "images": [], "pending": None}
-            if not path:
+            if not paths:
                 current["pending"] = None
                 return None, current
             try:
-                image = read_upload(path, window_name, max_pixels)
+                images = read_uploads(paths, window_name, max_pixels, slices, max_images)
             except (ImageError, ValueError) as err:
                 current["pending"] = None
-                raise gr.Error(f"cannot use this file: {err}") from None
-            current["pending"] = image
-            return image, current
+                raise gr.Error(f"cannot use these files: {err}") from None
+            current["pending"] = images
+            return images, current
 
         def ask(text: str, history: list | None, current: dict | None) -> Iterator[tuple[list, dict, str]]:
             current = current or {"messages": [], "images": [], "pending": None}
@@ -202,6 +224,7 @@ def run_web(args: Any) -> int:
     """Entry point for `medllava web` (arguments from the CLI parser)."""
     import os
 
+    from medllava.config import slices_option
     from medllava.model import load_for_inference
 
     password = args.password or os.environ.get(PASSWORD_ENV)
@@ -209,6 +232,7 @@ def run_web(args: Any) -> int:
     bits = 4 if args.load_in_4bit else 8 if args.load_in_8bit else None
     model, processor = load_for_inference(args.model, bits=bits, device=args.device, allow_pickle=args.allow_pickle)
     app = build_app(model, processor, title=Path(args.model).resolve().name, disclaimer=disclaimer_for(args.model),
-                    max_new_tokens=args.max_new_tokens, max_pixels=args.max_pixels, max_images=args.max_images)
+                    max_new_tokens=args.max_new_tokens, max_pixels=args.max_pixels, max_images=args.max_images,
+                    slices=slices_option(args.slices))
     app.launch(**options)
     return 0

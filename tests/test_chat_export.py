@@ -68,7 +68,7 @@ def test_one_shot_answers(base_models: dict, phantom: Path, tmp_path: Path) -> N
         (("chat", "no/such/model", "--prompt", "hi"), "no such model folder"),
         (("chat", "MODEL", "--image", "missing.png", "--prompt", "hi"), "image file not found"),
         (("chat", "MODEL", "--image", "notes.txt", "--prompt", "hi"), "not a recognised image format"),
-        (("chat", "MODEL", "--window", "wide", "--prompt", "hi"), "--window"),
+        (("chat", "MODEL", "--window", "widest", "--prompt", "hi"), "--window"),
     ],
 )
 def test_chat_user_errors_are_one_line(args: tuple, message: str, base_models: dict, tmp_path: Path) -> None:

@@ -39,10 +39,10 @@ def test_user_errors_are_one_line(args: tuple, message: str, tmp_path: Path) -> 
     (["chat", "no/such/model", "--prompt", "hi"], "no/such/model: no such model folder"),
     (["chat", "MODEL", "--image", "missing.png", "--prompt", "hi"], "image file not found"),
     (["chat", "MODEL", "--image", "notes.txt", "--prompt", "hi"], "not a recognised image format"),
-    (["chat", "MODEL", "--window", "wide", "--prompt", "hi"], "--window"),
+    (["chat", "MODEL", "--window", "widest", "--prompt", "hi"], "--window"),
     (["eval", "no/such/model", "--data", "test.jsonl"], "no/such/model: no such model folder"),
     (["eval", "MODEL", "--data", "missing.jsonl"], "missing.jsonl: no such data file"),
-    (["eval", "MODEL", "--data", "test.jsonl", "--window", "wide"], "--window"),
+    (["eval", "MODEL", "--data", "test.jsonl", "--window", "widest"], "--window"),
 ])
 def test_a_user_error_is_reported_without_loading_torch(argv: list[str], message: str, tmp_path: Path) -> None:
     """Reporting a user error imports nothing heavy: a missing config, model folder, image or data file or a bad

@@ -56,8 +56,8 @@ def test_grpo_reads_embedded_images_from_parquet(tmp_path: Path, phantom: Path, 
     originals = [json.loads(line) for line in (phantom / "rl.jsonl").read_text().splitlines()]
     assert len(rows) == len(originals)
     for row, orig in zip(rows, originals):
-        assert Path(row["image"]).is_file(), row["image"]
-        assert np.array_equal(pixels(row["image"]), pixels(phantom / "images" / orig["image"]))
+        assert len(row["images"]) == 1 and Path(row["images"][0]).is_file(), row["images"]
+        assert np.array_equal(pixels(row["images"][0]), pixels(phantom / "images" / orig["image"]))
 
 
 def test_sft_reads_embedded_images_from_a_saved_dataset(tmp_path: Path, phantom: Path, base_models: dict) -> None:

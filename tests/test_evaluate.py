@@ -100,7 +100,7 @@ def test_greedy_is_plainly_greedy_whatever_the_llm_ships(base_models: dict, phan
     model, processor = load_model(base_models[("clip", "llama")])
     model.eval()
     rec = next(iter(read_vqa(phantom / "test.jsonl")))
-    image = Image.open(phantom / "images" / rec.image).convert("RGB")
+    image = Image.open(phantom / "images" / rec.images[0]).convert("RGB")
     prompt = build_prompt(processor, rec)
     clean = generate_batch(model, processor, [prompt], [image], 12)
     inputs = processor(text=[prompt], images=[image], return_tensors="pt")

@@ -39,7 +39,14 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _records(tmp: Path, phantom: Path, n: int = 6) -> Path:
+    """n phantom conversations; the second holds 2 images and the third 3 (the first turn asks about them all), so
+    every family's rendering, packing and training run on several images per sample."""
     rows = [json.loads(line) for line in (phantom / "instruct.jsonl").read_text(encoding="utf-8").splitlines()[:n]]
+    others = [r["image"] for r in rows[::-1]]
+    for k, row in enumerate(rows[1:3], start=1):
+        row["images"] = [row.pop("image"), *others[:k]]
+        first = row["conversations"][0]
+        first["value"] = "<image>\n" * k + first["value"]
     return write_jsonl(tmp / "records.jsonl", rows)
 
 

@@ -149,6 +149,6 @@ def test_truncated_jpeg_and_pixel_limit(tmp_path: Path) -> None:
 def test_window_parse() -> None:
     assert Window.parse("40,400") == Window(40.0, 400.0)
     with pytest.raises(ValueError):
-        Window.parse("wide")
+        Window.parse("widest")
     with pytest.raises(ValueError):
         Window.parse("40,-1")

@@ -279,7 +279,7 @@ def test_sampled_answers_holding_the_image_placeholder_are_left_out_and_counted(
     args = argparse.Namespace(image_folder=str(images), rejects_subfolder="rejects", window=None, weight="none",
                               rejects=["text"], seed=0, noise_strength=1.0)
     row = {"id": "q1", "prompt": [{"role": "user", "content": "Is there a pneumothorax?"}],
-           "image": str(images / "ct.png"), "answer": "yes", "qtype": "yes_no", "options": None,
+           "images": [str(images / "ct.png")], "answer": "yes", "qtype": "yes_no", "options": None,
            "source": "rl.jsonl", "line": 1}
     maker = PairMaker(args, {}, [row])
     pairs, skipped = maker.make(row, ["<image> yes", "No.", "<image>"])

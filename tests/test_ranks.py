@@ -313,13 +313,17 @@ def test_sigkill_of_a_two_rank_job_then_rerun_ends_with_the_uninterrupted_weight
 
 @pytest.mark.slow
 def test_zero3_with_a_text_only_rank_does_not_hang(tmp_path: Path, phantom: Path, base_models: dict) -> None:
-    """Per-device batch 1 over one text-only and one image record: in every step one rank has no image. Without
-    the idle vision pass the image rank waits forever in ZeRO-3's parameter all-gather."""
+    """Per-device batch 1 over a text-only, a one-image and a three-image record: in some steps one rank has no
+    image, in others the ranks hold 1 and 3 images. Without the idle vision pass the image rank waits forever in
+    ZeRO-3's parameter all-gather; different image counts per rank run the vision tower once each all the same."""
     pytest.importorskip("deepspeed")
     rows = [json.loads(line) for line in (phantom / "instruct.jsonl").read_text().splitlines()]
     text_only = {"id": "text-only", "conversations": [{"from": "human", "value": "What does CT stand for?"},
                                                       {"from": "gpt", "value": "Computed tomography."}]}
-    data = write_jsonl(tmp_path / "mixed.jsonl", [rows[0], text_only])
+    three = {"id": "three-images", "images": [rows[1]["image"], rows[2]["image"], rows[3]["image"]],
+             "conversations": [{"from": "human", "value": "<image>\n<image>\n<image>\nAny lesion in these?"},
+                               {"from": "gpt", "value": "Yes."}]}
+    data = write_jsonl(tmp_path / "mixed.jsonl", [rows[0], text_only, three])
     cfg = stage_dict(tmp_path / "z3", phantom, init_from=base_models[("clip", "llama")],
                      optim={"max_steps": 3, "per_device_batch_size": 1, "global_batch_size": 2, "epochs": 3},
                      run={"deepspeed": str(REPO / "deepspeed_configs/zero3.json")})
@@ -330,6 +334,7 @@ def test_zero3_with_a_text_only_rank_does_not_hang(tmp_path: Path, phantom: Path
     assert result.returncode == 0, result.stderr[-4000:]
     batches = [json.loads((tmp_path / "rec" / f"rank{r}.json").read_text())["batches"] for r in (0, 1)]
     assert any(("text-only" in a) != ("text-only" in b) for a, b in zip(*batches)), "a step with one text-only rank"
+    assert any({"three-images", rows[0]["id"]} == {*a, *b} for a, b in zip(*batches)), "a step with 1 and 3 images"
     assert (tmp_path / "z3" / "out" / "model.safetensors").is_file()
 
 

@@ -89,7 +89,7 @@ def _entries(path: str | Path) -> Iterator[_Entry | RecordError]:
                 yield _Entry(record.id, list(record.images), [q for q in questions if q])
             else:
                 rec = parse_vqa(data, raw.source, raw.line)
-                yield _Entry(rec.id, [rec.image], [question_key(rec.question)])
+                yield _Entry(rec.id, list(rec.images), [question_key(rec.question)])
         except RecordError as err:
             yield err.located(raw.source, raw.line, None) if not err.source else err
 
@@ -158,14 +158,15 @@ def check_overlap(train: TrainingIndex, eval_file: str | Path, image_folder: str
             unreadable.append(rec.describe())
             continue
         n += 1
-        try:
-            key = image_key(resolve_image(rec.image, image_folder))
+        try:  # a question with several images overlaps where any of them does
+            keys = [image_key(resolve_image(ref, image_folder)) for ref in rec.images]
         except (RecordError, ImageError) as err:
             unreadable.append(f"{rec.id}: {err}")
             unreadable_ids.append(rec.id)
             continue
-        same = train.exact.get(key.sha256, [])
-        close = np.flatnonzero(matrix @ key.fingerprint >= min_similarity).tolist() if key.fingerprint.any() else []
+        same = [i for key in keys for i in train.exact.get(key.sha256, [])]
+        close = [i for key in keys if key.fingerprint.any()
+                 for i in np.flatnonzero(matrix @ key.fingerprint >= min_similarity).tolist()]
         if same:
             exact.append(rec.id)
             examples[rec.id] = {"kind": "exact_image", "train_record": train.ids[same[0]]}

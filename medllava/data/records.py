@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medllava.processor import parts_to_text
+from medllava.processor import IMAGE_TOKEN, parts_to_text
 
 # Every kind of bad record, with what it means. Tests assert each kind is produced by its case.
 ERROR_KINDS: dict[str, str] = {
@@ -262,6 +262,24 @@ def write_records(rows: list[dict[str, Any]], path: str | Path) -> Path:
         shutil.rmtree(path)
     staging.replace(path)
     return path
+
+
+def expand_placeholders(texts: list[str], counts: list[int]) -> list[str]:
+    """The texts with their i-th `<image>` placeholder (counted across the texts, in order) written counts[i] times
+    (a series that became several slices: one placeholder per slice, each on its own line). Texts with fewer
+    placeholders than counts are left as they are for the caller's count check."""
+    if all(c == 1 for c in counts):
+        return list(texts)
+    out, i = [], 0
+    for text in texts:
+        pieces = text.split(IMAGE_TOKEN)
+        rebuilt = pieces[0]
+        for piece in pieces[1:]:
+            n = counts[i] if i < len(counts) else 1
+            rebuilt += "\n".join([IMAGE_TOKEN] * n) + piece
+            i += 1
+        out.append(rebuilt)
+    return out
 
 
 def as_list(value: Any) -> list[Any]:

@@ -1,9 +1,11 @@
-"""RL (GRPO) data: VQA records -> conversational prompts with an image, plus the gold columns rewards read.
+"""RL (GRPO) data: VQA records -> conversational prompts with their images, plus the gold columns rewards read.
 
-Each row: {"id", "prompt": [{"role": "user", "content": text}], "image", "answer", "qtype", "options"}.
-TRL inserts the image part before the user text, which the chat template renders as `<image>\\n` + text:
-the same wording as the instruction data. Prompts longer than the limit (text + image tokens) are filtered
-and counted, never truncated; other bad records follow `skip_invalid` like the SFT stages.
+Each row: {"id", "prompt": [{"role": "user", "content": text}], "images": [...], "answer", "qtype", "options"}.
+TRL inserts one image part per image before the user text, which the chat template renders as `<image>\\n` per
+image + text: the same wording as the instruction data and the evaluation (a question that places its own
+placeholders has them taken out: GRPO always puts the images first). A series or volume becomes its slices
+(medllava.volumes). Prompts longer than the limit (text + every image's tokens) are filtered and counted, never
+truncated; other bad records follow `skip_invalid` like the SFT stages.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from medllava.data.expand import ImageExpander
-from medllava.data.records import RecordError
+from medllava.data.records import RecordError, expand_placeholders
 from medllava.data.render import user_content
 from medllava.data.validate import ValidationReport, check_images, finish_report, first_failure, resolve_image
 from medllava.data.vqa import VQARecord, format_question, read_vqa
-from medllava.imaging import Window, image_size, load_image
+from medllava.imaging import ImageError, Window, image_size, load_image
 from medllava.processor import IMAGE_TOKEN
+from medllava.volumes import SliceSpec, expand_images
 
 logger = logging.getLogger(__name__)
 
@@ -51,17 +54,19 @@ def prompt_messages(record: VQARecord, mode: str = "plain", instruction: str | N
     return messages
 
 
-def prompt_length(processor: Any, messages: list[dict[str, str]], image: Any = None,
-                  images: ImageExpander | None = None) -> int:
-    """Rendered prompt length in tokens, the image's tokens included (counted at its size where the model family's
-    count depends on it), with the image part in front of the text as TRL puts it."""
-    images = images or ImageExpander(processor)
+def prompt_length(processor: Any, messages: list[dict[str, str]], images: list[Any] | None = None,
+                  expander: ImageExpander | None = None) -> int:
+    """Rendered prompt length in tokens, every image's tokens included (each counted at its size where the model
+    family's count depends on it), with the image parts in front of the text as TRL puts them."""
+    expander = expander or ImageExpander(processor)
+    refs = list(images) if images else [None]
     with_image: list[dict[str, Any]] = [dict(m) for m in messages]
-    with_image[-1]["content"] = user_content(processor, f"{IMAGE_TOKEN}\n{with_image[-1]['content']}", images.family)
+    with_image[-1]["content"] = user_content(processor, f"{IMAGE_TOKEN}\n" * len(refs) + with_image[-1]["content"],
+                                             expander.family)
     text = processor.apply_chat_template(with_image, add_generation_prompt=True, tokenize=False)
     n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-    size = image_size(image) if image is not None and images.family.dynamic_resolution else None
-    return n - 1 + images.count(size)
+    dynamic = expander.family.dynamic_resolution
+    return n - len(refs) + sum(expander.count(image_size(ref) if ref is not None and dynamic else None) for ref in refs)
 
 
 def build_rl_rows(
@@ -80,11 +85,13 @@ def build_rl_rows(
     progress: bool = True,
     with_location: bool = False,
     store_embedded: Callable[[Any], str] | None = None,
+    slices: SliceSpec | None = None,
 ) -> tuple[list[dict[str, Any]], ValidationReport]:
     """Read, check and format RL records. Returns the rows (image as a resolved path) and the report.
     `with_location` adds each record's source and line to its row (tools that map rows back to their input).
     An image embedded in a `datasets` source stays in the row as read, or becomes the path `store_embedded`
-    returns for it (a stage's data cache writes it to a file there)."""
+    returns for it (a stage's data cache writes it to a file there). A series or volume becomes its slices
+    (`slices`, medllava.volumes), each one image of the question."""
     records: list[VQARecord] = []
     errors: list[RecordError] = []
     too_long: list[RecordError] = []
@@ -100,29 +107,29 @@ def build_rl_rows(
                 errors.append(item)
                 continue
             try:
-                item.image = resolve_image(item.image, image_folder, allow_absolute=allow_absolute_paths)
+                expand_record(item, image_folder, allow_absolute=allow_absolute_paths, slices=slices)
             except RecordError as err:
                 errors.append(err.located(item.source, item.line, item.id))
                 continue
             records.append(item)
     # RL sets are small and an image that fails inside generation has no skip path: decode every one now.
-    failures = check_images([r.image for r in records], level="full", progress=progress)
+    failures = check_images([ref for r in records for ref in r.images], level="full", progress=progress)
     rows: list[dict[str, Any]] = []
     expander = ImageExpander(processor)
     for rec in tqdm(records, desc="formatting prompts", disable=not progress, leave=False):
-        bad = first_failure([rec.image], failures)
+        bad = first_failure(rec.images, failures)
         if bad is not None:
             errors.append(RecordError(bad.kind, bad.reason, source=rec.source, line=rec.line, record_id=rec.id))
             continue
         messages = prompt_messages(rec, mode, instruction, system_prompt)
-        length = prompt_length(processor, messages, rec.image, expander)
+        length = prompt_length(processor, messages, rec.images, expander)
         if length > max_prompt_length:
             too_long.append(RecordError("too_long", f"prompt length {length} > {max_prompt_length} (filtered, never truncated)",
                                         source=rec.source, line=rec.line, record_id=rec.id))
             continue
-        image = str(rec.image) if isinstance(rec.image, (str, Path)) else \
-            store_embedded(rec.image) if store_embedded is not None else rec.image
-        rows.append({"id": rec.id, "prompt": messages, "image": image, "answer": rec.answer,
+        images = [str(ref) if isinstance(ref, (str, Path)) else store_embedded(ref) if store_embedded is not None
+                  else ref for ref in rec.images]
+        rows.append({"id": rec.id, "prompt": messages, "images": images, "answer": rec.answer,
                      "qtype": rec.qtype, "options": rec.options,
                      **({"source": rec.source, "line": rec.line} if with_location else {})})
     report = finish_report(total, len(rows), errors, skip_invalid=skip_invalid, report_dir=report_dir, sources=sources,
@@ -130,10 +137,24 @@ def build_rl_rows(
     return rows, report
 
 
+def expand_record(record: VQARecord, image_folder: str | Path, *, allow_absolute: bool = False,
+                  slices: SliceSpec | None = None) -> VQARecord:
+    """Resolve a VQA record's images in place (inside the image folder), each series or volume replaced by its
+    slices and a placeholder the question puts for it repeated per slice. Raises a RecordError naming the problem."""
+    refs = [resolve_image(ref, image_folder, allow_absolute=allow_absolute) for ref in record.images]
+    try:
+        record.images, counts = expand_images(refs, slices)
+    except ImageError as err:
+        raise RecordError(err.kind, f"{err.reason} ({err.path})") from None
+    record.question = expand_placeholders([record.question], counts)[0]
+    return record
+
+
 def load_images_transform(batch: dict[str, list[Any]], window: Window | None = None) -> dict[str, list[Any]]:
-    """`datasets` transform: image paths become RGB PIL images on access (through the DICOM window, if any)."""
+    """`datasets` transform: each row's image paths become RGB PIL images on access (through the DICOM window, if
+    any)."""
     batch = dict(batch)
-    batch["image"] = [load_image(path, window=window) for path in batch["image"]]
+    batch["images"] = [[load_image(ref, window=window) for ref in refs] for refs in batch["images"]]
     return batch
 
 

@@ -20,10 +20,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from medllava.data.records import Record, RecordError, iter_raw, normalize
+from medllava.data.records import Record, RecordError, expand_placeholders, iter_raw, normalize
 from medllava.data.render import Rendered, Renderer
 from medllava.imaging import ImageError, load_image, probe_image
 from medllava.processor import IMAGE_TOKEN
+from medllava.volumes import SliceSpec, expand_images, is_series
 
 logger = logging.getLogger(__name__)
 
@@ -258,9 +259,11 @@ def prepare_samples(
     image_check: str = "header",
     workers: int | None = None,
     progress: bool = True,
+    slices: SliceSpec | None = None,
 ) -> tuple[list[Rendered], ValidationReport]:
     """Read, check and render every record; raise DataValidationError on bad records unless skipping.
-    `image_check`: see `check_images`; `workers`: rendering processes (default `default_workers()`)."""
+    `image_check`: see `check_images`; `workers`: rendering processes (default `default_workers()`); `slices`: how
+    a series or volume image becomes slices (medllava.volumes; its placeholder is repeated per slice)."""
     sources: dict[str, int] = {}
     records, errors, total = load_records(files, max_samples=max_samples, counts=sources)
     staged: list[Record] = []
@@ -268,6 +271,7 @@ def prepare_samples(
         try:
             check_structure(record)
             record.images = [resolve_image(r, image_folder, allow_absolute=allow_absolute_paths) for r in record.images]
+            expand_series_images(record, slices)
             staged.append(record)
         except RecordError as err:
             errors.append(err if err.source else err.located(record.source, record.line, record.id))
@@ -291,6 +295,21 @@ def prepare_samples(
     report = finish_report(total, len(samples), errors, skip_invalid=skip_invalid, report_dir=report_dir, sources=sources)
     logger.info("data: %d records ready (%d skipped)", len(samples), len(errors))
     return samples, report
+
+
+def expand_series_images(record: Record, slices: SliceSpec | None = None) -> Record:
+    """A record's series and volume images replaced by their slices (in place), each placeholder written for one
+    repeated per slice across its turns. Raises a RecordError for a series that cannot be read or ordered."""
+    if not any(is_series(ref) for ref in record.images):
+        return record
+    try:
+        record.images, counts = expand_images(record.images, slices)
+    except ImageError as err:
+        raise RecordError(err.kind, f"{err.reason} ({err.path})") from None
+    texts = expand_placeholders([turn.text for turn in record.turns], counts)
+    for turn, text in zip(record.turns, texts):
+        turn.text = text
+    return record
 
 
 def finish_report(total: int, valid: int, errors: list[RecordError], *, skip_invalid: bool,

@@ -1,13 +1,18 @@
 """VQA records (for GRPO and evaluation) and the one way a question is put to the model.
 
-Record: {"id", "image", "question", "answer", "qtype", "options"?, "modality"?}
-  qtype: yes_no | multiple_choice | open | number; for multiple_choice, `options` is a list of texts and
-  `answer` is the letter ("B") or the option text. The same `format_question` renders the prompt for
-  instruction data, GRPO and evaluation, so the model is always asked the same way.
+Record: {"id", "image" | "images", "question", "answer", "qtype", "options"?, "modality"?, "answer_if_swapped"?}
+  `images`: one image or a list (prior and current study, several views, a series' slices); the question either
+  holds one `<image>` placeholder per image where each belongs ("Prior: <image> Current: <image> Has it grown?"),
+  or none, and then the images come first, in their order. qtype: yes_no | multiple_choice | open | number; for
+  multiple_choice, `options` is a list of texts and `answer` is the letter ("B") or the option text.
+  `answer_if_swapped` (comparative questions): the gold answer when the images are given in reverse order, which
+  the evaluation's order check scores. The same `format_question` renders the prompt for instruction data, GRPO
+  and evaluation, so the model is always asked the same way.
 """
 
 from __future__ import annotations
 
+import re
 import string
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,12 +24,13 @@ from medllava.data.records import RecordError, iter_raw
 QTYPES = ("yes_no", "multiple_choice", "open", "number")
 LETTERS = string.ascii_uppercase
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+IMAGE_PLACEHOLDER = "<image>"
 
 
 @dataclass
 class VQARecord:
     id: str
-    image: Any
+    images: list[Any]
     question: str
     answer: str
     qtype: str
@@ -47,7 +53,8 @@ class VQARecord:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"id": self.id, "image": self.image, "question": self.question, "answer": self.answer, "qtype": self.qtype}
+        image: dict[str, Any] = {"image": self.images[0]} if len(self.images) == 1 else {"images": list(self.images)}
+        out = {"id": self.id, **image, "question": self.question, "answer": self.answer, "qtype": self.qtype}
         if self.options:
             out["options"] = self.options
         out.update(self.meta)
@@ -59,14 +66,24 @@ def format_options(options: list[str]) -> str:
 
 
 def format_question(question: str, options: list[str] | None = None, *, with_image: bool = True,
-                    mc_instruction: str | None = MC_INSTRUCTION) -> str:
-    """The user turn for a VQA question: `<image>` first, the question, lettered options and the MC instruction."""
+                    mc_instruction: str | None = MC_INSTRUCTION, n_images: int = 1) -> str:
+    """The user turn for a VQA question: one `<image>` per image first (unless the question places its own), the
+    question, lettered options and the MC instruction. `with_image=False`: the text alone, placeholders the
+    question holds removed (GRPO's prompts, where the image parts are put in front of it)."""
     text = question.strip()
     if options:
         text = f"{text}\n{format_options(options)}"
         if mc_instruction:
             text = f"{text}\n{mc_instruction}"
-    return f"<image>\n{text}" if with_image else text
+    if not with_image:
+        return strip_placeholders(text)
+    return text if IMAGE_PLACEHOLDER in text else f"{IMAGE_PLACEHOLDER}\n" * n_images + text
+
+
+def strip_placeholders(text: str) -> str:
+    """The text without its `<image>` placeholders (a newline right after one belongs to it)."""
+    text = text.replace(f"{IMAGE_PLACEHOLDER}\n", "").replace(IMAGE_PLACEHOLDER, "")
+    return re.sub(r"[ \t]{2,}", " ", text).strip()
 
 
 def infer_qtype(answer: str, options: list[str] | None) -> str:
@@ -93,13 +110,14 @@ def parse_vqa(data: dict[str, Any], source: str = "", line: int = 0) -> VQARecor
     for key in ("question", "answer"):
         if not isinstance(data.get(key), (str, int, float)) or str(data.get(key)).strip() == "":
             raise fail("missing_field", f"'{key}' is missing or empty")
-    image = data.get("image", data.get("images"))
-    if isinstance(image, list):
-        if len(image) != 1:
-            raise fail("image_count_mismatch", f"VQA records take exactly one image, got {len(image)}")
-        image = image[0]
-    if image is None:
-        raise fail("missing_field", "'image' is missing")
+    image = data.get("images", data.get("image"))
+    images = list(image) if isinstance(image, (list, tuple)) else [] if image is None else [image]
+    if not images or any(ref is None or ref == "" for ref in images):
+        raise fail("missing_field", "'image' is missing" if not images else "an entry of 'images' is empty")
+    placed = str(data["question"]).count(IMAGE_PLACEHOLDER)
+    if placed not in (0, len(images)):
+        raise fail("image_count_mismatch", f"the question places {placed} {IMAGE_PLACEHOLDER} placeholder(s) for "
+                                           f"{len(images)} image(s)")
     options = data.get("options")
     if options is not None and (not isinstance(options, list) or len(options) < 2 or len(options) > len(LETTERS)):
         raise fail("missing_field", "'options' must be a list of 2 to 26 texts")
@@ -112,7 +130,7 @@ def parse_vqa(data: dict[str, Any], source: str = "", line: int = 0) -> VQARecor
     if qtype == "multiple_choice" and not options:
         raise fail("missing_field", "multiple_choice needs 'options'")
     meta = {k: v for k, v in data.items() if k not in ("id", "question_id", "image", "images", "question", "answer", "qtype", "options")}
-    rec = VQARecord(rid, image, str(data["question"]), answer, qtype, options, source, line, meta)
+    rec = VQARecord(rid, images, str(data["question"]), answer, qtype, options, source, line, meta)
     if qtype == "multiple_choice" and rec.answer_letter is None:
         raise fail("bad_answer", f"answer {answer!r} is neither a letter of the options nor an option text")
     if qtype == "yes_no" and answer.lower().rstrip(".") not in ("yes", "no"):

@@ -94,8 +94,9 @@ def _emit_vqa(row: dict[str, Any], writer: JsonlWriter, report: ConversionReport
         if rec.qtype == "multiple_choice" and rec.options:
             letter = rec.answer_letter
             answer = f"{letter}. {rec.options[LETTERS.index(letter)]}"
-        instruct.write({"id": rec.id, "image": rec.image, "conversations": [
-            {"from": "human", "value": format_question(rec.question, rec.options)},
+        image = {"image": rec.images[0]} if len(rec.images) == 1 else {"images": rec.images}
+        instruct.write({"id": rec.id, **image, "conversations": [
+            {"from": "human", "value": format_question(rec.question, rec.options, n_images=len(rec.images))},
             {"from": "gpt", "value": answer}]})
 
 
@@ -127,8 +128,10 @@ def convert_vqa(
             if isinstance(mapped, str):
                 report.skip(mapped, where)
                 continue
-            if image_check is not None and not image_check(mapped["image"]):
-                report.skip("missing_image", f"{where}: {mapped['image']}")
+            refs = mapped["images"] if "images" in mapped else [mapped["image"]]
+            missing = [ref for ref in refs if image_check is not None and not image_check(ref)]
+            if missing:
+                report.skip("missing_image", f"{where}: {missing[0]}")
                 continue
             _emit_vqa(mapped, writer, report, where, instruct)
     finally:
@@ -251,6 +254,44 @@ def omnimedvqa_row(line: int, r: dict[str, Any]) -> dict[str, Any] | str:
     if r.get("question_type"):
         row["question_type"] = str(r["question_type"]).strip()
     return row
+
+
+MEDFRAMEQA_FRAMES = re.compile(r"^image_(\d+)$")
+MEDFRAMEQA_META = ("system", "organ", "keyword", "modality", "video_id")
+
+
+def medframeqa_row(images_dir: Path) -> Callable[[int, dict[str, Any]], dict[str, Any] | str]:
+    """MedFrameQA (`hf:SuhaoYu1020/MedFrameQA:test`, parquet): question_id, system, organ, keyword, modality,
+    video_id, question, options (option texts, 4 or more), correct_answer (a letter), image_1..image_5 (embedded
+    frames of one video in order, unused ones empty) and image_url (the source's address, not an image). The
+    re-published layout with `image` (a list of frames) and `answer` is read too. The question names the frames
+    in order ("the first image", "the second image"), so they are given first, in column order."""
+
+    def mapper(line: int, r: dict[str, Any]) -> dict[str, Any] | str:
+        if isinstance(r.get("image"), list):
+            frames = [im for im in r["image"] if im]
+        else:
+            numbered = sorted((int(m[1]), key) for key in r if (m := MEDFRAMEQA_FRAMES.match(key)))
+            frames = [r[key] for _, key in numbered if r[key]]
+        options = [str(o).strip() for o in (r.get("options") or [])]
+        answer = str(r.get("correct_answer", r.get("answer")) or "").strip().upper()
+        if not frames or not r.get("question") or len(options) < 2 or not answer:
+            return "missing_field"
+        if len(answer) != 1 or answer not in LETTERS[:len(options)]:
+            return "bad_answer"
+        qid = str(r.get("question_id") or line)
+        try:
+            images = [store_image(frame, images_dir, "medframeqa") for frame in frames]
+        except (ValueError, OSError):
+            return "unreadable_image"
+        row = {"id": f"medframeqa_{qid}", "images": images, "question": str(r["question"]).strip(),
+               "options": options, "answer": answer, "qtype": "multiple_choice"}
+        for key in MEDFRAMEQA_META:
+            if r.get(key) not in (None, ""):
+                row[key] = str(r[key]).strip()
+        return row
+
+    return mapper
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ from medllava.train.safety import (
     remove_empty_staging,
 )
 from medllava.train.stage import STAGE_KINDS
+from medllava.volumes import SliceSpec
 
 logger = logging.getLogger(__name__)
 
@@ -507,7 +508,8 @@ def cached_rendering(cfg: StageConfig, renderer: Renderer, out: Path, kind: str,
                     max_length=d.max_length, system_prompt=d.system_prompt, skip_invalid=d.skip_invalid,
                     allow_absolute_paths=d.allow_absolute_paths, max_samples=d.max_samples, image_check=d.image_check,
                     tokenizer=tokenizer_fingerprint(renderer.tokenizer), chat_template=str(renderer.template),
-                    image_tokens=renderer.images.fingerprint(), **({} if kind == "sft" else {"kind": kind}))
+                    image_tokens=renderer.images.fingerprint(), **({} if kind == "sft" else {"kind": kind}),
+                    **({} if cfg.slice_spec() == SliceSpec() else {"slices": str(cfg.slice_spec())}))
     folder = Path(d.cache_dir or out / ".data_cache") / f"{kind}-{key}"
 
     def build() -> None:

@@ -38,6 +38,7 @@ from medllava.train.common import (
     save_base_if_needed,
     trainer_kwargs,
 )
+from medllava.volumes import SliceSpec
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +164,9 @@ def prepared_rows(cfg: StageConfig, processor: Any, out: Path) -> list[dict[str,
     key = cache_key(d.train_files, image_folder=str(Path(d.image_folder).resolve()), prompt=g.prompt,
                     instruction=g.instruction, system_prompt=d.system_prompt, max_length=d.max_length,
                     skip_invalid=d.skip_invalid, allow_absolute_paths=d.allow_absolute_paths, max_samples=d.max_samples,
-                    tokenizer=tokenizer_fingerprint(processor.tokenizer), chat_template=str(processor.chat_template))
+                    tokenizer=tokenizer_fingerprint(processor.tokenizer), chat_template=str(processor.chat_template),
+                    rows="images",  # rows carry an image list (older caches: one image)
+                    **({} if cfg.slice_spec() == SliceSpec() else {"slices": str(cfg.slice_spec())}))
     folder = Path(d.cache_dir or out / ".data_cache") / f"rl-{key}"
 
     def build() -> None:
@@ -178,7 +181,7 @@ def prepared_rows(cfg: StageConfig, processor: Any, out: Path) -> list[dict[str,
                 d.train_files, processor, image_folder=d.image_folder, mode=g.prompt, instruction=g.instruction,
                 system_prompt=d.system_prompt, max_prompt_length=d.max_length, skip_invalid=d.skip_invalid,
                 allow_absolute_paths=d.allow_absolute_paths, max_samples=d.max_samples, report_dir=report_dir,
-                store_embedded=store,
+                store_embedded=store, slices=cfg.slice_spec(),
             )
             with (staging / "rows.jsonl").open("w", encoding="utf-8") as fh:
                 for row in rows:

@@ -116,7 +116,8 @@ def prepared_samples(cfg: StageConfig, renderer: Renderer, out: Path) -> Sequenc
         samples, report = prepare_samples(d.train_files, renderer, image_folder=d.image_folder,
                                           allow_absolute_paths=d.allow_absolute_paths, skip_invalid=d.skip_invalid,
                                           report_dir=report_dir, max_samples=d.max_samples,
-                                          image_check=d.image_check, workers=d.preprocess_workers)
+                                          image_check=d.image_check, workers=d.preprocess_workers,
+                                          slices=cfg.slice_spec())
         return samples, report.to_dict(), {}
 
     folder = cached_rendering(cfg, renderer, out, "sft", "samples", make)

@@ -1,0 +1,288 @@
+"""CT/MR series and volumes as ordered slices: a DICOM series folder or a NIfTI file becomes a list of slice images.
+
+A record's image may name a folder of DICOM files (one series) or a NIfTI volume (.nii, .nii.gz). `expand_series`
+turns it into slice references, in anatomical order, chosen by `SliceSpec` (`data.slices: {count, spacing}`):
+`count` slices spread evenly over the volume (`spacing: uniform`), or `count` slices `spacing` millimetres apart
+around its middle. Each reference is one image from then on (checked, counted, windowed and tokenised like any
+other image), so the same references serve training, evaluation, chat, serve and the web page.
+
+Slice order comes from the geometry, never from file names: DICOM slices sort by their position along the slice
+normal (ImagePositionPatient projected on the cross product of ImageOrientationPatient's row and column cosines;
+ascending, so axial series run inferior to superior), then InstanceNumber for files without a position; a folder
+holding several series (SeriesInstanceUID) or files with neither position nor number is refused by name. NIfTI
+volumes are reoriented to the closest canonical (RAS+) orientation by nibabel and sliced along the third axis
+(inferior to superior for an axial acquisition), each slice shown the radiological way (patient's right on the
+image's left, anterior at the top). A NIfTI slice reference is `PATH#slice=K` (K in the canonical volume); a DICOM
+slice is its file. Intensities: DICOM slices go through `medllava.imaging.load_dicom` (rescale, window or the
+file's own, MONOCHROME1); NIfTI slices through the scale nibabel applies (scl_slope / scl_inter), then the window,
+else the header's cal_min..cal_max, else min-max per slice. Limits hold for the whole series: at most
+`MAX_SERIES_FILES` files in a folder, and the chosen slices' pixels together within the pixel limit, both read from
+headers before any pixel is decoded.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+
+from medllava.imaging import DEFAULT_MAX_PIXELS, ImageError, Window, is_dicom, minmax_to_uint8, windowed
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+SLICE_REF = re.compile(r"^(?P<path>.+)#slice=(?P<index>\d+)$")
+MAX_SERIES_FILES = 4096
+"""Files a series folder may hold (its headers are read to order the slices)."""
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    """Which slices of a series or volume become images (`data.slices`)."""
+
+    count: int = 8
+    """Slices taken (all of them when the volume has fewer)."""
+    spacing: Literal["uniform"] | float = "uniform"
+    """uniform: spread evenly from the first slice to the last; a number: that many millimetres apart, centred on
+    the volume's middle (positions past either end are left out, never repeated)."""
+
+    def __post_init__(self) -> None:
+        if int(self.count) < 1:
+            raise ValueError(f"slices.count must be at least 1, got {self.count}")
+        if self.spacing != "uniform" and not (isinstance(self.spacing, (int, float)) and self.spacing > 0):
+            raise ValueError(f"slices.spacing must be 'uniform' or a positive number of millimetres, got {self.spacing!r}")
+
+
+def is_nifti(path: str | Path) -> bool:
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def is_series(ref: Any) -> bool:
+    """A reference that expands to several slices: a folder (DICOM series) or a NIfTI file."""
+    if not isinstance(ref, (str, Path)) or split_slice_ref(ref)[1] is not None:
+        return False
+    path = Path(ref)
+    return path.is_dir() or is_nifti(path)
+
+
+def split_slice_ref(ref: str | Path) -> tuple[str, int | None]:
+    """('vol.nii.gz', 12) from 'vol.nii.gz#slice=12'; (ref, None) for anything else (an existing file named so
+    included)."""
+    text = str(ref)
+    match = SLICE_REF.match(text)
+    if match is None or Path(text).exists():
+        return text, None
+    return match["path"], int(match["index"])
+
+
+def choose(positions: list[float], spec: SliceSpec) -> list[int]:
+    """Indices (into `positions`, sorted ascending) of the slices `spec` takes, in order."""
+    n = len(positions)
+    if spec.count >= n and spec.spacing == "uniform":
+        return list(range(n))
+    if spec.spacing == "uniform":
+        return sorted({int(round(x)) for x in np.linspace(0, n - 1, spec.count)})
+    pos = np.asarray(positions, dtype=np.float64)
+    middle = (pos[0] + pos[-1]) / 2
+    step = float(spec.spacing)
+    chosen: list[int] = []
+    for j in range(spec.count):
+        target = middle + (j - (spec.count - 1) / 2) * step
+        if target < pos[0] - step / 2 or target > pos[-1] + step / 2:
+            continue  # past an end of the volume
+        k = int(np.argmin(np.abs(pos - target)))
+        if k not in chosen:
+            chosen.append(k)
+    return sorted(chosen)
+
+
+def _pydicom() -> Any:
+    try:
+        import pydicom
+    except ImportError:
+        raise ImageError("unsupported_format", "<series>", "DICOM series need pydicom: pip install 'medllava[dicom]'") from None
+    return pydicom
+
+
+def dicom_series_order(folder: Path) -> list[tuple[Path, float, Any]]:
+    """The folder's DICOM files as (path, position along the normal, header), in slice order; headers only."""
+    pydicom = _pydicom()
+    files = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    if len(files) > MAX_SERIES_FILES:
+        raise ImageError("image_too_large", str(folder), f"series folder holds {len(files)} files (limit {MAX_SERIES_FILES})")
+    entries = []
+    for path in files:
+        if not is_dicom(path):
+            continue
+        try:
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError) as err:
+            raise ImageError("unreadable_image", str(path), f"not a readable DICOM file in the series ({err})") from None
+        if not ds.get("Rows") or not ds.get("Columns"):
+            raise ImageError("unreadable_image", str(path), "a file of the series holds no image (no Rows/Columns)")
+        entries.append((path, ds))
+    if not entries:
+        raise ImageError("missing_image", str(folder), "the series folder holds no DICOM file")
+    series = {str(ds.get("SeriesInstanceUID", "")) for _, ds in entries}
+    if len(series) > 1:
+        raise ImageError("unreadable_image", str(folder), f"the folder holds {len(series)} series "
+                         f"({', '.join(sorted(series)[:3])}...): one series per folder")
+    keyed = []
+    for path, ds in entries:
+        ipp, iop = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
+        number = ds.get("InstanceNumber")
+        if ipp is not None and iop is not None and len(ipp) == 3 and len(iop) == 6:
+            row, col = np.asarray(iop[:3], dtype=np.float64), np.asarray(iop[3:], dtype=np.float64)
+            position = float(np.dot(np.asarray(ipp, dtype=np.float64), np.cross(row, col)))
+        elif number is not None:
+            position = float("nan")
+        else:
+            raise ImageError("unreadable_image", str(path), "a series slice without ImagePositionPatient/"
+                             "ImageOrientationPatient or InstanceNumber: its place in the series is unknown "
+                             "(file names are never used for order)")
+        keyed.append((path, position, ds))
+    with_position = [k for k in keyed if not np.isnan(k[1])]
+    if with_position and len(with_position) != len(keyed):
+        missing = next(k[0] for k in keyed if np.isnan(k[1]))
+        raise ImageError("unreadable_image", str(missing), "some slices of the series have a position and this "
+                         "one has none: they cannot be put in one order")
+    if with_position:
+        return sorted(keyed, key=lambda k: (k[1], int(k[2].get("InstanceNumber", 0) or 0)))
+    by_number = sorted(keyed, key=lambda k: int(k[2].InstanceNumber))
+    return [(path, float(i), ds) for i, (path, _, ds) in enumerate(by_number)]
+
+
+def _spacing_positions(ordered: list[tuple[Path, float, Any]]) -> list[float]:
+    """Slice positions in millimetres: from the geometry, or InstanceNumber order times SliceThickness / 1 mm."""
+    positions = [p for _, p, _ in ordered]
+    if len(ordered) > 1 and "ImagePositionPatient" not in ordered[0][2]:
+        step = float(ordered[0][2].get("SpacingBetweenSlices", ordered[0][2].get("SliceThickness", 1.0)) or 1.0)
+        positions = [i * step for i in range(len(ordered))]
+    return positions
+
+
+def _nifti(path: Path) -> Any:
+    try:
+        import nibabel
+    except ImportError:
+        raise ImageError("unsupported_format", str(path), "NIfTI volumes need nibabel: pip install 'medllava[dicom]'") from None
+    if not path.is_file():
+        raise ImageError("missing_image", str(path), "volume file not found")
+    try:
+        img = nibabel.load(str(path))
+        return nibabel.as_closest_canonical(img)
+    except (nibabel.filebasedimages.ImageFileError, OSError, ValueError, EOFError) as err:
+        raise ImageError("unreadable_image", str(path), f"not a readable NIfTI volume ({err})") from None
+
+
+def _volume_shape(img: Any, path: Path) -> tuple[int, int, int]:
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise ImageError("unreadable_image", str(path), f"a NIfTI volume of shape {shape}: medllava reads 3-D volumes")
+    return shape  # type: ignore[return-value]
+
+
+def expand_series(ref: str | Path, spec: SliceSpec | None = None, *,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> list[str]:
+    """The slice references of a series folder or NIfTI volume, in order (see the module docstring). Raises
+    ImageError (missing, unreadable, several series, too many files, the chosen slices over the pixel limit)."""
+    spec = spec or SliceSpec()
+    path = Path(ref)
+    if path.is_dir():
+        ordered = dicom_series_order(path)
+        chosen = [ordered[i] for i in choose(_spacing_positions(ordered), spec)]
+        pixels = sum(int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * int(ds.get("NumberOfFrames", 1) or 1)
+                     for _, _, ds in chosen)
+        _check_series_pixels(pixels, len(chosen), str(path), max_pixels)
+        return [str(p) for p, _, _ in chosen]
+    img = _nifti(path)
+    nx, ny, nz = _volume_shape(img, path)
+    dz = float(img.header.get_zooms()[2]) if len(img.header.get_zooms()) > 2 else 1.0
+    indices = choose([k * dz for k in range(nz)], spec)
+    _check_series_pixels(nx * ny * len(indices), len(indices), str(path), max_pixels)
+    return [f"{path}#slice={k}" for k in indices]
+
+
+def _check_series_pixels(pixels: int, n: int, name: str, max_pixels: int) -> None:
+    if pixels > max_pixels:
+        raise ImageError("image_too_large", name, f"the {n} chosen slices hold {pixels:,} pixels together "
+                         f"(limit {max_pixels:,}): take fewer slices (data.slices.count)")
+
+
+def nifti_slice_array(path: str | Path, index: int) -> tuple[np.ndarray, Any]:
+    """Slice `index` of the canonical (RAS+) volume as displayed (rows anterior to posterior, columns patient right
+    to left), in the file's scaled units, and the header."""
+    path = Path(path)
+    img = _nifti(path)
+    nx, ny, nz = _volume_shape(img, path)
+    if not 0 <= index < nz:
+        raise ImageError("bad_frame", str(path), f"slice {index} out of range (volume has {nz} slices)")
+    data = np.asarray(img.dataobj[..., index] if len(img.shape) == 3 else img.dataobj[..., index, 0], dtype=np.float64)
+    return data.T[::-1, ::-1], img.header
+
+
+def nifti_slice_size(ref: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) of a NIfTI slice as displayed, from the header."""
+    path, index = split_slice_ref(ref)
+    img = _nifti(Path(path))
+    nx, ny, nz = _volume_shape(img, Path(path))
+    if index is not None and not 0 <= index < nz:
+        raise ImageError("bad_frame", str(path), f"slice {index} out of range (volume has {nz} slices)")
+    if nx * ny > max_pixels:
+        raise ImageError("image_too_large", str(path), f"slice is {nx}x{ny} = {nx * ny:,} pixels (limit {max_pixels:,})")
+    return nx, ny
+
+
+def load_nifti_slice(ref: str | Path, *, window: Window | None = None,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """One NIfTI slice ('vol.nii.gz#slice=K'; the middle one for a bare path) as 8-bit RGB."""
+    path, index = split_slice_ref(ref)
+    if index is None:
+        index = _volume_shape(_nifti(Path(path)), Path(path))[2] // 2
+    nifti_slice_size(f"{path}#slice={index}", max_pixels)
+    values, header = nifti_slice_array(path, index)
+    if window is None:
+        lo, hi = float(header.get("cal_min", 0) or 0), float(header.get("cal_max", 0) or 0)
+        if hi > lo:
+            window = Window((lo + hi) / 2, hi - lo)
+    pixels = windowed(values, window) if window is not None else minmax_to_uint8(values)
+    return Image.fromarray(np.ascontiguousarray(pixels)).convert("RGB")
+
+
+def expand_images(refs: list[Any], spec: SliceSpec | None = None, *,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[list[Any], list[int]]:
+    """A record's image references with each series or volume replaced by its slices, and how many images each
+    reference became (1 for a plain image). Raises ImageError for a series that cannot be read or ordered."""
+    out: list[Any] = []
+    counts: list[int] = []
+    for ref in refs:
+        if is_series(ref):
+            slices = expand_series(ref, spec, max_pixels=max_pixels)
+            out.extend(slices)
+            counts.append(len(slices))
+        else:
+            out.append(ref)
+            counts.append(1)
+    return out, counts
+
+
+def load_images(source: Any, *, window: Window | None = None, frame: int | None = None,
+                slices: SliceSpec | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                max_images: int | None = None) -> list[Image.Image]:
+    """What one user-given image source shows, as RGB images: a series folder or NIfTI volume as its chosen slices
+    (in order), anything else as the one image `medllava.imaging.load_image` makes of it (`frame`: a multi-frame
+    file's frame). The one loader of chat, serve and the web page. `max_images`: refuse a series that would make
+    more images than that (ImageError image_too_large), before any pixel is decoded."""
+    from medllava.imaging import load_image
+
+    if not is_series(source):
+        return [load_image(source, window=window, frame=frame, max_pixels=max_pixels)]
+    refs = expand_series(source, slices, max_pixels=max_pixels)
+    if max_images is not None and len(refs) > max_images:
+        raise ImageError("image_too_large", str(source), f"the series makes {len(refs)} slice images; at most "
+                         f"{max_images} are taken here (fewer slices: --slices)")
+    return [load_image(ref, window=window, max_pixels=max_pixels) for ref in refs]
