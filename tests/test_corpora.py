@@ -28,7 +28,7 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("name", ["vqa_rad", "slake", "pathvqa", "pmc_vqa", "omnimedvqa", "llava_med", "llava_to_vqa",
-                                  "self_instruct", "pass_rate_filter", "phantom"])
+                                  "self_instruct", "pass_rate_filter", "phantom", "medframeqa"])
 def test_every_recipe_has_help(name: str, tmp_path: Path) -> None:
     """Issue 25: each recipe is a `python -m data_recipes.NAME` entry point that runs from any folder and no longer
     patches sys.path to find medllava."""
@@ -113,11 +113,50 @@ def test_vqa_rad_and_pathvqa_from_datasets_with_embedded_images(tmp_path: Path) 
     assert counts["written"] == 2 and counts["skipped"] == {"missing_field": 1}
     recs = list(read_vqa(out))
     assert [r.qtype for r in recs] == ["yes_no", "open"]
-    assert all((out.parent / "images" / r.image).is_file() for r in recs)
+    assert all((out.parent / "images" / r.images[0]).is_file() for r in recs)
     # dataset-side fields are kept for the eval breakdowns (LLaVA-Med's answer type in its CLOSED/OPEN form)
     assert [(r.meta["answer_type"], r.meta["organ"]) for r in recs] == [("CLOSED", "liver"), ("OPEN", "skin")]
     counts = _recipe("vqa_rad", "--in", str(parquet), "--out", str(tmp_path / "vqarad/test.jsonl"))
     assert counts["written"] == 2
+
+
+def test_medframeqa_frames_in_order_from_both_published_layouts(tmp_path: Path) -> None:
+    """MedFrameQA's parquet (image_1..image_5 with unused ones empty, options as texts, correct_answer a letter) and
+    the re-published layout (image: a list, answer) become records whose images are the frames in order."""
+    datasets = pytest.importorskip("datasets")
+    frame = lambda shade: Image.new("RGB", (10, 10), (shade, 0, 0))  # noqa: E731
+    ds = datasets.Dataset.from_dict({
+        "question_id": ["liver_cirrhosis_CT_abc_1", "heart_x_2", "lung_y_3"],
+        "system": ["digestive", "cardiovascular", "respiratory"], "organ": ["liver", "heart", "lung"],
+        "keyword": ["cirrhosis", "x", "y"], "modality": ["CT", "Ultrasound", "CT"], "video_id": ["abc", "d", "e"],
+        "question": ["Comparing the first image with the second and third, which finding progresses?",
+                     "What does the second image add to the first?", "Which?"],
+        "options": [["Nodularity", "Ascites", "Normal liver", "Fatty liver"], ["A", "B", "C", "D", "E"], ["x", "y"]],
+        "correct_answer": ["b", "E", "C"],  # the third names no option: skipped as bad_answer
+        "image_url": ["https://example.org/v1", "https://example.org/v2", "https://example.org/v3"],
+        "image_1": [frame(10), frame(20), frame(30)], "image_2": [frame(11), frame(21), frame(31)],
+        "image_3": [frame(12), None, None], "image_4": [None, None, None], "image_5": [None, None, None],
+    })
+    for k in range(1, 6):
+        ds = ds.cast_column(f"image_{k}", datasets.Image())
+    parquet = tmp_path / "test-00000-of-00001.parquet"
+    ds.to_parquet(str(parquet))
+    out = tmp_path / "medframeqa/test.jsonl"
+    counts = _recipe("medframeqa", "--in", str(parquet), "--out", str(out))
+    assert counts["written"] == 2 and counts["skipped"] == {"bad_answer": 1}
+    recs = list(read_vqa(out))
+    assert [len(r.images) for r in recs] == [3, 2] and [r.answer for r in recs] == ["B", "E"]
+    shades = [[Image.open(out.parent / "images" / ref).getpixel((0, 0))[0] for ref in r.images] for r in recs]
+    assert shades == [[10, 11, 12], [20, 21]]
+    assert recs[0].id == "medframeqa_liver_cirrhosis_CT_abc_1" and recs[0].meta["modality"] == "CT"
+    assert recs[0].meta["video_id"] == "abc" and "image_url" not in recs[0].meta
+    again = datasets.Dataset.from_dict({"question_id": ["q1"], "question": ["Which frame?"],
+                                        "options": [["first", "second"]], "answer": ["A"],
+                                        "image": [[frame(40), frame(41)]]})
+    again = again.cast_column("image", datasets.List(datasets.Image()))
+    again.to_parquet(str(tmp_path / "octo.parquet"))
+    counts = _recipe("medframeqa", "--in", str(tmp_path / "octo.parquet"), "--out", str(tmp_path / "o/test.jsonl"))
+    assert counts["written"] == 1 and len(next(iter(read_vqa(tmp_path / "o/test.jsonl"))).images) == 2
 
 
 def test_slake_english_only(tmp_path: Path) -> None:
@@ -239,7 +278,7 @@ def test_train_and_test_splits_into_one_folder_keep_their_own_images(recipe: str
     ids = []
     for split, shade in (("train", 10), ("test", 200)):
         for i, rec in enumerate(read_vqa(tmp_path / "out" / f"{split}.jsonl")):
-            pixel = Image.open(tmp_path / "out" / "images" / rec.image).convert("RGB").getpixel((0, 0))
-            assert pixel == (shade + i, 0, 0), (split, i, rec.image)
+            pixel = Image.open(tmp_path / "out" / "images" / rec.images[0]).convert("RGB").getpixel((0, 0))
+            assert pixel == (shade + i, 0, 0), (split, i, rec.images)
             ids.append(rec.id)
     assert len(ids) == len(set(ids)) == 6
