@@ -23,6 +23,17 @@ Writes to OUT/:
   corpus.txt      every text, for training the tiny tokenizer
   meta.json       counts and chance level
 
+With --pairs N (and --test-pairs), progression pairs too: a prior and a current study of one phantom "patient"
+(same anatomy, position and brightness) where a lesion appears, vanishes or moves to the other side. The questions
+only the pair answers: "Is the lesion on the same side as on the prior study?" (yes/no; both studies show lesions,
+each side equally likely in each, so either image alone leaves the answer at 50/50) and "Has a lesion appeared
+since the prior study?" (yes: none before, one or more now; no: the reverse, so swapping the studies reverses the
+answer). Every record carries `answer_if_swapped`, the gold answer with the images in reverse order.
+  images/progression/{train,test}/*_{prior,current}.png
+  progression_instruct.jsonl  LLaVA form, both images first ("<image>\n<image>\n" + question), one question each
+  progression_rl.jsonl        the questions on training pairs (images [prior, current]), for GRPO / DPO pairs
+  progression_test.jsonl      the questions on held-out pairs (evaluation: the order and per-image checks)
+
 Deterministic: the same --seed gives byte-identical files.
 """
 
@@ -163,6 +174,83 @@ def answer_text(q: dict) -> str:
     return f"{letter}. {q['options'][LETTERS.index(letter)]}"
 
 
+SAME_SIDE_QUESTIONS = ["Is the lesion on the same side as on the prior study?",
+                       "Compared with the prior study, is the lesion on the same side?"]
+APPEARED_QUESTIONS = ["Has a lesion appeared since the prior study?",
+                      "Compared with the prior study, is there a new lesion?"]
+
+
+def sample_studies(rng: np.random.Generator, topic: str) -> tuple[tuple[str | None, int], tuple[str | None, int]]:
+    """(side, count) of the prior and the current study. `side`: lesions in both, each study's side uniform and
+    independent (same side half of the time). `appeared`: lesions in one study only, the prior or the current
+    equally often."""
+    count = lambda: int(rng.integers(1, 4))  # noqa: E731
+    side = lambda: SIDES[int(rng.integers(2))]  # noqa: E731
+    if topic == "side":
+        return (side(), count()), (side(), count())
+    lesion = (side(), count())
+    return ((None, 0), lesion) if rng.random() < 0.5 else (lesion, (None, 0))
+
+
+def progression_question(topic: str, prior: tuple[str | None, int], current: tuple[str | None, int],
+                         rng: np.random.Generator) -> dict:
+    """The question about one pair with its gold answer, and the answer with the studies swapped."""
+    pick = lambda xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
+    if topic == "side":
+        answer = "yes" if prior[0] == current[0] else "no"
+        return {"question": pick(SAME_SIDE_QUESTIONS), "qtype": "yes_no", "answer": answer,
+                "answer_if_swapped": answer, "topic": "side_change"}
+    appeared = prior[1] == 0 and current[1] > 0
+    return {"question": pick(APPEARED_QUESTIONS), "qtype": "yes_no", "answer": "yes" if appeared else "no",
+            "answer_if_swapped": "no" if appeared else "yes", "topic": "appeared"}
+
+
+def draw_pair(rng: np.random.Generator, modality: str, prior: tuple[str | None, int],
+              current: tuple[str | None, int], size: int) -> tuple[Image.Image, Image.Image]:
+    """Two studies of one phantom patient: the same anatomy, position and brightness (one seed for both drawings),
+    each with its own lesions."""
+    seed = int(rng.integers(2**31))
+    return tuple(draw_phantom(np.random.default_rng(seed), modality, side, n, size)  # type: ignore[return-value]
+                 for side, n in (prior, current))
+
+
+def generate_progression(out: Path, *, seed: int, n_train: int, n_test: int, size: int) -> dict:
+    """The progression pairs (see the module docstring); their own random stream, so the single-image files are
+    the same with or without them."""
+    rng = np.random.default_rng([seed, 1])
+    files: dict[str, list[dict]] = {"progression_instruct.jsonl": [], "progression_rl.jsonl": [],
+                                    "progression_test.jsonl": []}
+    corpus: list[str] = []
+    for split, n in (("train", n_train), ("test", n_test)):
+        folder = out / "images" / "progression" / split
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            modality = list(MODALITIES)[int(rng.integers(3))]
+            topic = ("side", "appeared")[i % 2]
+            prior, current = sample_studies(rng, topic)
+            images = []
+            for name, img in zip(("prior", "current"), draw_pair(rng, modality, prior, current, size)):
+                rel = f"progression/{split}/{split}_{i:05d}_{name}.png"
+                img.save(out / "images" / rel)
+                images.append(rel)
+            q = progression_question(topic, prior, current, rng)
+            row = {"id": f"progression_{split}_{i:05d}", "images": images, **q, "modality": MODALITIES[modality],
+                   "studies": [{"side": s, "count": n} for s, n in (prior, current)]}
+            if split == "test":
+                files["progression_test.jsonl"].append(row)
+                continue
+            files["progression_rl.jsonl"].append(row)
+            turns = [{"from": "human", "value": format_question(q["question"], q.get("options"), n_images=2)},
+                     {"from": "gpt", "value": answer_text(q)}]
+            files["progression_instruct.jsonl"].append({"id": row["id"], "images": images, "conversations": turns})
+            corpus.extend(t["value"].replace("<image>\n", "") for t in turns)
+    for name, rows in files.items():
+        with (out / name).open("w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return {"progression_train_pairs": n_train, "progression_test_pairs": n_test, "corpus": corpus}
+
+
 def sample_truth(rng: np.random.Generator) -> tuple[str, str | None, int]:
     modality = list(MODALITIES)[int(rng.integers(3))]
     if rng.random() < 0.5:
@@ -170,7 +258,8 @@ def sample_truth(rng: np.random.Generator) -> tuple[str, str | None, int]:
     return modality, SIDES[int(rng.integers(2))], int(rng.integers(1, 4))
 
 
-def generate(out: Path, *, seed: int, n_train: int, n_test: int, size: int) -> dict:
+def generate(out: Path, *, seed: int, n_train: int, n_test: int, size: int, n_pairs: int = 0,
+             n_test_pairs: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     (out / "images" / "train").mkdir(parents=True, exist_ok=True)
     (out / "images" / "test").mkdir(parents=True, exist_ok=True)
@@ -216,11 +305,15 @@ def generate(out: Path, *, seed: int, n_train: int, n_test: int, size: int) -> d
     dump("instruct.jsonl", instruct)
     dump("rl.jsonl", rl)
     dump("test.jsonl", test)
+    progression: dict = {}
+    if n_pairs or n_test_pairs:
+        progression = generate_progression(out, seed=seed, n_train=n_pairs, n_test=n_test_pairs, size=size)
+        corpus.extend(progression.pop("corpus"))
     (out / "corpus.txt").write_text("\n".join(dict.fromkeys(corpus)) + "\n", encoding="utf-8")
     chance = float(np.mean([1 / len(q["options"]) if q.get("options") else 0.5 for q in test])) if test else 0.0
     meta = {"seed": seed, "image_size": size, "train_images": n_train, "test_images": n_test,
             "align": len(align), "instruct": len(instruct), "rl": len(rl), "test_questions": len(test),
-            "test_chance_accuracy": round(chance, 4)}
+            "test_chance_accuracy": round(chance, 4), **progression}
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return meta
 
@@ -232,8 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", type=int, default=2000, help="number of training images")
     parser.add_argument("--test", type=int, default=100, help="number of held-out test images")
     parser.add_argument("--size", type=int, default=32, help="image side in pixels")
+    parser.add_argument("--pairs", type=int, default=0, help="progression pairs for training (prior + current)")
+    parser.add_argument("--test-pairs", type=int, default=0, help="held-out progression pairs")
     args = parser.parse_args(argv)
-    meta = generate(args.out, seed=args.seed, n_train=args.train, n_test=args.test, size=args.size)
+    meta = generate(args.out, seed=args.seed, n_train=args.train, n_test=args.test, size=args.size,
+                    n_pairs=args.pairs, n_test_pairs=args.test_pairs)
     print(json.dumps(meta))
     return 0
 
