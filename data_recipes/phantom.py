@@ -24,11 +24,12 @@ Writes to OUT/:
   meta.json       counts and chance level
 
 With --pairs N (and --test-pairs), progression pairs too: a prior and a current study of one phantom "patient"
-(same anatomy, position and brightness) where a lesion appears, vanishes or moves to the other side. The questions
-only the pair answers: "Is the lesion on the same side as on the prior study?" (yes/no; both studies show lesions,
-each side equally likely in each, so either image alone leaves the answer at 50/50) and "Has a lesion appeared
-since the prior study?" (yes: none before, one or more now; no: the reverse, so swapping the studies reverses the
-answer). Every record carries `answer_if_swapped`, the gold answer with the images in reverse order.
+(same anatomy, position and brightness) where a lesion appears, persists or vanishes. The questions only the pair
+answers: "Has a lesion appeared since the prior study?" (yes: none before, one or more now; no: the reverse, so
+swapping the studies reverses the answer) and "Is a lesion seen on both the prior and the current study?" (yes
+half of the time; no: a lesion on one study only, the prior or the current equally often, so either study alone
+answers at most 3 in 4 right: a lesion there leaves 2 to 1 odds, none means no). Every record carries
+`answer_if_swapped`, the gold answer with the images in reverse order.
   images/progression/{train,test}/*_{prior,current}.png
   progression_instruct.jsonl  LLaVA form, both images first ("<image>\n<image>\n" + question), one question each
   progression_rl.jsonl        the questions on training pairs (images [prior, current]), for GRPO / DPO pairs
@@ -174,21 +175,21 @@ def answer_text(q: dict) -> str:
     return f"{letter}. {q['options'][LETTERS.index(letter)]}"
 
 
-SAME_SIDE_QUESTIONS = ["Is the lesion on the same side as on the prior study?",
-                       "Compared with the prior study, is the lesion on the same side?"]
+PERSISTENT_QUESTIONS = ["Is a lesion seen on both the prior and the current study?",
+                        "Is the lesion persistent, seen on the prior and on the current study?"]
 APPEARED_QUESTIONS = ["Has a lesion appeared since the prior study?",
                       "Compared with the prior study, is there a new lesion?"]
 
 
 def sample_studies(rng: np.random.Generator, topic: str) -> tuple[tuple[str | None, int], tuple[str | None, int]]:
-    """(side, count) of the prior and the current study. `side`: lesions in both, each study's side uniform and
-    independent (same side half of the time). `appeared`: lesions in one study only, the prior or the current
-    equally often."""
+    """(side, count) of the prior and the current study. `appeared`: lesions in one study only, the prior or the
+    current equally often. `persistent`: lesions in both (on one side, the count may change) half of the time,
+    else in the prior only or the current only, equally often."""
     count = lambda: int(rng.integers(1, 4))  # noqa: E731
-    side = lambda: SIDES[int(rng.integers(2))]  # noqa: E731
-    if topic == "side":
-        return (side(), count()), (side(), count())
-    lesion = (side(), count())
+    side = SIDES[int(rng.integers(2))]
+    if topic == "persistent" and rng.random() < 0.5:
+        return (side, count()), (side, count())
+    lesion = (side, count())
     return ((None, 0), lesion) if rng.random() < 0.5 else (lesion, (None, 0))
 
 
@@ -196,10 +197,10 @@ def progression_question(topic: str, prior: tuple[str | None, int], current: tup
                          rng: np.random.Generator) -> dict:
     """The question about one pair with its gold answer, and the answer with the studies swapped."""
     pick = lambda xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
-    if topic == "side":
-        answer = "yes" if prior[0] == current[0] else "no"
-        return {"question": pick(SAME_SIDE_QUESTIONS), "qtype": "yes_no", "answer": answer,
-                "answer_if_swapped": answer, "topic": "side_change"}
+    if topic == "persistent":
+        answer = "yes" if prior[1] and current[1] else "no"
+        return {"question": pick(PERSISTENT_QUESTIONS), "qtype": "yes_no", "answer": answer,
+                "answer_if_swapped": answer, "topic": "persistent"}
     appeared = prior[1] == 0 and current[1] > 0
     return {"question": pick(APPEARED_QUESTIONS), "qtype": "yes_no", "answer": "yes" if appeared else "no",
             "answer_if_swapped": "no" if appeared else "yes", "topic": "appeared"}
@@ -226,7 +227,7 @@ def generate_progression(out: Path, *, seed: int, n_train: int, n_test: int, siz
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(n):
             modality = list(MODALITIES)[int(rng.integers(3))]
-            topic = ("side", "appeared")[i % 2]
+            topic = ("persistent", "appeared")[i % 2]
             prior, current = sample_studies(rng, topic)
             images = []
             for name, img in zip(("prior", "current"), draw_pair(rng, modality, prior, current, size)):

@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +41,21 @@ def sh(cmd: list[str], log: Path) -> None:
 
 def medllava(*args: str) -> list[str]:
     return [sys.executable, "-m", "medllava.cli", *args]
+
+
+def write_results(out: Path, name: str, results: dict, title: str, intro: str, table_md: str, verdict_lines: list[str],
+                  draw: Callable[[dict, Path], None], caption: str) -> str:
+    """OUT/NAME.json (the results), NAME.png (drawn by `draw`) and NAME.md (title, intro, environment, the table, the
+    verdict computed from it, the figure); returns the markdown."""
+    from scripts.demo_seeds import environment
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    draw(results, out / f"{name}.png")
+    md = (f"# {title}\n\n{intro}\n\nEnvironment: Python {environment()}.\n\n{table_md}\n" + "\n".join(verdict_lines)
+          + f"\n\n![{caption}]({name}.png)\n")
+    (out / f"{name}.md").write_text(md)
+    return md
 
 
 def run_seed(seed: int, root: Path, max_records: int) -> dict:
@@ -152,21 +168,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seed {seed} ...", flush=True)
         results[seed] = run_seed(seed, args.work, args.max_records)
         print(json.dumps({a: results[seed][a] for a in ARMS}), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "dpo_ablation.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, args.out / "dpo_ablation.png")
-    from scripts.demo_seeds import environment
-
-    md = ("# DPO ablation on the demo: image rejects vs text rejects\n\n"
-          "Held-out closed questions of the phantom demo (`scripts/dpo_ablation.py`): the instruct model, and "
-          "`stages/demo/dpo.yaml` trained from it on pairs it made (`data_recipes/preference_pairs.py`) whose "
-          "rejected side is the same right answer with the image blanked or noised inside the lesion box (image "
-          "rejects) or the model's own wrong answer (text rejects). `blind` is the accuracy with a blank image; the "
-          "gap is how much the answers depend on the image.\n\n"
-          f"Environment: Python {environment()}.\n\n" + table(results) + "\n" + "\n".join(verdict(results)) + "\n\n"
-          "![accuracy and blind gap per seed](dpo_ablation.png)\n")
-    (args.out / "dpo_ablation.md").write_text(md)
-    print(md)
+    intro = ("Held-out closed questions of the phantom demo (`scripts/dpo_ablation.py`): the instruct model, and "
+             "`stages/demo/dpo.yaml` trained from it on pairs it made (`data_recipes/preference_pairs.py`) whose "
+             "rejected side is the same right answer with the image blanked or noised inside the lesion box (image "
+             "rejects) or the model's own wrong answer (text rejects). `blind` is the accuracy with a blank image; "
+             "the gap is how much the answers depend on the image.")
+    print(write_results(args.out, "dpo_ablation", results, "DPO ablation on the demo: image rejects vs text rejects",
+                        intro, table(results), verdict(results), plot, "accuracy and blind gap per seed"))
     return 0
 
 

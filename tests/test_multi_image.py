@@ -287,3 +287,13 @@ def test_web_takes_several_uploads_for_one_question(family: str, models: dict, p
     with pytest.raises(ImageError, match="at most 2"):
         read_uploads(paths, "", max_images=2)
 
+
+
+def test_text_prior_reads_image_list_records(multi: Path) -> None:
+    """The text prior (no image, no model) learns from records with several images, whatever the placeholders."""
+    from medllava.prior import build_prior, question_key
+
+    prior = build_prior([multi])
+    assert prior.pairs == 7 and prior.answer("Is there a lesion in the current study?") == "yes"  # 4 yes, 2 no
+    assert prior.answer("Prior: <image> Current: <image> Which side?") == "left"
+    assert question_key("Prior: <image> Current: <image> Which side?") == question_key("Prior: Current: Which side?")
