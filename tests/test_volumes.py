@@ -218,3 +218,27 @@ def test_series_in_records_become_their_slices(tmp_path: Path, base_models: dict
     (images / "ct1" / "extra.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"garbage")
     items, errors = load_items(bad, processor, images, slices=spec)
     assert not items and errors[0].error.kind == "unreadable_image" and "extra.dcm" in errors[0].error.reason
+
+
+def test_series_in_preference_pairs_become_their_slices(tmp_path: Path, base_models: dict) -> None:
+    """DPO pairs: each side's series as its slices, the shared prompt's placeholder repeated per slice; a rejected
+    series of another length under the shared prompt is refused by name."""
+    from medllava.data.preference import prepare_pairs
+    from medllava.data.render import Renderer
+    from medllava.model import load_model
+
+    images = tmp_path / "images"
+    write_series(images / "ct1", n=6)
+    write_series(images / "ct2", n=2, series_uid="9.9")
+    _, processor = load_model(base_models[("clip", "llama")])
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"id": "ok", "prompt": "<image>\nIs there a nodule?", "chosen": "Yes.", "rejected": "No.", "images": ["ct1"]},
+            {"id": "short", "prompt": "<image>\nIs there a nodule?", "chosen": "Yes.", "rejected": "Yes.", "images": ["ct1"],
+             "rejected_images": ["ct2"]}]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples, _, report = prepare_pairs([str(pairs)], Renderer(processor, "chat", 2048), image_folder=images,
+                                       skip_invalid=True, progress=False, slices=SliceSpec(3))
+    placeholder = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    assert len(samples) == 2 and all(len(s.images) == 3 and int((s.input_ids == placeholder).sum()) == 3
+                                     for s in samples)
+    assert report.counts() == {"image_count_mismatch": 1} and "rejected side" in report.errors[0].reason

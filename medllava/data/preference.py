@@ -28,7 +28,16 @@ from typing import Any
 
 import numpy as np
 
-from medllava.data.records import RawRecord, Record, RecordError, Turn, as_list, iter_raw, normalize
+from medllava.data.records import (
+    RawRecord,
+    Record,
+    RecordError,
+    Turn,
+    as_list,
+    expand_placeholders,
+    iter_raw,
+    normalize,
+)
 from medllava.data.render import IGNORE_INDEX, IMAGE_TOKEN, Rendered, Renderer
 from medllava.data.validate import (
     ValidationReport,
@@ -41,6 +50,7 @@ from medllava.data.validate import (
     resolve_image,
 )
 from medllava.imaging import ImageError
+from medllava.volumes import SliceSpec, expand_images, is_series
 
 SIDES = ("chosen", "rejected")
 
@@ -220,9 +230,40 @@ def _check(pair: PreferencePair) -> None:
         raise RecordError("same_pair", "chosen and rejected are the same answer with the same images")
 
 
-def read_pairs(source: str | Path, image_folder: str | Path = ".", *,
-               allow_absolute: bool = False) -> Iterator[PreferencePair | RecordError]:
-    """Every pair of a source with both sides' image paths resolved inside the image folder, or its error."""
+def _expand_side(images: list[Any], turns: list[Turn] | None, slices: SliceSpec | None,
+                 which: str) -> tuple[list[Any], list[Turn] | None, list[int]]:
+    """One side's images with each series or volume as its slices, its turns' placeholders repeated per slice."""
+    if not any(is_series(ref) for ref in images):
+        return images, turns, [1] * len(images)
+    try:
+        flat, counts = expand_images(images, slices)
+    except ImageError as err:
+        raise RecordError(err.kind, f"{which} side: {err.reason} ({err.path})") from None
+    if turns is None:
+        return flat, None, counts
+    texts = expand_placeholders([t.text for t in turns], counts)
+    return flat, [Turn(t.role, text) for t, text in zip(turns, texts)], counts
+
+
+def expand_pair_series(pair: PreferencePair, slices: SliceSpec | None = None) -> PreferencePair:
+    """Both sides' series and volumes as their slices (in place). A rejected side that shares the chosen side's
+    prompt must give the same number of images per placeholder (refused by name otherwise)."""
+    pair.images, prompt, counts = _expand_side(pair.images, pair.prompt, slices, "chosen")
+    pair.prompt = prompt or []
+    if pair.rejected_images is not None:
+        pair.rejected_images, rejected_prompt, rejected_counts = _expand_side(
+            pair.rejected_images, pair.rejected_prompt, slices, "rejected")
+        pair.rejected_prompt = rejected_prompt
+        if pair.rejected_prompt is None and rejected_counts != counts:
+            raise RecordError("image_count_mismatch", f"rejected side: its series give {rejected_counts} slice images "
+                              f"where the shared prompt's placeholders take {counts}")
+    return pair
+
+
+def read_pairs(source: str | Path, image_folder: str | Path = ".", *, allow_absolute: bool = False,
+               slices: SliceSpec | None = None) -> Iterator[PreferencePair | RecordError]:
+    """Every pair of a source with both sides' image paths resolved inside the image folder (a series or volume
+    as its slices, `slices`), or its error."""
     for raw in iter_raw(source):
         if raw.error is not None:
             yield raw.error
@@ -236,6 +277,7 @@ def read_pairs(source: str | Path, image_folder: str | Path = ".", *,
                                             for r in pair.rejected_images]
                 except RecordError as err:
                     raise RecordError(err.kind, f"rejected side: {err.reason}") from None
+            expand_pair_series(pair, slices)
         except RecordError as err:
             rid = (raw.data or {}).get("id")
             yield err if err.source else err.located(raw.source, raw.line, None if rid is None else str(rid))
@@ -287,7 +329,7 @@ def side_record(pair: PreferencePair, which: str) -> Record:
 def prepare_pairs(files: Iterable[str], renderer: Renderer, *, image_folder: str | Path = ".",
                   allow_absolute_paths: bool = False, skip_invalid: bool = False,
                   report_dir: str | Path | None = None, max_samples: int | None = None, image_check: str = "header",
-                  workers: int | None = None, progress: bool = True,
+                  workers: int | None = None, progress: bool = True, slices: SliceSpec | None = None,
                   ) -> tuple[list[Rendered], list[float], ValidationReport]:
     """Read, check and render every pair of the files, both sides by SFT's rules (containment, image headers and
     pixel limits, placeholders, length never truncated). Returns the sides as one list (chosen, rejected, chosen,
@@ -298,7 +340,7 @@ def prepare_pairs(files: Iterable[str], renderer: Renderer, *, image_folder: str
     sources: dict[str, int] = {}
     total = 0
     for file in files:
-        for item in read_pairs(file, image_folder, allow_absolute=allow_absolute_paths):
+        for item in read_pairs(file, image_folder, allow_absolute=allow_absolute_paths, slices=slices):
             if max_samples is not None and total >= max_samples:
                 break
             total += 1

@@ -111,7 +111,7 @@ def prepared_pairs(cfg: StageConfig, renderer: Renderer, out: Path) -> tuple[Cac
         samples, weights, report = prepare_pairs(
             d.train_files, renderer, image_folder=d.image_folder, allow_absolute_paths=d.allow_absolute_paths,
             skip_invalid=d.skip_invalid, report_dir=report_dir, max_samples=d.max_samples,
-            image_check=d.image_check, workers=d.preprocess_workers)
+            image_check=d.image_check, workers=d.preprocess_workers, slices=cfg.slice_spec())
         return samples, report.to_dict(), {WEIGHTS_FILE: json.dumps(weights)}
 
     folder = cached_rendering(cfg, renderer, out, "dpo", "preference pairs", make)
