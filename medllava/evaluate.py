@@ -369,7 +369,10 @@ def plot_metrics(metrics: dict[str, Any], path: Path, title: str = "") -> None:
                 accs.append(entry["accuracy"])
                 for label, base in kinds.items():
                     bases[label].append(((base.get(group) or {}).get(name) or {}).get("accuracy"))
-    fig, ax = plt.subplots(figsize=(max(5, len(names) * 0.9), 3.5))
+    multi = metrics.get("order")
+    fig, axes = plt.subplots(1, 2 if multi else 1, figsize=(max(5, len(names) * 0.9) + (4 if multi else 0), 3.5),
+                             squeeze=False)
+    ax = axes[0][0]
     xs = range(len(names))
     shown = [(label, values) for label, values in bases.items() if any(v is not None for v in values)]
     width = 0.8 / (1 + len(shown))
@@ -382,6 +385,15 @@ def plot_metrics(metrics: dict[str, Any], path: Path, title: str = "") -> None:
     ax.set_ylabel("accuracy")
     ax.set_title(title)
     ax.legend(fontsize=8)
+    if multi:  # questions with several images: as asked, reversed, each image blanked, all blanked
+        checks = {"as asked": metrics["multi_image"]["accuracy"], "reversed": multi["accuracy"],
+                  **{name.replace("without_", "no "): entry["accuracy"]
+                     for name, entry in (metrics.get("ablation") or {}).items()}}
+        right = axes[0][1]
+        right.bar(range(len(checks)), list(checks.values()), color=["C0", "C3", *["C2"] * (len(checks) - 2)])
+        right.set_xticks(range(len(checks)), list(checks), rotation=30, ha="right")
+        right.set_ylim(0, 1)
+        right.set_title(f"{multi['n']} questions with several images")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
