@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-# Each bound is about half the smallest margin of the three seeds in results/progression.md (2-core AMD EPYC,
+# Each bound is about half the smallest margin of the three seeds in results/progression.md (2-core Intel Xeon,
 # torch 2.14.1), so a machine whose float kernels train a slightly different model still passes while a model
 # that ignores the order or the prior does not: overall, as asked vs the studies swapped (smallest +0.425) and
 # vs the current study blanked (+0.225); on "has a lesion appeared?", as asked vs swapped (+0.89) and vs the prior
