@@ -257,7 +257,8 @@ def settings_stamp(args: argparse.Namespace) -> dict[str, Any]:
             "model_written": marker.stat().st_mtime_ns if marker else None, "data": [str(d) for d in args.data],
             "rejects": list(args.rejects), "n": args.n, "temperature": args.temperature,
             "max_new_tokens": args.max_new_tokens, "max_records": args.max_records, "weight": args.weight,
-            "seed": args.seed, "noise_strength": args.noise_strength, "window": args.window}
+            "seed": args.seed, "noise_strength": args.noise_strength, "window": args.window,
+            **({"slices": args.slices} if getattr(args, "slices", None) else {})}  # unset: older partial files match
 
 
 def read_partial(path: Path, stamp: dict[str, Any]) -> dict[str, dict]:
