@@ -18,7 +18,9 @@ Several images per question: blank and noise corrupt every image; lesion is read
                segmentation); records without a usable one are skipped and counted;
 - image:swap   the same answer with another record's image whose gold answer to the same question differs;
 - image:order  (comparative questions, two or more images) the same answer with the images in reverse order
-               (prior and current exchanged): only a model that compares them in order can prefer it.
+               (prior and current exchanged): only a model that compares them in order can prefer it. Made only
+               for records whose `answer_if_swapped` differs from their answer (else the reversed images may
+               have the same right answer), and not for series (reversed per study, not per slice).
 
 An image reject is the conditional preference of mDPO / MMedPO: the answer is right for the image and not for its
 corruption, so only a model that reads the image can prefer it. Corrupted images are written under the image
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import zlib
 from collections import Counter
@@ -54,7 +57,7 @@ from tqdm.auto import tqdm
 
 from data_recipes.pass_rate_filter import original_rows, sample_answers
 from medllava.config import REJECT_KINDS, slices_option
-from medllava.data.records import write_records
+from medllava.data.records import as_list, write_records
 from medllava.data.rl import build_rl_rows
 from medllava.data.vqa import LETTERS
 from medllava.grading import grade
@@ -126,7 +129,7 @@ class PairMaker:
     def __init__(self, args: argparse.Namespace, originals: dict[tuple[str, int], dict], rows: list[dict]) -> None:
         self.args = args
         self.originals = originals
-        self.image_folder = Path(args.image_folder).resolve()
+        self.image_folder = Path(os.path.normpath(os.path.abspath(args.image_folder)))
         self.rejects_folder = self.image_folder / args.rejects_subfolder
         self.window = Window.parse(args.window) if args.window else None
         self.placeholder_samples = 0
@@ -137,7 +140,9 @@ class PairMaker:
             self.by_question.setdefault(key, {}).setdefault(gold_text(row).lower(), []).append(row["images"])
 
     def relative(self, path: str | Path) -> str:
-        return Path(path).resolve().relative_to(self.image_folder).as_posix()
+        """A path under the image folder as written there (links not followed: a snapshot's links into a blob
+        store stay the folder's), so the DPO stage resolves it the same way."""
+        return Path(os.path.normpath(os.path.abspath(path))).relative_to(self.image_folder).as_posix()
 
     def make(self, row: dict[str, Any], samples: list[str] | None) -> tuple[list[dict], list[dict]]:
         """(pairs, skips) of one question."""
@@ -180,8 +185,15 @@ class PairMaker:
                               "rejected_images": [self.relative(ref) for ref in rejected], "reject": kind})
                 continue
             if corruption == "order":  # a comparative question asked with its images in reverse order
-                if len(row["images"]) < 2:
-                    skips.append(skip(kind, "one image: no order to reverse"))
+                record = self.originals.get((row["source"], row["line"]), {})
+                given = as_list(record.get("images") if record.get("images") is not None else record.get("image"))
+                swapped = record.get("answer_if_swapped")
+                if len(row["images"]) < 2 or len(given) != len(row["images"]):
+                    skips.append(skip(kind, "fewer than two images, or a series (reversed per study, not per slice)"))
+                    continue
+                if swapped is None or str(swapped).strip().lower() == str(row["answer"]).strip().lower():
+                    skips.append(skip(kind, "the record gives no answer_if_swapped that differs from its answer: "
+                                            "the same answer may hold for the reversed images"))
                     continue
                 pairs.append({"id": pair_id, **base, "rejected": chosen,
                               "rejected_images": [self.relative(ref) for ref in reversed(row["images"])],

@@ -199,10 +199,10 @@ def interactive(session: ChatSession, stdin: TextIO, stdout: TextIO, window: Win
 
 def run_chat(args: Any) -> int:
     """Entry point for `medllava chat` (arguments from the CLI parser)."""
-    from medllava.config import require_model_folder, slices_option, window_option
+    from medllava.config import require_model_folder, slices_option, stage_slices, window_option
 
     window = window_option(args.window)
-    slices = slices_option(args.slices)
+    slices = slices_option(args.slices, stage_slices(args.model))  # unset: the model's stage's data.slices
     images = [im for p in args.image or [] for im in _read_image(p, window, args.frame, slices)]  # before the model
     require_model_folder(args.model)  # and before importing torch
     from medllava.model import load_for_inference

@@ -51,20 +51,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from medllava.prior import build_prior
 
     prior = build_prior(args.prior_from) if args.prior_from else None  # read first: a bad path fails fast
+    from medllava.evaluate import evaluate, markdown_table, stage_prompt_settings, update_summary
+
+    prompt = stage_prompt_settings(args.model)  # the prompt mode and completion length the stage trained with
+    slices = slices_option(args.slices, prompt.slices)  # series: --slices, else the stage's data.slices
     overlap = None
     if args.prior_from and args.overlap:  # the same training files: what the evaluation set shares with them
         from medllava.data.overlap import MIN_SIMILARITY, check_overlap, index_training
 
         train_images = args.train_image_folder or args.image_folder
-        overlap = check_overlap(index_training(args.prior_from, train_images), args.data, args.image_folder,
+        overlap = check_overlap(index_training(args.prior_from, train_images, slices=slices), args.data,
+                                args.image_folder, slices=slices,
                                 min_similarity=MIN_SIMILARITY if args.min_similarity is None else args.min_similarity)
-    from medllava.evaluate import evaluate, markdown_table, stage_prompt_settings, update_summary
     from medllava.model import load_for_inference
 
     model, processor = load_for_inference(args.model, allow_pickle=args.allow_pickle)  # bf16 on a GPU that has it
     out_dir = args.out or str(Path(args.model) / "eval")
     title = args.stage or Path(args.model).name
-    prompt = stage_prompt_settings(args.model)  # the prompt mode and completion length the stage trained with
     if args.prompt is not None:
         prompt.mode = args.prompt
     max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else prompt.max_new_tokens
@@ -75,7 +78,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_new_tokens=max_new_tokens, blind=args.blind, limit=args.limit, title=title,
         system_prompt=prompt.system_prompt, mode=prompt.mode, instruction=prompt.instruction, window=window,
         prior=prior, model_path=args.model, window_name=args.window if args.window is not None else prompt.window,
-        overlap=overlap, slices=slices_option(args.slices, prompt.slices),
+        overlap=overlap, slices=slices,
     )
     print(markdown_table(metrics, title))
     if args.summary:
@@ -284,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the file's own)")
     p.add_argument("--frame", type=int, default=None, help="frame of a multi-frame DICOM (default: the middle one)")
     p.add_argument("--slices", default=None, help="an --image that is a DICOM series folder or a NIfTI volume gives "
-                   "COUNT slices (COUNT or COUNT,SPACING: uniform or mm; default 8,uniform)")
+                   "COUNT slices (COUNT or COUNT,SPACING: uniform or mm; default: the model's stage's data.slices, else 8,uniform)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions)")
@@ -316,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt when a request has none")
     p.add_argument("--window", default=None, help="DICOM window: preset or CENTER,WIDTH (default: the file's own)")
     p.add_argument("--slices", default=None, help="a local image path that is a DICOM series folder or a NIfTI "
-                   "volume gives COUNT slices (COUNT or COUNT,SPACING; default 8,uniform); each counts in --max-images")
+                   "volume gives COUNT slices (COUNT or COUNT,SPACING; default: the model's stage's data.slices, else "
+                   "8,uniform); each counts in --max-images")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("web", help="a browser chat for a model (Gradio; image and DICOM upload, streamed answers)")
@@ -333,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=None,
                    help="largest image, width x height (default: the decoders' decompression-bomb limit)")
     p.add_argument("--slices", default=None, help="an uploaded NIfTI volume gives COUNT slices (COUNT or "
-                   "COUNT,SPACING; default 8,uniform)")
+                   "COUNT,SPACING; default: the model's stage's data.slices, else 8,uniform)")
     p.set_defaults(func=cmd_web)
 
     p = sub.add_parser("export", help="merge, verify and save a stage output as a standalone model (and push it)")

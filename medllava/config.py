@@ -653,9 +653,28 @@ def slices_option(text: str | None, stage: dict[str, Any] | None = None, option:
     try:
         if text:
             count, _, spacing = text.partition(",")
-            spacing = spacing.strip() or "uniform"
+            spacing = spacing.strip().lower() or "uniform"
             return SliceSpec(int(count), spacing if spacing == "uniform" else float(spacing))
         stage = stage or {}
         return SliceSpec(int(stage.get("count", 8)), stage.get("spacing", "uniform"))
     except ValueError as err:
         raise ConfigError(f"{option} {text or stage!r}: {err} (expected COUNT or COUNT,SPACING: 8, 8,uniform, 8,2.5)") from None
+
+
+def stage_slices(model_dir: str | Path) -> dict[str, Any] | None:
+    """The data.slices a stage output (medllava_stage.yaml) or an export (medllava_eval.json) was trained with, read
+    without importing torch; None when neither says (a Hub id, a plain checkpoint)."""
+    import json
+
+    import yaml
+
+    folder = Path(model_dir)
+    try:
+        if (folder / "medllava_stage.yaml").is_file():
+            stage = yaml.safe_load((folder / "medllava_stage.yaml").read_text(encoding="utf-8")) or {}
+            return (stage.get("data") or {}).get("slices")
+        if (folder / "medllava_eval.json").is_file():
+            return json.loads((folder / "medllava_eval.json").read_text(encoding="utf-8")).get("slices")
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    return None

@@ -60,6 +60,8 @@ class EvalItem:
     images: list[Any]
     """The image references (resolved paths, or embedded images as read); decoded when their batch runs."""
     prompt: str
+    groups: list[int] | None = None
+    """How many of `images` each of the record's own images is (a series gives its slices); None: one each."""
 
 
 @dataclass
@@ -184,11 +186,12 @@ def load_items(data: str | Path, processor: Any, image_folder: str | Path, *, li
             errors.append(Skipped(rec, None))
             continue
         try:
-            expand_record(rec, image_folder, slices=slices)
+            groups = expand_record(rec, image_folder, slices=slices)
         except RecordError as err:
             errors.append(Skipped(err.located(rec.source, rec.line, rec.id), rec.qtype))
             continue
-        items.append(EvalItem(rec, rec.images, build_prompt(processor, rec, system_prompt, mode, instruction)))
+        items.append(EvalItem(rec, rec.images, build_prompt(processor, rec, system_prompt, mode, instruction),
+                              groups))
     return items, errors
 
 
@@ -209,15 +212,21 @@ def decoded(chunk: Sequence[EvalItem], window: Window | None,
     return kept, images
 
 
-def reliance_variants(images: list[Image.Image]) -> dict[str, list[Image.Image]]:
-    """The image-reliance checks' inputs for one question: `blind` (every image blank), and for 2 or more images
-    `order` (reversed) and, up to ABLATION_MAX_IMAGES, `without_image_<k>` (image k blank, the others kept)."""
+def reliance_variants(images: list[Image.Image], groups: list[int] | None = None) -> dict[str, list[Image.Image]]:
+    """The image-reliance checks' inputs for one question: `blind` (every image blank), and when the record gave 2
+    or more images `order` (the record's images reversed) and, up to ABLATION_MAX_IMAGES of them,
+    `without_image_<k>` (the record's image k blank, the others kept). `groups`: how many of `images` each record
+    image is (a series' slices stay together and in their order); None: one each."""
+    groups = groups or [1] * len(images)
+    bounds = [sum(groups[:k]) for k in range(len(groups) + 1)]
+    parts = [images[bounds[k]:bounds[k + 1]] for k in range(len(groups))]
     out = {"blind": [blank_like(im) for im in images]}
-    if len(images) >= 2:
-        out["order"] = list(reversed(images))
-        if len(images) <= ABLATION_MAX_IMAGES:
-            for k in range(len(images)):
-                out[f"without_image_{k + 1}"] = [blank_like(im) if j == k else im for j, im in enumerate(images)]
+    if len(parts) >= 2:
+        out["order"] = [im for part in reversed(parts) for im in part]
+        if len(parts) <= ABLATION_MAX_IMAGES:
+            for k in range(len(parts)):
+                out[f"without_image_{k + 1}"] = [blank_like(im) if j == k else im
+                                                 for j, part in enumerate(parts) for im in part]
     return out
 
 
@@ -445,7 +454,7 @@ def evaluate(
         answers = generate_batch(model, processor, [it.prompt for it in chunk], images, max_new_tokens)
         checks: list[dict[str, str]] = [{} for _ in chunk]
         if blind:
-            variants = [reliance_variants(mine) for mine in images]
+            variants = [reliance_variants(mine, it.groups) for it, mine in zip(chunk, images)]
             for name in dict.fromkeys(name for v in variants for name in v):
                 which = [i for i, v in enumerate(variants) if name in v]
                 got = generate_batch(model, processor, [chunk[i].prompt for i in which],
@@ -477,7 +486,8 @@ def evaluate(
         "data": str(data), "data_sha256": source_sha256(data), "prompt_mode": mode, "instruction": instruction,
         "system_prompt": system_prompt, "max_new_tokens": max_new_tokens, "decoding": "greedy",
         "window": window_name if window_name is not None else (None if window is None else asdict(window)),
-        "batch_size": batch_size, "limit": limit, "blind": blind}
+        "batch_size": batch_size, "limit": limit, "blind": blind,
+        **({"slices": asdict(slices)} if slices is not None else {})}
     metrics["chance"] = _mean([chance_level(it.record) for it in items if it.record.qtype in CLOSED_QTYPES])
     if blind:
         metrics["blind"] = score(rows, key="blind_prediction", skipped=skipped)

@@ -75,7 +75,7 @@ class Window:
         text = WINDOW_STACKS.get(text.strip().lower(), text)
         if "+" in text:
             parts = [cls.parse(part) for part in text.split("+")]
-            if len(parts) != 3:
+            if len(parts) != 3 or any(part.channels for part in parts):
                 raise ValueError(f"window {text!r}: stacked windows make the three channels: give three, joined by '+'")
             return cls(parts[0].center, parts[0].width, tuple((w.center, w.width) for w in parts))
         preset = WINDOW_PRESETS.get(text.strip().lower())

@@ -42,7 +42,7 @@ from starlette.requests import Request  # the serve extra (fastapi); an endpoint
 from medllava.chat import ChatSession
 from medllava.imaging import DEFAULT_MAX_PIXELS, ImageError, Window, load_image, probe_image
 from medllava.processor import IMAGE_TOKEN
-from medllava.volumes import SliceSpec, expand_series, is_series
+from medllava.volumes import SliceSpec, expand_series, is_series, split_slice_ref
 
 logger = logging.getLogger(__name__)
 
@@ -195,9 +195,14 @@ def slice_sources(source: bytes | Path, settings: ServeSettings) -> list[bytes |
     if isinstance(source, bytes) or not is_series(source):
         return [source]
     try:
-        return list(expand_series(source, settings.slices, max_pixels=settings.max_pixels))
+        refs = list(expand_series(source, settings.slices, max_pixels=settings.max_pixels))
     except ImageError as err:
         raise RequestError(400, f"image: {err.kind}: {err.reason}", param="image_url", code=err.kind) from None
+    root = settings.image_root.resolve() if settings.image_root is not None else None
+    for ref in refs:  # a series folder's files may be links: each must lead inside the root too
+        if root is not None:
+            _inside_root(Path(split_slice_ref(ref)[0]), root)
+    return refs
 
 
 def image_source(url: str, settings: ServeSettings, dicom_path: Path) -> bytes | Path:
@@ -221,9 +226,15 @@ def local_image(url: str, settings: ServeSettings) -> Path:
     if settings.image_root is None:
         raise RequestError(400, "local image paths are refused (start the server with --image-root DIR)",
                            param="image_url")
-    raw = url.removeprefix("file://")
+    raw, index = split_slice_ref(url.removeprefix("file://"))
     root = settings.image_root.resolve()
-    path = (root / raw).resolve() if not Path(raw).is_absolute() else Path(raw).resolve()
+    path = _inside_root((root / raw) if not Path(raw).is_absolute() else Path(raw), root)
+    return path if index is None else Path(f"{path}#slice={index}")  # the file checked, then its slice
+
+
+def _inside_root(path: Path, root: Path) -> Path:
+    """`path` with its links followed, when that lies under `root`; RequestError (403) otherwise."""
+    path = path.resolve()
     if not path.is_relative_to(root):
         raise RequestError(403, "the image path is outside the server's image root", param="image_url",
                            kind="permission_error")
@@ -666,11 +677,11 @@ def run_server(args: Any) -> int:
 
     import uvicorn
 
-    from medllava.config import ConfigError, slices_option, window_option
+    from medllava.config import ConfigError, slices_option, stage_slices, window_option
     from medllava.model import load_for_inference
 
     window = window_option(args.window)
-    slices = slices_option(args.slices)
+    slices = slices_option(args.slices, stage_slices(args.model))  # unset: the model's stage's data.slices
     image_root = Path(args.image_root) if args.image_root else None
     if image_root is not None and not image_root.is_dir():
         raise ConfigError(f"--image-root {image_root}: no such folder")

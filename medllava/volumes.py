@@ -9,10 +9,11 @@ other image), so the same references serve training, evaluation, chat, serve and
 Slice order comes from the geometry, never from file names: DICOM slices sort by their position along the slice
 normal (ImagePositionPatient projected on the cross product of ImageOrientationPatient's row and column cosines;
 ascending, so axial series run inferior to superior), then InstanceNumber for files without a position; a folder
-holding several series (SeriesInstanceUID) or files with neither position nor number is refused by name. NIfTI
-volumes are reoriented to the closest canonical (RAS+) orientation by nibabel and sliced along the third axis
-(inferior to superior for an axial acquisition), each slice shown the radiological way (patient's right on the
-image's left, anterior at the top). A NIfTI slice reference is `PATH#slice=K` (K in the canonical volume); a DICOM
+holding several series (SeriesInstanceUID) or files with neither position nor number is refused by name; a
+multi-frame file in a series folder gives its middle frame. NIfTI volumes are sliced along the voxel axis closest
+to superior (nibabel's io_orientation of the affine: the closest canonical RAS+ orientation; axial slices,
+inferior to superior, also of a sagittal or coronal acquisition), each slice shown the radiological way
+(patient's right on the image's left, anterior at the top); only the slices taken are read from the file. A NIfTI slice reference is `PATH#slice=K` (K in the canonical volume); a DICOM
 slice is its file. Intensities: DICOM slices go through `medllava.imaging.load_dicom` (rescale, window or the
 file's own, MONOCHROME1); NIfTI slices through the scale nibabel applies (scl_slope / scl_inter), then the window,
 else the header's cal_min..cal_max, else min-max per slice. Limits hold for the whole series: at most
@@ -22,7 +23,9 @@ headers before any pixel is decoded.
 
 from __future__ import annotations
 
+import math
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -51,7 +54,7 @@ class SliceSpec:
     def __post_init__(self) -> None:
         if int(self.count) < 1:
             raise ValueError(f"slices.count must be at least 1, got {self.count}")
-        if self.spacing != "uniform" and not (isinstance(self.spacing, (int, float)) and self.spacing > 0):
+        if self.spacing != "uniform" and not (isinstance(self.spacing, (int, float)) and 0 < self.spacing < math.inf):
             raise ValueError(f"slices.spacing must be 'uniform' or a positive number of millimetres, got {self.spacing!r}")
 
 
@@ -82,6 +85,9 @@ def choose(positions: list[float], spec: SliceSpec) -> list[int]:
     n = len(positions)
     if spec.count >= n and spec.spacing == "uniform":
         return list(range(n))
+    if spec.count == 1:  # one slice: the middle one (as a volume read as one image gives)
+        return [n // 2] if spec.spacing == "uniform" else [int(np.argmin(np.abs(np.asarray(positions) - (
+            positions[0] + positions[-1]) / 2)))]
     if spec.spacing == "uniform":
         return sorted({int(round(x)) for x in np.linspace(0, n - 1, spec.count)})
     pos = np.asarray(positions, dtype=np.float64)
@@ -133,12 +139,18 @@ def dicom_series_order(folder: Path) -> list[tuple[Path, float, Any]]:
     for path, ds in entries:
         ipp, iop = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
         number = ds.get("InstanceNumber")
-        if ipp is not None and iop is not None and len(ipp) == 3 and len(iop) == 6:
-            row, col = np.asarray(iop[:3], dtype=np.float64), np.asarray(iop[3:], dtype=np.float64)
-            position = float(np.dot(np.asarray(ipp, dtype=np.float64), np.cross(row, col)))
-        elif number is not None:
-            position = float("nan")
-        else:
+        try:
+            if ipp is not None and iop is not None and len(ipp) == 3 and len(iop) == 6:
+                row, col = np.asarray(iop[:3], dtype=np.float64), np.asarray(iop[3:], dtype=np.float64)
+                position = float(np.dot(np.asarray(ipp, dtype=np.float64), np.cross(row, col)))
+            elif number is not None:
+                position, number = float("nan"), int(number)
+            else:
+                position = None
+        except (TypeError, ValueError) as err:
+            raise ImageError("unreadable_image", str(path), f"a series slice with an unreadable position or number "
+                             f"({err})") from None
+        if position is None or not (np.isnan(position) or np.isfinite(position)):
             raise ImageError("unreadable_image", str(path), "a series slice without ImagePositionPatient/"
                              "ImageOrientationPatient or InstanceNumber: its place in the series is unknown "
                              "(file names are never used for order)")
@@ -149,21 +161,78 @@ def dicom_series_order(folder: Path) -> list[tuple[Path, float, Any]]:
         raise ImageError("unreadable_image", str(missing), "some slices of the series have a position and this "
                          "one has none: they cannot be put in one order")
     if with_position:
-        return sorted(keyed, key=lambda k: (k[1], int(k[2].get("InstanceNumber", 0) or 0)))
-    by_number = sorted(keyed, key=lambda k: int(k[2].InstanceNumber))
-    return [(path, float(i), ds) for i, (path, _, ds) in enumerate(by_number)]
+        return sorted(keyed, key=lambda k: (k[1], _number(k[2])))
+    by_number = sorted(keyed, key=lambda k: _number(k[2]))
+    return [(path, float("nan"), ds) for path, _, ds in by_number]
+
+
+def _number(ds: Any) -> int:
+    try:
+        return int(ds.get("InstanceNumber", 0) or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _spacing_positions(ordered: list[tuple[Path, float, Any]]) -> list[float]:
-    """Slice positions in millimetres: from the geometry, or InstanceNumber order times SliceThickness / 1 mm."""
+    """Slice positions in millimetres: from the geometry, or InstanceNumber order times the slice spacing (or
+    thickness, else 1 mm) when the slices have no position."""
     positions = [p for _, p, _ in ordered]
-    if len(ordered) > 1 and "ImagePositionPatient" not in ordered[0][2]:
-        step = float(ordered[0][2].get("SpacingBetweenSlices", ordered[0][2].get("SliceThickness", 1.0)) or 1.0)
+    if any(np.isnan(p) for p in positions):
+        try:
+            step = abs(float(ordered[0][2].get("SpacingBetweenSlices", ordered[0][2].get("SliceThickness", 1.0)) or 1.0))
+        except (TypeError, ValueError):
+            step = 1.0
         positions = [i * step for i in range(len(ordered))]
     return positions
 
 
-def _nifti(path: Path) -> Any:
+@dataclass(frozen=True)
+class _Volume:
+    """A NIfTI volume read lazily (nibabel's array proxy: nothing decoded until a slice is taken), with the voxel
+    axis and direction of each canonical RAS+ axis, from the header's affine."""
+
+    image: Any
+    axes: tuple[int, int, int]
+    """The voxel axis along R, A and S."""
+    flips: tuple[bool, bool, bool]
+    """Whether that voxel axis runs opposite to R, A, S."""
+    path: Path
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(R, A, S) sizes, from the header."""
+        shape = self.image.shape
+        return shape[self.axes[0]], shape[self.axes[1]], shape[self.axes[2]]
+
+    @property
+    def slice_thickness(self) -> float:
+        zooms = self.image.header.get_zooms()
+        return float(zooms[self.axes[2]]) if len(zooms) > self.axes[2] else 1.0
+
+    def canonical_slice(self, index: int) -> np.ndarray:
+        """Slice `index` along S (0 = most inferior) as [R, A] (both increasing toward R and A), scaled by the
+        header's scl_slope / scl_inter; only this slice is read from the file."""
+        nz = self.shape[2]
+        voxel = nz - 1 - index if self.flips[2] else index
+        slicer: list[Any] = [slice(None)] * len(self.image.shape)
+        slicer[self.axes[2]] = voxel
+        for extra in range(3, len(slicer)):
+            slicer[extra] = 0  # a 4-D file with one volume
+        try:
+            data = np.asarray(self.image.dataobj[tuple(slicer)], dtype=np.float64)
+        except (OSError, ValueError, EOFError, zlib.error) as err:
+            raise ImageError("unreadable_image", str(self.path), f"cannot read slice {index} ({err})") from None
+        rest = [a for a in range(3) if a != self.axes[2]]  # the voxel axes left in `data`, in order
+        if rest.index(self.axes[0]) == 1:
+            data = data.T
+        if self.flips[0]:
+            data = data[::-1, :]
+        if self.flips[1]:
+            data = data[:, ::-1]
+        return data
+
+
+def _nifti(path: Path) -> _Volume:
     try:
         import nibabel
     except ImportError:
@@ -172,18 +241,18 @@ def _nifti(path: Path) -> Any:
         raise ImageError("missing_image", str(path), "volume file not found")
     try:
         img = nibabel.load(str(path))
-        return nibabel.as_closest_canonical(img)
-    except (nibabel.filebasedimages.ImageFileError, OSError, ValueError, EOFError) as err:
+        shape = tuple(int(s) for s in img.shape)
+        orientation = nibabel.io_orientation(img.affine)
+    except (nibabel.filebasedimages.ImageFileError, OSError, ValueError, EOFError, zlib.error) as err:
         raise ImageError("unreadable_image", str(path), f"not a readable NIfTI volume ({err})") from None
-
-
-def _volume_shape(img: Any, path: Path) -> tuple[int, int, int]:
-    shape = tuple(int(s) for s in img.shape)
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    if len(shape) != 3:
+    if len(shape) < 3 or len(shape) > 4 or (len(shape) == 4 and shape[3] != 1):
         raise ImageError("unreadable_image", str(path), f"a NIfTI volume of shape {shape}: medllava reads 3-D volumes")
-    return shape  # type: ignore[return-value]
+    axes, flips = [0, 0, 0], [False, False, False]
+    for voxel_axis, (world_axis, direction) in enumerate(orientation[:3]):
+        if np.isnan(world_axis):
+            raise ImageError("unreadable_image", str(path), "the volume's affine gives no orientation")
+        axes[int(world_axis)], flips[int(world_axis)] = voxel_axis, direction < 0
+    return _Volume(img, tuple(axes), tuple(flips), path)  # type: ignore[arg-type]
 
 
 def expand_series(ref: str | Path, spec: SliceSpec | None = None, *,
@@ -195,14 +264,12 @@ def expand_series(ref: str | Path, spec: SliceSpec | None = None, *,
     if path.is_dir():
         ordered = dicom_series_order(path)
         chosen = [ordered[i] for i in choose(_spacing_positions(ordered), spec)]
-        pixels = sum(int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * int(ds.get("NumberOfFrames", 1) or 1)
-                     for _, _, ds in chosen)
+        pixels = sum(int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) for _, _, ds in chosen)  # one frame each
         _check_series_pixels(pixels, len(chosen), str(path), max_pixels)
         return [str(p) for p, _, _ in chosen]
-    img = _nifti(path)
-    nx, ny, nz = _volume_shape(img, path)
-    dz = float(img.header.get_zooms()[2]) if len(img.header.get_zooms()) > 2 else 1.0
-    indices = choose([k * dz for k in range(nz)], spec)
+    volume = _nifti(path)
+    nx, ny, nz = volume.shape
+    indices = choose([k * volume.slice_thickness for k in range(nz)], spec)
     _check_series_pixels(nx * ny * len(indices), len(indices), str(path), max_pixels)
     return [f"{path}#slice={k}" for k in indices]
 
@@ -214,22 +281,19 @@ def _check_series_pixels(pixels: int, n: int, name: str, max_pixels: int) -> Non
 
 
 def nifti_slice_array(path: str | Path, index: int) -> tuple[np.ndarray, Any]:
-    """Slice `index` of the canonical (RAS+) volume as displayed (rows anterior to posterior, columns patient right
-    to left), in the file's scaled units, and the header."""
-    path = Path(path)
-    img = _nifti(path)
-    nx, ny, nz = _volume_shape(img, path)
+    """Slice `index` along the canonical superior axis as displayed (rows anterior to posterior, columns patient
+    right to left), in the file's scaled units, and the header. Only that slice is read."""
+    volume = _nifti(Path(path))
+    nz = volume.shape[2]
     if not 0 <= index < nz:
         raise ImageError("bad_frame", str(path), f"slice {index} out of range (volume has {nz} slices)")
-    data = np.asarray(img.dataobj[..., index] if len(img.shape) == 3 else img.dataobj[..., index, 0], dtype=np.float64)
-    return data.T[::-1, ::-1], img.header
+    return volume.canonical_slice(index).T[::-1, ::-1], volume.image.header
 
 
 def nifti_slice_size(ref: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
     """(width, height) of a NIfTI slice as displayed, from the header."""
     path, index = split_slice_ref(ref)
-    img = _nifti(Path(path))
-    nx, ny, nz = _volume_shape(img, Path(path))
+    nx, ny, nz = _nifti(Path(path)).shape
     if index is not None and not 0 <= index < nz:
         raise ImageError("bad_frame", str(path), f"slice {index} out of range (volume has {nz} slices)")
     if nx * ny > max_pixels:
@@ -242,7 +306,7 @@ def load_nifti_slice(ref: str | Path, *, window: Window | None = None,
     """One NIfTI slice ('vol.nii.gz#slice=K'; the middle one for a bare path) as 8-bit RGB."""
     path, index = split_slice_ref(ref)
     if index is None:
-        index = _volume_shape(_nifti(Path(path)), Path(path))[2] // 2
+        index = _nifti(Path(path)).shape[2] // 2
     nifti_slice_size(f"{path}#slice={index}", max_pixels)
     values, header = nifti_slice_array(path, index)
     if window is None:

@@ -19,7 +19,7 @@ from PIL import Image
 
 from medllava.chat import ChatSession
 from medllava.config import ConfigError
-from medllava.imaging import WINDOW_PRESETS, ImageError, Window, load_image
+from medllava.imaging import WINDOW_PRESETS, WINDOW_STACKS, ImageError, Window, load_image
 from medllava.volumes import SliceSpec, load_images
 
 logger = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def build_app(model: Any, processor: Any, *, title: str, disclaimer: str, max_ne
     in the order given; a NIfTI volume gives its slices."""
     import gradio as gr
 
-    windows = [FILE_WINDOW, *WINDOW_PRESETS]
+    windows = [FILE_WINDOW, *WINDOW_PRESETS, *WINDOW_STACKS]
     with gr.Blocks(title=f"medllava: {title}") as app:
         gr.Markdown(f"## {title}\n\n**Medical disclaimer.** {disclaimer}", elem_id="disclaimer")
         state = gr.State(value=None)
@@ -224,7 +224,7 @@ def run_web(args: Any) -> int:
     """Entry point for `medllava web` (arguments from the CLI parser)."""
     import os
 
-    from medllava.config import slices_option
+    from medllava.config import slices_option, stage_slices
     from medllava.model import load_for_inference
 
     password = args.password or os.environ.get(PASSWORD_ENV)
@@ -233,6 +233,6 @@ def run_web(args: Any) -> int:
     model, processor = load_for_inference(args.model, bits=bits, device=args.device, allow_pickle=args.allow_pickle)
     app = build_app(model, processor, title=Path(args.model).resolve().name, disclaimer=disclaimer_for(args.model),
                     max_new_tokens=args.max_new_tokens, max_pixels=args.max_pixels, max_images=args.max_images,
-                    slices=slices_option(args.slices))
+                    slices=slices_option(args.slices, stage_slices(args.model)))
     app.launch(**options)
     return 0

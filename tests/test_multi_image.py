@@ -119,7 +119,11 @@ def test_reliance_variants_reverse_and_blank_one_image_at_a_time() -> None:
     assert shade(v["order"]) == [30, 20, 10] and shade(v["blind"]) == [0, 0, 0]
     assert shade(v["without_image_2"]) == [10, 0, 30]
     assert list(reliance_variants(images[:1])) == ["blind"]  # one image: nothing to reorder
-    assert "without_image_1" not in reliance_variants(images * 2)  # a series of 6 slices is not ablated slice by slice
+    assert "without_image_1" not in reliance_variants(images * 2)  # 6 images: not ablated one by one
+    # a prior and a current series of 2 and 1 slices: reversed and blanked study by study, slices kept in order
+    studies = reliance_variants(images, [2, 1])
+    assert shade(studies["order"]) == [30, 10, 20] and shade(studies["without_image_1"]) == [0, 0, 30]
+    assert list(reliance_variants(images, [3])) == ["blind"]  # one series: no order to check
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -193,14 +197,20 @@ def test_filter_sampling_and_order_pairs_on_image_lists(family: str, models: dic
         local.append({**row, "images": refs})
     args = argparse.Namespace(image_folder=str(images), rejects_subfolder="rejects", window=None, weight="none",
                               rejects=["image:order", "image:blank"], seed=0, noise_strength=1.0)
-    maker = PairMaker(args, {}, local)
+    originals = {(row["source"], row["line"]): json.loads(Path(row["source"]).read_text().splitlines()[row["line"] - 1])
+                 for row in local}
+    maker = PairMaker(args, originals, local)
     for row in local:
         pairs, skips = maker.make(row, ["yes", "no"])
-        order = next(p for p in pairs if p["reject"] == "image:order")
-        assert order["rejected_images"] == list(reversed(order["images"])) and len(order["images"]) == len(row["images"])
         blank = next(p for p in pairs if p["reject"] == "image:blank")
-        assert len(blank["rejected_images"]) == len(row["images"]) and not skips
+        assert len(blank["rejected_images"]) == len(row["images"])
         assert blank["prompt"][-1]["content"].count("<image>") == len(row["images"])
+        if row["answer"] == "yes":  # answer_if_swapped "no": reversing the images makes the answer wrong
+            order = next(p for p in pairs if p["reject"] == "image:order")
+            assert order["rejected_images"] == list(reversed(order["images"])) and not skips
+            assert len(order["images"]) == len(row["images"])
+        else:  # the same answer when reversed: no order pair, counted
+            assert [s["kind"] for s in skips] == ["image:order"] and "answer_if_swapped" in skips[0]["reason"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -297,3 +307,33 @@ def test_text_prior_reads_image_list_records(multi: Path) -> None:
     assert prior.pairs == 7 and prior.answer("Is there a lesion in the current study?") == "yes"  # 4 yes, 2 no
     assert prior.answer("Prior: <image> Current: <image> Which side?") == "left"
     assert question_key("Prior: <image> Current: <image> Which side?") == question_key("Prior: Current: Which side?")
+
+
+def test_a_null_images_column_falls_back_to_image() -> None:
+    """Mixed single- and multi-image rows written to parquet get both columns, nulls where unused."""
+    from medllava.data.records import RawRecord, normalize
+
+    rec = parse_vqa({"image": "a.png", "images": None, "question": "Q?", "answer": "no"})
+    assert rec.images == ["a.png"]
+    conv = normalize(RawRecord("f", 1, {"image": "a.png", "images": None, "conversations": [
+        {"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "No."}]}))
+    assert conv.images == ["a.png"]
+
+
+def test_slices_and_stacked_window_options(tmp_path: Path) -> None:
+    import yaml
+
+    from medllava.config import ConfigError, slices_option, stage_slices
+    from medllava.imaging import Window
+    from medllava.volumes import SliceSpec
+
+    assert slices_option("16,UNIFORM") == SliceSpec(16) and slices_option("4,2.5") == SliceSpec(4, 2.5)
+    assert slices_option(None, {"count": 12, "spacing": 3.0}) == SliceSpec(12, 3.0)
+    for bad in ("0", "8,inf", "8,-1", "eight"):
+        with pytest.raises(ConfigError, match="--slices"):
+            slices_option(bad)
+    with pytest.raises(ValueError, match="three"):
+        Window.parse("medgemma_ct+lung+bone")  # a stack inside a stack
+    (tmp_path / "medllava_stage.yaml").write_text(yaml.safe_dump({"data": {"slices": {"count": 16}}}))
+    assert slices_option(None, stage_slices(tmp_path)) == SliceSpec(16)  # chat/serve/web: the stage's
+    assert stage_slices(tmp_path / "nothing") is None

@@ -125,23 +125,28 @@ def test_bad_series_are_refused_by_name(tmp_path: Path) -> None:
         load_image(tmp_path / "big")  # a series is never read as one image
 
 
-def write_nifti(path: Path) -> np.ndarray:
-    """A 4 x 5 x 7 int16 volume, value 100 i + 10 j + k, in LAS orientation (i runs to the patient's left), 1 x 1 x
-    2 mm, scaled by scl_slope 2, scl_inter -10."""
+def write_nifti(path: Path, layout: str = "LAS") -> np.ndarray:
+    """A 4 x 5 x 7 int16 volume, value 100 i + 10 j + k where i runs to the patient's left (4), j anterior (5) and
+    k superior (7 slices, 2 mm), scaled by scl_slope 2, scl_inter -10. `LAS`: stored [i, j, k]; `SLA`: stored
+    [k, i, j] (the superior axis first, as a sagittal-style file orders its axes)."""
     i, j, k = np.meshgrid(np.arange(4), np.arange(5), np.arange(7), indexing="ij")
     data = (100 * i + 10 * j + k).astype(np.int16)
     affine = np.diag([-1.0, 1.0, 2.0, 1.0])
+    if layout == "SLA":
+        data = np.ascontiguousarray(data.transpose(2, 0, 1))
+        affine = np.array([[0.0, -1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [2.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
     img = nibabel.Nifti1Image(data, affine)
     img.header.set_slope_inter(2.0, -10.0)
     nibabel.save(img, str(path))
     return data
 
 
-def test_nifti_slices_in_canonical_order_shown_the_radiological_way(tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", ["LAS", "SLA"])
+def test_nifti_slices_in_canonical_order_shown_the_radiological_way(layout: str, tmp_path: Path) -> None:
     from medllava.volumes import nifti_slice_array
 
     path = tmp_path / "vol.nii.gz"
-    write_nifti(path)
+    write_nifti(path, layout)
     refs = expand_series(path, SliceSpec(3))
     assert refs == [f"{path}#slice={k}" for k in (0, 3, 6)]  # linspace(0, 6, 3), k along superior
     # displayed slice k: row r is anterior -> posterior (j = 4 - r), column c patient right -> left; in LAS the
@@ -157,6 +162,13 @@ def test_nifti_slices_in_canonical_order_shown_the_radiological_way(tmp_path: Pa
     with pytest.raises(ImageError) as info:
         load_image(f"{path}#slice=7")
     assert info.value.kind == "bad_frame"
+    truncated = tmp_path / "cut.nii.gz"  # a download cut short: every path names it, none crashes
+    truncated.write_bytes(path.read_bytes()[:200])
+    for attempt in (lambda: expand_series(truncated), lambda: load_image(f"{truncated}#slice=3"),
+                    lambda: probe_image(f"{truncated}#slice=3")):
+        with pytest.raises(ImageError) as info:
+            attempt()
+        assert info.value.kind == "unreadable_image" and "cut.nii.gz" in str(info.value)
 
 
 def test_stacked_windows_make_the_three_channels(tmp_path: Path) -> None:
@@ -242,3 +254,30 @@ def test_series_in_preference_pairs_become_their_slices(tmp_path: Path, base_mod
     assert len(samples) == 2 and all(len(s.images) == 3 and int((s.input_ids == placeholder).sum()) == 3
                                      for s in samples)
     assert report.counts() == {"image_count_mismatch": 1} and "rejected side" in report.errors[0].reason
+
+
+def test_serve_takes_a_series_under_its_root_and_no_link_out_of_it(tmp_path: Path) -> None:
+    """A local series folder or volume under --image-root gives its slices (each counted in --max-images); a link
+    out of the root is refused, with a `#slice=K` suffix too and as a file inside a series folder."""
+    from medllava.serve import RequestError, ServeSettings, read_images
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    slices = write_series(root / "ct1", n=5)
+    outside.mkdir()
+    write_nifti(outside / "secret.nii.gz")
+    (root / "link.nii.gz").symlink_to(outside / "secret.nii.gz")
+    settings = ServeSettings(model_id="m", image_root=root, slices=SliceSpec(3), max_images=4)
+    assert [len(part) for part in read_images(["ct1", f"ct1/{slices[0].name}"], settings)] == [3, 1]
+    with pytest.raises(RequestError) as info:
+        read_images(["ct1", "ct1"], settings)  # 6 slice images
+    assert info.value.code == "too_many_images"
+    for url in ("link.nii.gz#slice=0", "link.nii.gz"):
+        with pytest.raises(RequestError) as info:
+            read_images([url], settings)
+        assert info.value.status == 403, url
+    leaked = write_series(outside / "s", n=2)
+    write_series(root / "leaky", n=1)
+    (root / "leaky" / "z.dcm").symlink_to(leaked[1])  # a slice of the series that lives outside the root
+    with pytest.raises(RequestError) as info:
+        read_images(["leaky"], settings)
+    assert info.value.status == 403

@@ -30,6 +30,7 @@ from medllava.data.validate import resolve_image
 from medllava.data.vqa import parse_vqa, read_vqa
 from medllava.imaging import ImageError, load_image
 from medllava.prior import question_key
+from medllava.volumes import SliceSpec, expand_images
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +114,10 @@ class TrainingIndex:
         return np.stack(self.fingerprints)
 
 
-def index_training(paths: Sequence[str | Path], image_folder: str | Path, *, progress: bool = True) -> TrainingIndex:
-    """Hash every training image once (an image used by several records is one entry with all their questions)."""
+def index_training(paths: Sequence[str | Path], image_folder: str | Path, *, progress: bool = True,
+                   slices: SliceSpec | None = None) -> TrainingIndex:
+    """Hash every training image once (an image used by several records is one entry with all their questions); a
+    series or volume by the slices `slices` takes."""
     index = TrainingIndex([str(p) for p in paths])
     seen: dict[str, int] = {}
     entries = [e for p in paths for e in _entries(p)]
@@ -122,15 +125,19 @@ def index_training(paths: Sequence[str | Path], image_folder: str | Path, *, pro
         if isinstance(entry, RecordError):
             index.unreadable.append(entry.describe())
             continue
-        for ref in entry.images:
+        try:  # a series or volume is compared slice by slice
+            refs = expand_images([resolve_image(ref, image_folder) for ref in entry.images], slices)[0]
+        except (RecordError, ImageError) as err:
+            index.unreadable.append(f"{entry.record_id}: {err}")
+            continue
+        for resolved in refs:
             try:
-                resolved = resolve_image(ref, image_folder)
                 name = str(resolved) if isinstance(resolved, (str, Path)) else None
                 if name is not None and name in seen:
                     index.questions[seen[name]].update(entry.questions)
                     continue
                 key = image_key(resolved)
-            except (RecordError, ImageError) as err:
+            except ImageError as err:
                 index.unreadable.append(f"{entry.record_id}: {err}")
                 continue
             i = len(index.fingerprints)
@@ -147,7 +154,8 @@ def index_training(paths: Sequence[str | Path], image_folder: str | Path, *, pro
 
 
 def check_overlap(train: TrainingIndex, eval_file: str | Path, image_folder: str | Path, *,
-                  min_similarity: float = MIN_SIMILARITY, progress: bool = True) -> dict[str, Any]:
+                  min_similarity: float = MIN_SIMILARITY, progress: bool = True,
+                  slices: SliceSpec | None = None) -> dict[str, Any]:
     """What the evaluation set shares with the training files (see the module docstring), with record ids."""
     matrix = train.matrix()
     exact, near, pairs, unreadable, unreadable_ids = [], [], [], [], []
@@ -159,7 +167,8 @@ def check_overlap(train: TrainingIndex, eval_file: str | Path, image_folder: str
             continue
         n += 1
         try:  # a question with several images overlaps where any of them does
-            keys = [image_key(resolve_image(ref, image_folder)) for ref in rec.images]
+            refs = expand_images([resolve_image(ref, image_folder) for ref in rec.images], slices)[0]
+            keys = [image_key(ref) for ref in refs]
         except (RecordError, ImageError) as err:
             unreadable.append(f"{rec.id}: {err}")
             unreadable_ids.append(rec.id)

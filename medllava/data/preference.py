@@ -153,7 +153,7 @@ def _parse(data: dict[str, Any], raw: RawRecord, rid: str) -> PreferencePair:
         layout = detect_layout(data)
     except KeyError as err:
         raise RecordError("missing_field", str(err.args[0])) from None
-    images = as_list(data.get("images", data.get("image")))
+    images = as_list(data.get("images") if data.get("images") is not None else data.get("image"))
     rejected_prompt = rejected_images = None
     if layout == "trl":
         prompt, part_images = _turns(data["prompt"], raw, "prompt")
@@ -250,6 +250,9 @@ def expand_pair_series(pair: PreferencePair, slices: SliceSpec | None = None) ->
     prompt must give the same number of images per placeholder (refused by name otherwise)."""
     pair.images, prompt, counts = _expand_side(pair.images, pair.prompt, slices, "chosen")
     pair.prompt = prompt or []
+    if pair.rejected_images is None and pair.rejected_prompt is not None:  # its own prompt over the chosen images
+        texts = expand_placeholders([t.text for t in pair.rejected_prompt], counts)
+        pair.rejected_prompt = [Turn(t.role, text) for t, text in zip(pair.rejected_prompt, texts)]
     if pair.rejected_images is not None:
         pair.rejected_images, rejected_prompt, rejected_counts = _expand_side(
             pair.rejected_images, pair.rejected_prompt, slices, "rejected")

@@ -300,7 +300,7 @@ def normalize(raw: RawRecord) -> Record:
     def fail(kind: str, reason: str) -> RecordError:
         return RecordError(kind, reason, source=raw.source, line=raw.line, record_id=rid)
 
-    images = as_list(data.get("images", data.get("image")))
+    images = as_list(data.get("images") if data.get("images") is not None else data.get("image"))
     turns: list[Turn] = []
     if "conversations" in data:
         convs = data["conversations"]

@@ -138,16 +138,17 @@ def build_rl_rows(
 
 
 def expand_record(record: VQARecord, image_folder: str | Path, *, allow_absolute: bool = False,
-                  slices: SliceSpec | None = None) -> VQARecord:
+                  slices: SliceSpec | None = None) -> list[int]:
     """Resolve a VQA record's images in place (inside the image folder), each series or volume replaced by its
-    slices and a placeholder the question puts for it repeated per slice. Raises a RecordError naming the problem."""
+    slices and a placeholder the question puts for it repeated per slice. Returns how many images each of the
+    record's own images became (1, or a series' slice count). Raises a RecordError naming the problem."""
     refs = [resolve_image(ref, image_folder, allow_absolute=allow_absolute) for ref in record.images]
     try:
         record.images, counts = expand_images(refs, slices)
     except ImageError as err:
         raise RecordError(err.kind, f"{err.reason} ({err.path})") from None
     record.question = expand_placeholders([record.question], counts)[0]
-    return record
+    return counts
 
 
 def load_images_transform(batch: dict[str, list[Any]], window: Window | None = None) -> dict[str, list[Any]]:
@@ -179,7 +180,10 @@ def from_llava_conversation(data: dict[str, Any]) -> list[dict[str, Any]]:
         if q.get("from") not in ("human", "user") or a.get("from") not in ("gpt", "assistant"):
             continue
         question = q["value"].replace(IMAGE_TOKEN, "").strip()
-        row = {"id": f"{rid}_{k // 2}" if len(convs) > 2 else rid, "image": data.get("image"),
+        images = data.get("images") if data.get("images") is not None else data.get("image")
+        image = {"images": images} if isinstance(images, list) and len(images) != 1 else \
+            {"image": images[0] if isinstance(images, list) else images}
+        row = {"id": f"{rid}_{k // 2}" if len(convs) > 2 else rid, **image,
                "question": question, "answer": a["value"].strip()}
         if qtype and not (qtype == "yes_no" and row["answer"].lower().rstrip(".") not in ("yes", "no")):
             row["qtype"] = qtype

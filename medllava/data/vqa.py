@@ -110,7 +110,7 @@ def parse_vqa(data: dict[str, Any], source: str = "", line: int = 0) -> VQARecor
     for key in ("question", "answer"):
         if not isinstance(data.get(key), (str, int, float)) or str(data.get(key)).strip() == "":
             raise fail("missing_field", f"'{key}' is missing or empty")
-    image = data.get("images", data.get("image"))
+    image = data.get("images") if data.get("images") is not None else data.get("image")  # a null column: the other
     images = list(image) if isinstance(image, (list, tuple)) else [] if image is None else [image]
     if not images or any(ref is None or ref == "" for ref in images):
         raise fail("missing_field", "'image' is missing" if not images else "an entry of 'images' is empty")
