@@ -10,22 +10,11 @@ the rest `open`. (The original release ships pickles, which medllava does not lo
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 from medllava.recipes import corpora
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--in", dest="inp", nargs="+", required=True, help="hf:NAME[:SPLIT] or parquet file(s)")
-    parser.add_argument("--out", required=True, type=Path, help="VQA JSONL to write")
-    parser.add_argument("--instruct-out", type=Path, default=None, help="also write one-turn LLaVA conversations")
-    args = parser.parse_args(argv)
-    mapper = corpora.embedded_vqa_row("pathvqa", args.out.parent / "images")
-    report = corpora.convert_vqa(args.inp, corpora.json_source, mapper, args.out, instruct_out=args.instruct_out)
-    corpora.finish(report, args.out)
-    return 0
+    return corpora.embedded_recipe_main(argv, __doc__, lambda images: corpora.embedded_vqa_row("pathvqa", images))
 
 
 if __name__ == "__main__":

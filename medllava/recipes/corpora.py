@@ -371,6 +371,23 @@ def vqa_recipe_main(argv: list[str] | None, description: str, reader: Reader,
     return 0
 
 
+def embedded_recipe_main(argv: list[str] | None, description: str,
+                         make_mapper: Callable[[Path], Callable[[int, dict[str, Any]], dict[str, Any] | str]]) -> int:
+    """The command line of a recipe reading a `datasets` release with embedded images (--in hf:NAME[:SPLIT] or
+    parquet, --out, --instruct-out): `make_mapper(OUT_DIR/images)` maps its rows, images written under that folder."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--in", dest="inp", nargs="+", required=True, help="hf:NAME[:SPLIT] or parquet file(s)")
+    parser.add_argument("--out", required=True, type=Path, help="VQA JSONL to write")
+    parser.add_argument("--instruct-out", type=Path, default=None, help="also write one-turn LLaVA conversations")
+    args = parser.parse_args(argv)
+    report = convert_vqa(args.inp, json_source, make_mapper(args.out.parent / "images"), args.out,
+                         instruct_out=args.instruct_out)
+    finish(report, args.out)
+    return 0
+
+
 def finish(report: ConversionReport, out: Path) -> dict[str, Any]:
     """Write OUT.report.json beside the output, print the counts, and return them."""
     summary = {"out": str(out), **report.to_dict()}
