@@ -126,6 +126,9 @@ def describe_settings(settings: PromptSettings) -> str:
     parts = [f"{settings.mode} prompt", f"up to {settings.max_new_tokens} new tokens"]
     if settings.window:
         parts.append(f"window {settings.window}")
+    count, spacing = (settings.slices or {}).get("count", 8), (settings.slices or {}).get("spacing", "uniform")
+    if (count, spacing) != (8, "uniform"):  # the default is not worth a word
+        parts.append(f"series as {count} slices ({spacing if spacing == 'uniform' else f'{spacing} mm apart'})")
     if settings.system_prompt:
         parts.append("the stage's system prompt")
     return ", ".join(parts)
