@@ -207,7 +207,7 @@ def decoded(chunk: Sequence[EvalItem], window: Window | None,
         bad = next((image for image in mine if isinstance(image, ImageError)), None)
         if bad is not None:
             rec = it.record
-            errors.append(Skipped(RecordError(bad.kind, bad.reason, source=rec.source, line=rec.line,
+            errors.append(Skipped(RecordError(bad.kind, f"{bad.reason} ({bad.path})", source=rec.source, line=rec.line,
                                               record_id=rec.id), rec.qtype))
         else:
             kept.append(it)

@@ -337,3 +337,42 @@ def test_slices_and_stacked_window_options(tmp_path: Path) -> None:
     (tmp_path / "medllava_stage.yaml").write_text(yaml.safe_dump({"data": {"slices": {"count": 16}}}))
     assert slices_option(None, stage_slices(tmp_path)) == SliceSpec(16)  # chat/serve/web: the stage's
     assert stage_slices(tmp_path / "nothing") is None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_image_is_checked_and_a_loader_failure_is_counted(family: str, models: dict, phantom: Path,
+                                                               tmp_path: Path) -> None:
+    """Containment, existence and header checks hold for every image of a question (the record is named with the
+    failing image); an image whose pixels fail only in the data loader blanks its sample, which is counted."""
+    from medllava.data.collate import SFTDataset
+    from medllava.data.render import IGNORE_INDEX, Renderer
+    from medllava.data.rl import build_rl_rows
+    from medllava.data.validate import prepare_samples
+
+    _, processor = load_model(models[family])
+    images = tmp_path / "images"
+    images.mkdir()
+    good = [phantom / "images" / p for p in phantom_images(phantom)[:3]]
+    for p in good:
+        (images / p.name).write_bytes(p.read_bytes())
+    names = [p.name for p in good]
+    rows = [{"id": "ok", "images": names, "question": "Q?", "answer": "yes"},
+            {"id": "missing", "images": [names[0], "nope.png"], "question": "Q?", "answer": "yes"},
+            {"id": "escape", "images": [names[0], names[1], "../secret.png"], "question": "Q?", "answer": "yes"}]
+    vqa = write_jsonl(tmp_path / "vqa.jsonl", rows)
+    kept, report = build_rl_rows([str(vqa)], processor, image_folder=images, progress=False, skip_invalid=True)
+    assert [r["id"] for r in kept] == ["ok"]
+    assert {(e.record_id, e.kind) for e in report.errors} == {("missing", "missing_image"),
+                                                             ("escape", "image_outside_root")}
+    assert any("nope.png" in e.reason for e in report.errors)
+    # the second of three images has a readable header and corrupt pixels: found in the data loader
+    corrupt = images / "corrupt.png"
+    corrupt.write_bytes(good[1].read_bytes()[:60])
+    sft = write_jsonl(tmp_path / "sft.jsonl", [{"id": "three", "images": [names[0], "corrupt.png", names[2]],
+                                                "conversations": [{"from": "human", "value": "<image>\n" * 3 + "Q?"},
+                                                                  {"from": "gpt", "value": "Yes."}]}])
+    renderer = Renderer(processor, "chat", 2048)
+    samples, _ = prepare_samples([str(sft)], renderer, image_folder=images, progress=False)
+    item = SFTDataset(samples, renderer.images)[0]
+    assert item["image_error"]["path"].endswith("corrupt.png") and item["image_error"]["id"] == "three"
+    assert (item["labels"] == IGNORE_INDEX).all()

@@ -119,7 +119,8 @@ def build_rl_rows(
     for rec in tqdm(records, desc="formatting prompts", disable=not progress, leave=False):
         bad = first_failure(rec.images, failures)
         if bad is not None:
-            errors.append(RecordError(bad.kind, bad.reason, source=rec.source, line=rec.line, record_id=rec.id))
+            errors.append(RecordError(bad.kind, f"{bad.reason} ({bad.path})", source=rec.source, line=rec.line,
+                                      record_id=rec.id))
             continue
         messages = prompt_messages(rec, mode, instruction, system_prompt)
         length = prompt_length(processor, messages, rec.images, expander)
