@@ -202,3 +202,22 @@ def test_deepspeed_zero2_step_on_cpu(tmp_path: Path, phantom: Path, base_models:
     vision = [k for k in before if "vision_tower" in k]
     assert all(torch.equal(before[k], after[k]) for k in vision)
     assert any(not torch.equal(before[k], after[k]) for k in before if "multi_modal_projector" in k)
+
+
+def test_loader_workers_are_forked_once_per_run(tmp_path: Path, phantom: Path, base_models: dict) -> None:
+    """With data.num_workers, the DataLoader's workers persist across epochs: forked again at each epoch, a fork
+    that met the last epoch's exiting loader threads locked a worker in CPython 3.11's after-fork cleanup (a 2-rank
+    ZeRO-3 rehearsal hung at an epoch boundary). Two epochs train with the same workers."""
+    from medllava.train.common import trainer_kwargs
+
+    cfg = config_from_dict(stage_dict(tmp_path, phantom, init_from=base_models[("clip", "llama")],
+                                      data={"num_workers": 2, "max_samples": 8},
+                                      optim={"max_steps": -1, "epochs": 2, "per_device_batch_size": 4}))
+    assert trainer_kwargs(cfg, "fp32")["dataloader_persistent_workers"] is True
+    run = prepare_sft(cfg)
+    loader = run.trainer.get_train_dataloader()
+    assert loader.persistent_workers and loader.num_workers == 2
+    run.trainer.train()
+    assert run.trainer.state.epoch == 2 and run.trainer.state.global_step == 4
+    cfg.data.num_workers = 0
+    assert trainer_kwargs(cfg, "fp32")["dataloader_persistent_workers"] is False

@@ -233,6 +233,10 @@ def trainer_kwargs(cfg: StageConfig, precision: str) -> dict[str, Any]:
         data_seed=r.seed,
         use_cpu=on_cpu(cfg),
         dataloader_num_workers=cfg.data.num_workers,
+        # Workers forked once for the run, not again at each epoch: a fork while the last epoch's loader threads
+        # exit can leave a worker locked forever in CPython 3.11's after-fork thread cleanup (seen in a 2-rank
+        # ZeRO-3 rehearsal: one rank waiting on its worker, the other in the next all_gather).
+        dataloader_persistent_workers=cfg.data.num_workers > 0,
         dataloader_pin_memory=torch.cuda.is_available() and not r.use_cpu,
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,
