@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 
 from data_recipes.pass_rate_filter import original_rows, sample_answers
 from medllava.config import REJECT_KINDS, slices_option
-from medllava.data.records import as_list, write_records
+from medllava.data.records import record_images, write_records
 from medllava.data.rl import build_rl_rows
 from medllava.data.vqa import LETTERS
 from medllava.grading import grade
@@ -186,7 +186,7 @@ class PairMaker:
                 continue
             if corruption == "order":  # a comparative question asked with its images in reverse order
                 record = self.originals.get((row["source"], row["line"]), {})
-                given = as_list(record.get("images") if record.get("images") is not None else record.get("image"))
+                given = record_images(record)
                 swapped = record.get("answer_if_swapped")
                 if len(row["images"]) < 2 or len(given) != len(row["images"]):
                     skips.append(skip(kind, "fewer than two images, or a series (reversed per study, not per slice)"))

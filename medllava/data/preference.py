@@ -37,6 +37,7 @@ from medllava.data.records import (
     expand_placeholders,
     iter_raw,
     normalize,
+    record_images,
 )
 from medllava.data.render import IGNORE_INDEX, IMAGE_TOKEN, Rendered, Renderer
 from medllava.data.validate import (
@@ -153,7 +154,7 @@ def _parse(data: dict[str, Any], raw: RawRecord, rid: str) -> PreferencePair:
         layout = detect_layout(data)
     except KeyError as err:
         raise RecordError("missing_field", str(err.args[0])) from None
-    images = as_list(data.get("images") if data.get("images") is not None else data.get("image"))
+    images = record_images(data)
     rejected_prompt = rejected_images = None
     if layout == "trl":
         prompt, part_images = _turns(data["prompt"], raw, "prompt")

@@ -282,6 +282,17 @@ def expand_placeholders(texts: list[str], counts: list[int]) -> list[str]:
     return out
 
 
+def record_images(data: dict[str, Any]) -> list[Any]:
+    """A raw record's images: its `images`, or its `image` where `images` is absent or null (rows of one and of
+    several images written to one parquet file get both columns, null where unused)."""
+    return as_list(data.get("images") if data.get("images") is not None else data.get("image"))
+
+
+def image_fields(images: list[Any]) -> dict[str, Any]:
+    """How a record written by medllava names its images: {"image": ref} for one, {"images": [...]} otherwise."""
+    return {"image": images[0]} if len(images) == 1 else {"images": list(images)}
+
+
 def as_list(value: Any) -> list[Any]:
     """None -> [], a list or tuple -> a list, anything else -> [it] (a record's one image or several)."""
     if value is None:
@@ -300,7 +311,7 @@ def normalize(raw: RawRecord) -> Record:
     def fail(kind: str, reason: str) -> RecordError:
         return RecordError(kind, reason, source=raw.source, line=raw.line, record_id=rid)
 
-    images = as_list(data.get("images") if data.get("images") is not None else data.get("image"))
+    images = record_images(data)
     turns: list[Turn] = []
     if "conversations" in data:
         convs = data["conversations"]

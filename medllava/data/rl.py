@@ -19,7 +19,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from medllava.data.expand import ImageExpander
-from medllava.data.records import RecordError, expand_placeholders
+from medllava.data.records import RecordError, expand_placeholders, image_fields, record_images
 from medllava.data.render import user_content
 from medllava.data.validate import ValidationReport, check_images, finish_report, first_failure, resolve_image
 from medllava.data.vqa import VQARecord, format_question, read_vqa
@@ -181,10 +181,7 @@ def from_llava_conversation(data: dict[str, Any]) -> list[dict[str, Any]]:
         if q.get("from") not in ("human", "user") or a.get("from") not in ("gpt", "assistant"):
             continue
         question = q["value"].replace(IMAGE_TOKEN, "").strip()
-        images = data.get("images") if data.get("images") is not None else data.get("image")
-        image = {"images": images} if isinstance(images, list) and len(images) != 1 else \
-            {"image": images[0] if isinstance(images, list) else images}
-        row = {"id": f"{rid}_{k // 2}" if len(convs) > 2 else rid, **image,
+        row = {"id": f"{rid}_{k // 2}" if len(convs) > 2 else rid, **image_fields(record_images(data)),
                "question": question, "answer": a["value"].strip()}
         if qtype and not (qtype == "yes_no" and row["answer"].lower().rstrip(".") not in ("yes", "no")):
             row["qtype"] = qtype

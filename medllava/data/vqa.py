@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medllava.data.records import RecordError, iter_raw
+from medllava.data.records import RecordError, image_fields, iter_raw, record_images
+from medllava.processor import IMAGE_TOKEN
 
 QTYPES = ("yes_no", "multiple_choice", "open", "number")
 LETTERS = string.ascii_uppercase
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
-IMAGE_PLACEHOLDER = "<image>"
 
 
 @dataclass
@@ -53,8 +53,8 @@ class VQARecord:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        image: dict[str, Any] = {"image": self.images[0]} if len(self.images) == 1 else {"images": list(self.images)}
-        out = {"id": self.id, **image, "question": self.question, "answer": self.answer, "qtype": self.qtype}
+        out = {"id": self.id, **image_fields(self.images), "question": self.question, "answer": self.answer,
+               "qtype": self.qtype}
         if self.options:
             out["options"] = self.options
         out.update(self.meta)
@@ -77,12 +77,12 @@ def format_question(question: str, options: list[str] | None = None, *, with_ima
             text = f"{text}\n{mc_instruction}"
     if not with_image:
         return strip_placeholders(text)
-    return text if IMAGE_PLACEHOLDER in text else f"{IMAGE_PLACEHOLDER}\n" * n_images + text
+    return text if IMAGE_TOKEN in text else f"{IMAGE_TOKEN}\n" * n_images + text
 
 
 def strip_placeholders(text: str) -> str:
     """The text without its `<image>` placeholders (a newline right after one belongs to it)."""
-    text = text.replace(f"{IMAGE_PLACEHOLDER}\n", "").replace(IMAGE_PLACEHOLDER, "")
+    text = text.replace(f"{IMAGE_TOKEN}\n", "").replace(IMAGE_TOKEN, "")
     return re.sub(r"[ \t]{2,}", " ", text).strip()
 
 
@@ -110,13 +110,12 @@ def parse_vqa(data: dict[str, Any], source: str = "", line: int = 0) -> VQARecor
     for key in ("question", "answer"):
         if not isinstance(data.get(key), (str, int, float)) or str(data.get(key)).strip() == "":
             raise fail("missing_field", f"'{key}' is missing or empty")
-    image = data.get("images") if data.get("images") is not None else data.get("image")  # a null column: the other
-    images = list(image) if isinstance(image, (list, tuple)) else [] if image is None else [image]
+    images = record_images(data)
     if not images or any(ref is None or ref == "" for ref in images):
         raise fail("missing_field", "'image' is missing" if not images else "an entry of 'images' is empty")
-    placed = str(data["question"]).count(IMAGE_PLACEHOLDER)
+    placed = str(data["question"]).count(IMAGE_TOKEN)
     if placed not in (0, len(images)):
-        raise fail("image_count_mismatch", f"the question places {placed} {IMAGE_PLACEHOLDER} placeholder(s) for "
+        raise fail("image_count_mismatch", f"the question places {placed} {IMAGE_TOKEN} placeholder(s) for "
                                            f"{len(images)} image(s)")
     options = data.get("options")
     if options is not None and (not isinstance(options, list) or len(options) < 2 or len(options) > len(LETTERS)):

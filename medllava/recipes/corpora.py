@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medllava.data.records import RecordError, iter_raw
+from medllava.data.records import RecordError, image_fields, iter_raw, record_images
 from medllava.data.vqa import LETTERS, format_question, parse_vqa
 from medllava.imaging import store_image
 from medllava.processor import IMAGE_TOKEN
@@ -94,8 +94,7 @@ def _emit_vqa(row: dict[str, Any], writer: JsonlWriter, report: ConversionReport
         if rec.qtype == "multiple_choice" and rec.options:
             letter = rec.answer_letter
             answer = f"{letter}. {rec.options[LETTERS.index(letter)]}"
-        image = {"image": rec.images[0]} if len(rec.images) == 1 else {"images": rec.images}
-        instruct.write({"id": rec.id, **image, "conversations": [
+        instruct.write({"id": rec.id, **image_fields(rec.images), "conversations": [
             {"from": "human", "value": format_question(rec.question, rec.options, n_images=len(rec.images))},
             {"from": "gpt", "value": answer}]})
 
@@ -128,8 +127,7 @@ def convert_vqa(
             if isinstance(mapped, str):
                 report.skip(mapped, where)
                 continue
-            refs = mapped["images"] if "images" in mapped else [mapped["image"]]
-            missing = [ref for ref in refs if image_check is not None and not image_check(ref)]
+            missing = [ref for ref in record_images(mapped) if image_check is not None and not image_check(ref)]
             if missing:
                 report.skip("missing_image", f"{where}: {missing[0]}")
                 continue
