@@ -45,13 +45,14 @@ from medllava.data.validate import (
     check_images,
     check_structure,
     default_workers,
+    expand_series_refs,
     finish_report,
     first_failure,
     render_records,
     resolve_image,
 )
 from medllava.imaging import ImageError
-from medllava.volumes import SliceSpec, expand_images, is_series
+from medllava.volumes import SliceSpec
 
 SIDES = ("chosen", "rejected")
 
@@ -234,16 +235,8 @@ def _check(pair: PreferencePair) -> None:
 def _expand_side(images: list[Any], turns: list[Turn] | None, slices: SliceSpec | None,
                  which: str) -> tuple[list[Any], list[Turn] | None, list[int]]:
     """One side's images with each series or volume as its slices, its turns' placeholders repeated per slice."""
-    if not any(is_series(ref) for ref in images):
-        return images, turns, [1] * len(images)
-    try:
-        flat, counts = expand_images(images, slices)
-    except ImageError as err:
-        raise RecordError(err.kind, f"{which} side: {err.reason} ({err.path})") from None
-    if turns is None:
-        return flat, None, counts
-    texts = expand_placeholders([t.text for t in turns], counts)
-    return flat, [Turn(t.role, text) for t, text in zip(turns, texts)], counts
+    flat, texts, counts = expand_series_refs(images, [t.text for t in turns or []], slices, f"{which} side: ")
+    return flat, None if turns is None else [Turn(t.role, text) for t, text in zip(turns, texts)], counts
 
 
 def expand_pair_series(pair: PreferencePair, slices: SliceSpec | None = None) -> PreferencePair:

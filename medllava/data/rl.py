@@ -19,13 +19,20 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from medllava.data.expand import ImageExpander
-from medllava.data.records import RecordError, expand_placeholders, image_fields, record_images
+from medllava.data.records import RecordError, image_fields, record_images
 from medllava.data.render import user_content
-from medllava.data.validate import ValidationReport, check_images, finish_report, first_failure, resolve_image
+from medllava.data.validate import (
+    ValidationReport,
+    check_images,
+    expand_series_refs,
+    finish_report,
+    first_failure,
+    resolve_image,
+)
 from medllava.data.vqa import VQARecord, format_question, read_vqa
-from medllava.imaging import ImageError, Window, image_size, load_image
+from medllava.imaging import Window, image_size, load_image
 from medllava.processor import IMAGE_TOKEN
-from medllava.volumes import SliceSpec, expand_images
+from medllava.volumes import SliceSpec
 
 logger = logging.getLogger(__name__)
 
@@ -144,11 +151,7 @@ def expand_record(record: VQARecord, image_folder: str | Path, *, allow_absolute
     slices and a placeholder the question puts for it repeated per slice. Returns how many images each of the
     record's own images became (1, or a series' slice count). Raises a RecordError naming the problem."""
     refs = [resolve_image(ref, image_folder, allow_absolute=allow_absolute) for ref in record.images]
-    try:
-        record.images, counts = expand_images(refs, slices)
-    except ImageError as err:
-        raise RecordError(err.kind, f"{err.reason} ({err.path})") from None
-    record.question = expand_placeholders([record.question], counts)[0]
+    record.images, (record.question,), counts = expand_series_refs(refs, [record.question], slices)
     return counts
 
 

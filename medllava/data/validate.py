@@ -24,7 +24,7 @@ from medllava.data.records import Record, RecordError, expand_placeholders, iter
 from medllava.data.render import Rendered, Renderer
 from medllava.imaging import ImageError, load_image, probe_image
 from medllava.processor import IMAGE_TOKEN
-from medllava.volumes import SliceSpec, expand_images, is_series
+from medllava.volumes import SliceSpec, expand_images
 
 logger = logging.getLogger(__name__)
 
@@ -297,16 +297,23 @@ def prepare_samples(
     return samples, report
 
 
+def expand_series_refs(refs: list[Any], texts: list[str], slices: SliceSpec | None = None,
+                       what: str = "") -> tuple[list[Any], list[str], list[int]]:
+    """Resolved image references with each series or volume as its slices (medllava.volumes), the texts with the
+    placeholder written for one repeated per slice, and how many images each reference became. The one expansion
+    of SFT records, VQA records and each side of a DPO pair. Raises a RecordError (`what` in front of the reason)
+    for a series that cannot be read or ordered."""
+    try:
+        flat, counts = expand_images(refs, slices)
+    except ImageError as err:
+        raise RecordError(err.kind, f"{what}{err.reason} ({err.path})") from None
+    return flat, expand_placeholders(texts, counts), counts
+
+
 def expand_series_images(record: Record, slices: SliceSpec | None = None) -> Record:
     """A record's series and volume images replaced by their slices (in place), each placeholder written for one
-    repeated per slice across its turns. Raises a RecordError for a series that cannot be read or ordered."""
-    if not any(is_series(ref) for ref in record.images):
-        return record
-    try:
-        record.images, counts = expand_images(record.images, slices)
-    except ImageError as err:
-        raise RecordError(err.kind, f"{err.reason} ({err.path})") from None
-    texts = expand_placeholders([turn.text for turn in record.turns], counts)
+    repeated per slice across its turns (see expand_series_refs)."""
+    record.images, texts, _ = expand_series_refs(record.images, [turn.text for turn in record.turns], slices)
     for turn, text in zip(record.turns, texts):
         turn.text = text
     return record
