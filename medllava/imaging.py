@@ -176,7 +176,7 @@ def load_dicom(path: Path, *, window: Window | None = None, frame: int | None = 
         raise ImageError("unreadable_image", str(path), f"not a readable DICOM file ({err})") from None
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageError("no_pixel_data", str(path), "DICOM file has no pixel data")
-    _check_size((int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0)), str(path), max_pixels)  # header only
+    check_size((int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0)), str(path), max_pixels)  # header only
 
     samples = int(getattr(ds, "SamplesPerPixel", 1))
     n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
@@ -261,7 +261,7 @@ def load_image(
     with _pil_errors(name, "decode image"), warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with opener() as fh, Image.open(fh) as img:
-            _check_size(img.size, name, max_pixels)
+            check_size(img.size, name, max_pixels)
             if frame:
                 if frame >= getattr(img, "n_frames", 1):
                     raise ImageError("bad_frame", name, f"frame {frame} out of range")
@@ -347,7 +347,7 @@ def probe_image(source: str | Path | Image.Image | bytes | dict, *,
     millisecond or more to decode it; `load_image` still raises for a file whose pixel data is corrupt.
     Returns the (width, height) the header states. Raises ImageError like `load_image`."""
     if isinstance(source, Image.Image):
-        _check_size(source.size, "<image>", max_pixels)
+        check_size(source.size, "<image>", max_pixels)
         return source.size
     volume, index = _volume_source(source)
     if volume is not None:
@@ -360,7 +360,7 @@ def probe_image(source: str | Path | Image.Image | bytes | dict, *,
     if dicom is not None:
         return _probe_dicom(dicom, max_pixels)
     with _pil_errors(name, "read the image header"), opener() as fh, Image.open(fh) as img:
-        _check_size(img.size, name, max_pixels)
+        check_size(img.size, name, max_pixels)
         return img.size
 
 
@@ -381,11 +381,12 @@ def _probe_dicom(path: Path, max_pixels: int) -> tuple[int, int]:
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageError("no_pixel_data", str(path), "DICOM file has no pixel data")
     size = (int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0))
-    _check_size(size, str(path), max_pixels)
+    check_size(size, str(path), max_pixels)
     return size
 
 
-def _check_size(size: tuple[int, int], name: str, max_pixels: int) -> None:
+def check_size(size: tuple[int, int], name: str, max_pixels: int) -> None:
+    """An image of `size` (width, height) has pixels and is within the pixel limit (ImageError otherwise)."""
     width, height = size
     if width <= 0 or height <= 0:
         raise ImageError("unreadable_image", name, f"image has no pixels ({width}x{height})")

@@ -33,7 +33,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from medllava.imaging import DEFAULT_MAX_PIXELS, ImageError, Window, is_dicom, minmax_to_uint8, windowed
+from medllava.imaging import DEFAULT_MAX_PIXELS, ImageError, Window, check_size, is_dicom, minmax_to_uint8, windowed
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SLICE_REF = re.compile(r"^(?P<path>.+)#slice=(?P<index>\d+)$")
@@ -231,6 +231,20 @@ class _Volume:
             data = data[:, ::-1]
         return data
 
+    def checked(self, index: int | None, max_pixels: int) -> int:
+        """The slice index (the middle slice for None) once it is in range and a slice is within the pixel limit,
+        from the header alone; ImageError otherwise."""
+        nx, ny, nz = self.shape
+        index = nz // 2 if index is None else index
+        if not 0 <= index < nz:
+            raise ImageError("bad_frame", str(self.path), f"slice {index} out of range (volume has {nz} slices)")
+        check_size((nx, ny), str(self.path), max_pixels)
+        return index
+
+    def displayed(self, index: int) -> np.ndarray:
+        """Slice `index` as displayed: rows anterior to posterior, columns patient right to left."""
+        return self.canonical_slice(index).T[::-1, ::-1]
+
 
 def _nifti(path: Path) -> _Volume:
     try:
@@ -284,31 +298,24 @@ def nifti_slice_array(path: str | Path, index: int) -> tuple[np.ndarray, Any]:
     """Slice `index` along the canonical superior axis as displayed (rows anterior to posterior, columns patient
     right to left), in the file's scaled units, and the header. Only that slice is read."""
     volume = _nifti(Path(path))
-    nz = volume.shape[2]
-    if not 0 <= index < nz:
-        raise ImageError("bad_frame", str(path), f"slice {index} out of range (volume has {nz} slices)")
-    return volume.canonical_slice(index).T[::-1, ::-1], volume.image.header
+    return volume.displayed(volume.checked(index, DEFAULT_MAX_PIXELS)), volume.image.header
 
 
 def nifti_slice_size(ref: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
     """(width, height) of a NIfTI slice as displayed, from the header."""
     path, index = split_slice_ref(ref)
-    nx, ny, nz = _nifti(Path(path)).shape
-    if index is not None and not 0 <= index < nz:
-        raise ImageError("bad_frame", str(path), f"slice {index} out of range (volume has {nz} slices)")
-    if nx * ny > max_pixels:
-        raise ImageError("image_too_large", str(path), f"slice is {nx}x{ny} = {nx * ny:,} pixels (limit {max_pixels:,})")
-    return nx, ny
+    volume = _nifti(Path(path))
+    volume.checked(index, max_pixels)
+    return volume.shape[0], volume.shape[1]
 
 
 def load_nifti_slice(ref: str | Path, *, window: Window | None = None,
                      max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """One NIfTI slice ('vol.nii.gz#slice=K'; the middle one for a bare path) as 8-bit RGB."""
+    """One NIfTI slice ('vol.nii.gz#slice=K'; the middle one for a bare path) as 8-bit RGB; the file is opened once
+    (header, checks, that slice's data)."""
     path, index = split_slice_ref(ref)
-    if index is None:
-        index = _nifti(Path(path)).shape[2] // 2
-    nifti_slice_size(f"{path}#slice={index}", max_pixels)
-    values, header = nifti_slice_array(path, index)
+    volume = _nifti(Path(path))
+    values, header = volume.displayed(volume.checked(index, max_pixels)), volume.image.header
     if window is None:
         lo, hi = float(header.get("cal_min", 0) or 0), float(header.get("cal_max", 0) or 0)
         if hi > lo:
