@@ -19,7 +19,7 @@ from PIL import Image
 
 from medllava.chat import ChatSession
 from medllava.config import ConfigError
-from medllava.imaging import WINDOW_PRESETS, WINDOW_STACKS, ImageError, Window, load_image
+from medllava.imaging import WINDOW_PRESETS, WINDOW_STACKS, ImageError, Window
 from medllava.volumes import SliceSpec, load_images
 
 logger = logging.getLogger(__name__)
@@ -46,14 +46,6 @@ def disclaimer_for(model_dir: str | Path) -> str:
                 if text:
                     return text
     return DEFAULT_DISCLAIMER
-
-
-def read_upload(path: str | None, window_name: str, max_pixels: int | None = None) -> Image.Image:
-    """The uploaded file as RGB (DICOM through the chosen window); ImageError names what is wrong."""
-    if not path:
-        raise ImageError("missing_image", "<upload>", "no file")
-    window = None if window_name in ("", FILE_WINDOW) else Window.parse(window_name)
-    return load_image(path, window=window, **({"max_pixels": max_pixels} if max_pixels else {}))
 
 
 def read_uploads(paths: str | list[str] | None, window_name: str, max_pixels: int | None = None,
@@ -87,9 +79,7 @@ def answer_stream(model: Any, processor: Any, state: dict[str, Any], text: str,
     session = ChatSession(model, processor, max_new_tokens=max_new_tokens)
     session.messages = list(state.get("messages", []))
     session.images = list(state.get("images", []))
-    pending = state.get("pending")
-    if pending is not None:  # the images uploaded for this question (a list; one image as is)
-        session.pending = list(pending) if isinstance(pending, (list, tuple)) else [pending]
+    session.pending = list(state.get("pending") or [])  # the images uploaded for this question
     if len(session.images) + len(session.pending) > max_images:
         raise WebLimitError(f"this conversation would hold {len(session.images) + len(session.pending)} images; "
                             f"the page takes at most {max_images}: press Reset to start a new one")

@@ -48,26 +48,26 @@ def test_disclaimer_comes_from_the_model_card(talking_model: Path, tmp_path: Pat
 def test_dicom_upload_goes_through_the_chosen_window() -> None:
     pydicom_data = pytest.importorskip("pydicom.data")
     from medllava.imaging import Window, load_image
-    from medllava.web import FILE_WINDOW, read_upload
+    from medllava.web import FILE_WINDOW, read_uploads
 
     path = pydicom_data.get_testdata_file("CT_small.dcm")
-    lung = read_upload(path, "lung")
+    lung = read_uploads(path, "lung")[0]
     assert list(lung.getdata()) == list(load_image(path, window=Window.parse("lung")).getdata())
-    assert list(read_upload(path, FILE_WINDOW).getdata()) == list(load_image(path).getdata())
-    assert list(lung.getdata()) != list(read_upload(path, "bone").getdata())
+    assert list(read_uploads(path, FILE_WINDOW)[0].getdata()) == list(load_image(path).getdata())
+    assert list(lung.getdata()) != list(read_uploads(path, "bone")[0].getdata())
 
 
 def test_streamed_answer_equals_chat_and_keeps_the_conversation(talking_model: Path, phantom: Path) -> None:
     from medllava.chat import ChatSession
     from medllava.model import load_model
-    from medllava.web import answer_stream, read_upload
+    from medllava.web import answer_stream, read_uploads
 
     model, processor = load_model(talking_model)
-    image = read_upload(str(sorted((phantom / "images").rglob("*.png"))[0]), "")
+    image = read_uploads(str(sorted((phantom / "images").rglob("*.png"))[0]), "")[0]
     session = ChatSession(model, processor, max_new_tokens=MAX_NEW)
     session.add_image(image)
     expected = session.ask("Is any lesion visible?")
-    state = {"messages": [], "images": [], "pending": image}
+    state = {"messages": [], "images": [], "pending": [image]}
     partials = list(answer_stream(model, processor, state, "Is any lesion visible?", MAX_NEW))
     assert expected and partials[-1] == expected and len(partials) >= 2
     assert state["pending"] is None and len(state["images"]) == 1 and len(state["messages"]) == 2
@@ -144,13 +144,13 @@ def test_browser_upload_ask_and_read_the_streamed_answer(web_server: str, browse
 
     from medllava.chat import ChatSession
     from medllava.model import load_model
-    from medllava.web import read_upload
+    from medllava.web import read_uploads
 
     image_path = Path(os.environ.get("MEDLLAVA_WEB_IMAGE") or sorted((phantom / "images").rglob("*.png"))[0])
     question = "Is any lesion visible?"
     model, processor = load_model(browser_model)
     session = ChatSession(model, processor, max_new_tokens=MAX_NEW)
-    session.add_image(read_upload(str(image_path), ""))
+    session.add_image(read_uploads(str(image_path), "")[0])
     expected = session.ask(question)
 
     options = webdriver.ChromeOptions()
@@ -217,17 +217,17 @@ def test_web_answers_hold_to_the_servers_limits(talking_model: Path, phantom: Pa
     conversation gathers, and an answer whose page went away kept generating. Each limit is now a clear error
     before any generation, and closing the answer stream stops its generation."""
     from medllava.model import load_model
-    from medllava.web import FILE_WINDOW, WebLimitError, answer_stream, read_upload
+    from medllava.web import FILE_WINDOW, WebLimitError, answer_stream, read_uploads
 
     model, processor = load_model(talking_model)
     model.eval()
-    image = read_upload(str(sorted((phantom / "images").rglob("*.png"))[0]), FILE_WINDOW)
+    image = read_uploads(str(sorted((phantom / "images").rglob("*.png"))[0]), FILE_WINDOW)[0]
     context = model.config.get_text_config().max_position_embeddings
-    state = {"messages": [], "images": [], "pending": image}
+    state = {"messages": [], "images": [], "pending": [image]}
     with pytest.raises(WebLimitError, match="context"):
         next(answer_stream(model, processor, state, "why " * context, MAX_NEW))
-    assert state["pending"] is image and not state["messages"]  # nothing asked, the upload kept
-    crowded = {"messages": [], "images": [image] * 8, "pending": image}
+    assert state["pending"] == [image] and not state["messages"]  # nothing asked, the upload kept
+    crowded = {"messages": [], "images": [image] * 8, "pending": [image]}
     with pytest.raises(WebLimitError, match="images"):
         next(answer_stream(model, processor, crowded, "Any lesion?", MAX_NEW, max_images=8))
     # a page that goes away: the generator is closed after its first piece, and generation stops there
@@ -235,7 +235,7 @@ def test_web_answers_hold_to_the_servers_limits(talking_model: Path, phantom: Pa
     import logging
     import re
 
-    stream = answer_stream(model, processor, {"messages": [], "images": [], "pending": image}, "Describe.", 400)
+    stream = answer_stream(model, processor, {"messages": [], "images": [], "pending": [image]}, "Describe.", 400)
     next(stream)
     with caplog.at_level(logging.INFO, logger="medllava.web"):
         stream.close()  # waits for the generating thread, which the stop ends within a token

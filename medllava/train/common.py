@@ -500,6 +500,12 @@ def run_facts(cfg: StageConfig, trainer: Any, out: Path) -> dict[str, Any]:
             "valid_records": report.get("valid"), "data_files": files, **({"pair_recipes": recipes} if recipes else {})}
 
 
+def slices_key(cfg: StageConfig) -> dict[str, str]:
+    """data.slices as part of a data cache key: absent at the defaults, so caches made before it stay valid."""
+    spec = cfg.slice_spec()
+    return {} if spec == SliceSpec() else {"slices": str(spec)}
+
+
 def cached_rendering(cfg: StageConfig, renderer: Renderer, out: Path, kind: str, what: str,
                      make: Callable[[Path | None], tuple[Sequence[Any], dict[str, Any], dict[str, str]]]) -> Path:
     """The cache folder of a stage's checked and rendered samples, made once per data version by each node's writer
@@ -513,7 +519,7 @@ def cached_rendering(cfg: StageConfig, renderer: Renderer, out: Path, kind: str,
                     allow_absolute_paths=d.allow_absolute_paths, max_samples=d.max_samples, image_check=d.image_check,
                     tokenizer=tokenizer_fingerprint(renderer.tokenizer), chat_template=str(renderer.template),
                     image_tokens=renderer.images.fingerprint(), **({} if kind == "sft" else {"kind": kind}),
-                    **({} if cfg.slice_spec() == SliceSpec() else {"slices": str(cfg.slice_spec())}))
+                    **slices_key(cfg))
     folder = Path(d.cache_dir or out / ".data_cache") / f"{kind}-{key}"
 
     def build() -> None:

@@ -36,9 +36,9 @@ from medllava.train.common import (
     guard_kwargs,
     resume_checkpoint,
     save_base_if_needed,
+    slices_key,
     trainer_kwargs,
 )
-from medllava.volumes import SliceSpec
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def prepared_rows(cfg: StageConfig, processor: Any, out: Path) -> list[dict[str,
                     skip_invalid=d.skip_invalid, allow_absolute_paths=d.allow_absolute_paths, max_samples=d.max_samples,
                     tokenizer=tokenizer_fingerprint(processor.tokenizer), chat_template=str(processor.chat_template),
                     rows="images",  # rows carry an image list (older caches: one image)
-                    **({} if cfg.slice_spec() == SliceSpec() else {"slices": str(cfg.slice_spec())}))
+                    **slices_key(cfg))
     folder = Path(d.cache_dir or out / ".data_cache") / f"rl-{key}"
 
     def build() -> None:
