@@ -514,15 +514,15 @@ def test_web_chat_streams_the_chat_answer_on_each_family(tiny: dict[str, Path], 
     """`medllava web`'s answer stream (an uploaded image, two turns) ends with what `medllava chat` answers, on the
     family's own processor and chat template."""
     from medllava.chat import ChatSession
-    from medllava.web import answer_stream, read_upload
+    from medllava.web import answer_stream, read_uploads
 
     model, processor = load_model(tiny[name])
     model.eval()
-    image = read_upload(str(sorted((phantom / "images").rglob("*.png"))[0]), "")
+    image = read_uploads(str(sorted((phantom / "images").rglob("*.png"))[0]), "")[0]
     session = ChatSession(model, processor, max_new_tokens=4)
     session.add_image(image)
     first = session.ask("Is any lesion visible?")
-    state = {"messages": [], "images": [], "pending": image}
+    state = {"messages": [], "images": [], "pending": [image]}
     assert list(answer_stream(model, processor, state, "Is any lesion visible?", 4))[-1] == first
     assert list(answer_stream(model, processor, state, "Why?", 4))[-1] == session.ask("Why?")
     assert len(state["images"]) == 1 and len(state["messages"]) == 4
